@@ -1,0 +1,100 @@
+"""Every touch of diffusers / accelerate internals lives here (hook registries, ``_hf_hook``,
+private pipeline attributes), so a library upgrade breaks in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .stages import module_components
+
+_GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
+_LAYERWISE_CASTING_HOOK = "layerwise_casting"
+
+
+def group_offload_config(module: torch.nn.Module) -> Any | None:
+    """The top-level group offloading config of ``module``, or None when it is not group offloaded."""
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        if registry is not None:
+            hook = registry.get_hook(_GROUP_HOOKS[0])
+            if hook is not None:
+                return hook.config
+    return None
+
+
+def has_accelerate_hooks(module: torch.nn.Module) -> bool:
+    return any(hasattr(m, "_hf_hook") for m in module.modules())
+
+
+def remove_group_offloading(module: torch.nn.Module) -> None:
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None:
+        for sub in module.modules():
+            if hasattr(sub, "_diffusers_hook"):
+                registry = sub._diffusers_hook
+                break
+    if registry is None:
+        return
+    for name in _GROUP_HOOKS:
+        registry.remove_hook(name, recurse=True)
+
+
+def remove_offload_hooks(pipe: Any) -> None:
+    """Remove accelerate hooks (model/sequential offload) and diffusers group offloading from every
+    component. Layerwise casting hooks are kept: casting is one-way."""
+    from accelerate.hooks import remove_hook_from_module
+
+    for module in module_components(pipe).values():
+        if has_accelerate_hooks(module):
+            remove_hook_from_module(module, recurse=True)
+        if group_offload_config(module) is not None:
+            remove_group_offloading(module)
+    if hasattr(pipe, "_all_hooks"):
+        pipe._all_hooks = []
+
+
+def remove_component_hooks(module: torch.nn.Module) -> None:
+    from accelerate.hooks import remove_hook_from_module
+
+    remove_hook_from_module(module, recurse=True)
+
+
+def detect_placement(pipe: Any) -> str | None:
+    """The offloading the user already enabled on ``pipe``, as a placement name, or None."""
+    for module in module_components(pipe).values():
+        config = group_offload_config(module)
+        if config is not None:
+            kind = getattr(config.offload_type, "value", config.offload_type)
+            if kind == "block_level":
+                return "group_block"
+            if config.stream is not None:
+                return "group_leaf_lowmem" if config.low_cpu_mem_usage else "group_leaf_stream"
+            return "group_leaf"
+    if getattr(pipe, "_all_hooks", None):
+        return "model_offload"
+    if any(has_accelerate_hooks(m) for m in module_components(pipe).values()):
+        return "sequential"
+    return None
+
+
+def is_fp8_cast(module: torch.nn.Module) -> bool:
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(_LAYERWISE_CASTING_HOOK) is not None:
+            return True
+    return False
+
+
+def apply_fp8_casting(module: torch.nn.Module, compute_dtype: torch.dtype) -> None:
+    if hasattr(module, "enable_layerwise_casting"):
+        module.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    else:
+        from diffusers.hooks import apply_layerwise_casting
+
+        apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    return getattr(module, "hf_quantizer", None) is not None or getattr(module, "quantization_method", None) is not None

@@ -1,0 +1,244 @@
+"""The ladder: per stage, which strategy to try next. Pure: plans, footprints and facts in,
+a plan out; no torch calls, no I/O.
+
+Order within a stage follows the guide's flowchart, lossless rungs first (``lossy`` ones only when
+the policy allows). A rung is skipped, with a reason, when it is unavailable here or when the
+predicted peak of the failing stage would not go down: weights resident on the device during the
+stage, and the stage's activation factor, must both be no higher and one of them lower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .footprint import Footprint
+from .plan import CallShape, Plan
+
+POLICIES = {
+    # policy: which quality classes of rungs it allows
+    "quality": frozenset({"lossless", "near_lossless"}),
+    "balanced": frozenset({"lossless", "near_lossless", "lossy"}),
+    "speed": frozenset({"lossless", "near_lossless", "lossy"}),
+    "memory": frozenset({"lossless", "near_lossless", "lossy"}),
+}
+DEFAULT_POLICY = "quality"
+
+
+@dataclass(frozen=True, slots=True)
+class StrategySpec:
+    name: str
+    quality: str  # lossless | near_lossless | lossy
+    reversible: bool
+    summary: str
+
+
+SPECS: dict[str, StrategySpec] = {
+    s.name: s
+    for s in (
+        StrategySpec("model_offload", "lossless", True,
+                     "one whole component on the device at a time; moves every component each call"),
+        StrategySpec("group_leaf_stream", "lossless", True,
+                     "leaf-level group offload, CUDA-stream prefetch from pinned RAM (~3x weights)"),
+        StrategySpec("group_leaf_lowmem", "lossless", True,
+                     "leaf-level group offload with streams, pinning on the fly (~1x weights RAM)"),
+        StrategySpec("group_block", "lossless", True, "block-level group offload, no stream"),
+        StrategySpec("group_leaf", "lossless", True, "leaf-level group offload, no stream (slow)"),
+        StrategySpec("sequential", "lossless", True, "accelerate sequential offload (slowest)"),
+        StrategySpec("offload_encoders", "lossless", True,
+                     "text encoders live on the CPU and visit the device only to encode"),
+        StrategySpec("offload_for_decode", "lossless", True,
+                     "other components leave the device before the VAE decodes"),
+        StrategySpec("vae_slicing", "lossless", True, "decode one image of the batch at a time"),
+        StrategySpec("vae_tiling", "near_lossless", True,
+                     "decode in overlapping tiles sized to really tile at this resolution"),
+        StrategySpec("vae_tiling_small", "near_lossless", True, "tiles half that size"),
+        StrategySpec("vae_cpu", "lossless", True, "decode on the CPU (slow, no device memory)"),
+        StrategySpec("fp8", "lossy", False,
+                     "fp8 (e4m3) weight storage for the denoiser and fp8-safe encoders; one-way"),
+    )
+}
+
+LADDERS: dict[str, tuple[str, ...]] = {
+    "load": ("model_offload", "group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf",
+             "sequential", "fp8"),
+    "encode": ("offload_encoders", "model_offload", "group_leaf_stream", "group_leaf_lowmem",
+               "group_leaf", "sequential", "fp8"),
+    "denoise": ("offload_encoders", "model_offload", "group_leaf_stream", "group_leaf_lowmem",
+                "group_block", "group_leaf", "sequential", "fp8"),
+    "decode": ("offload_for_decode", "vae_slicing", "vae_tiling", "vae_tiling_small", "vae_cpu"),
+}
+# After a host-RAM OOM: rungs that need less host RAM, never more device rungs.
+HOST_LADDER: tuple[str, ...] = ("group_leaf_lowmem", "group_leaf", "group_block", "fp8")
+
+GROUP_PLACEMENTS = frozenset({"group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf"})
+STREAM_PLACEMENTS = frozenset({"group_leaf_stream", "group_leaf_lowmem"})
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What the ladder needs to know about this machine and pipeline (gathered by the runtime)."""
+
+    footprint: Footprint
+    device_type: str = "cpu"
+    host_available: int = 0
+    has_offload_seq: bool = True
+    vae_can_tile: bool = True
+    vae_can_slice: bool = True
+    fp8_supported: bool = True
+
+
+def _size(fp: Footprint, name: str, plan: Plan) -> int:
+    c = fp.components[name]
+    return c.cast_bytes if ("fp8" in plan.extras and c.fp8_ok) else c.bytes
+
+
+def _role_names(fp: Footprint, role: str) -> list[str]:
+    return [c.name for c in fp.by_role(role)]
+
+
+def resident_bytes(plan: Plan, stage: str, fp: Footprint) -> int:
+    """Predicted weight bytes on the device while ``stage`` runs under ``plan``."""
+    names = list(fp.components)
+    enc, vae = _role_names(fp, "encode"), _role_names(fp, "decode")
+    mine = names if stage == "load" else _role_names(fp, stage)
+    vae_cpu = "vae_cpu" in plan.extras
+    p = plan.placement
+    if p == "device":
+        on = set(names)
+        if vae_cpu:
+            on -= set(vae)
+        if "offload_encoders" in plan.extras:
+            on -= set(enc)
+            if stage == "encode" and enc:
+                on.add(max(enc, key=lambda n: _size(fp, n, plan)))
+        if stage == "decode" and "offload_for_decode" in plan.extras:
+            on &= set(vae)
+        return sum(_size(fp, n, plan) for n in on)
+    if p == "model_offload":
+        if stage == "load":
+            return 0
+        pool = [n for n in mine if not (vae_cpu and n in vae)]
+        return max((_size(fp, n, plan) for n in pool), default=0)
+    if p == "sequential":
+        return 0 if stage == "load" else max((fp.components[n].leaf_bytes for n in mine), default=0)
+    # Group offload: the VAE is excluded and stays on the device (small, and tiling needs it whole).
+    kept = 0 if vae_cpu else sum(_size(fp, n, plan) for n in vae)
+    if stage in ("load", "decode"):
+        return kept
+    if p == "group_block":
+        granule = max((fp.components[n].block_bytes for n in mine), default=0)
+    elif p in STREAM_PLACEMENTS:
+        granule = 2 * max((fp.components[n].leaf_bytes for n in mine), default=0)
+    else:
+        granule = max((fp.components[n].leaf_bytes for n in mine), default=0)
+    return kept + granule
+
+
+def activation_factor(plan: Plan, stage: str, shape: CallShape) -> float:
+    """Relative activation memory of the stage (1.0 = unchanged); only decode rungs change it."""
+    if stage != "decode":
+        return 1.0
+    if "vae_cpu" in plan.extras:
+        return 0.0
+    f = 1.0
+    if "vae_slicing" in plan.extras and shape.batch > 1:
+        f /= shape.batch
+    if plan.tiling == "normal":
+        f *= 0.25
+    elif plan.tiling == "small":
+        f *= 0.0625
+    return f
+
+
+def host_bytes(plan: Plan, fp: Footprint) -> int:
+    """Predicted extra host RAM the plan holds (weights kept off the device, pinned copies)."""
+    total = sum(_size(fp, n, plan) for n in fp.components)
+    if plan.placement == "device":
+        off = [n for n in fp.components if (
+            ("offload_encoders" in plan.extras and fp.components[n].role == "encode")
+            or ("vae_cpu" in plan.extras and fp.components[n].role == "decode"))]
+        return sum(_size(fp, n, plan) for n in off)
+    if plan.placement == "group_leaf_stream":
+        return 3 * total
+    return total
+
+
+def stage_peak(plan: Plan, stage: str, fp: Footprint, shape: CallShape) -> tuple[int, float]:
+    return resident_bytes(plan, stage, fp), activation_factor(plan, stage, shape)
+
+
+def _lowers(new: tuple[int, float], old: tuple[int, float]) -> bool:
+    return new[0] <= old[0] and new[1] <= old[1] and new != old
+
+
+def unavailable(name: str, plan: Plan, facts: Facts, shape: CallShape, policy: str) -> str | None:
+    """Why rung ``name`` cannot be tried now, or None."""
+    spec = SPECS[name]
+    if spec.quality not in POLICIES[policy]:
+        return f"{spec.quality} rung; policy {policy!r} does not allow it (use policy='balanced')"
+    if name in ("offload_encoders", "offload_for_decode") and plan.placement != "device":
+        return "only applies while every component is on the device"
+    if name in ("offload_encoders",) and not facts.footprint.by_role("encode"):
+        return "pipeline has no text encoders"
+    if name == "model_offload" and not facts.has_offload_seq:
+        return "pipeline class has no model_cpu_offload_seq"
+    if name in STREAM_PLACEMENTS:
+        if facts.device_type not in ("cuda", "xpu"):
+            return f"needs CUDA/XPU streams; device is {facts.device_type}"
+        need = (3.0 if name == "group_leaf_stream" else 1.2) * facts.footprint.total
+        if facts.host_available < need:
+            return f"needs {need / 2**30:.1f} GiB host RAM, {facts.host_available / 2**30:.1f} GiB available"
+    if name == "sequential" and facts.device_type == "cpu":
+        return "accelerate's sequential offload needs an accelerator as execution device"
+    if name in GROUP_PLACEMENTS | {"model_offload", "sequential"} and facts.device_type != "cpu":
+        if facts.host_available < facts.footprint.total:
+            return "host RAM cannot hold the offloaded weights"
+    if name == "vae_slicing":
+        if not facts.vae_can_slice:
+            return "VAE has no slicing"
+        if shape.batch <= 1:
+            return "batch of 1: slicing splits nothing"
+    if name in ("vae_tiling", "vae_tiling_small") and not facts.vae_can_tile:
+        return "VAE has no tiling"
+    if name == "fp8":
+        if not facts.fp8_supported:
+            return "this torch build has no float8_e4m3fn"
+        if not any(c.fp8_ok for c in facts.footprint.components.values()):
+            return "no component can be stored in fp8"
+        if plan.placement == "sequential":
+            return "fp8 casting is not combined with sequential offload"
+    return None
+
+
+def next_plan(
+    plan: Plan,
+    stage: str,
+    *,
+    host_oom: bool,
+    facts: Facts,
+    shape: CallShape,
+    policy: str,
+) -> tuple[Plan | None, str | None, list[tuple[str, str]]]:
+    """The next plan to try after an OOM in ``stage``: (plan, rung name, skipped rungs with reasons)."""
+    skipped: list[tuple[str, str]] = []
+    ladder = HOST_LADDER if host_oom else LADDERS[stage]
+    fp = facts.footprint
+    if host_oom:
+        current: tuple[int, float] = (host_bytes(plan, fp), 0.0)
+    else:
+        current = stage_peak(plan, stage, fp, shape)
+    for name in ladder:
+        if name == plan.placement or name in plan.extras:
+            continue
+        reason = unavailable(name, plan, facts, shape, policy)
+        if reason is None:
+            candidate = plan.with_strategy(name)
+            if host_oom:
+                lowered = host_bytes(candidate, fp) < current[0]
+            else:
+                lowered = _lowers(stage_peak(candidate, stage, fp, shape), current)
+            if lowered:
+                return candidate, name, skipped
+            reason = f"predicted not to lower the {'host RAM' if host_oom else stage} peak"
+        skipped.append((name, reason))
+    return None, None, skipped

@@ -1,0 +1,431 @@
+"""The recovery loop and its state: plan, history, the call in progress.
+
+A failed stage is retried in place by the stage wrappers (:mod:`autofit.stages`), which call
+:meth:`Runtime.recover` *after* leaving their ``except`` block, so the failed attempt's tensors
+are already unreachable when memory is freed and the plan changes. An OOM outside any component
+reruns the whole call with the caller's generators restored to their state at the start.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from . import _diffusers
+from .errors import AutoFitExhausted
+from .events import emit
+from .footprint import Footprint, measure
+from .ladder import SPECS, Facts, next_plan
+from .memory import host_available_bytes, snapshot
+from .oom import OOMInfo, OOMKind, classify, free_memory
+from .plan import CallShape, Plan
+from .stages import StageTracker, module_components, role_of
+from .strategies import VaeSettings, apply_fp8, configure_vae, place, teardown
+from .strategies.placement import CPU, module_device, on_demand
+from .strategies.vae import can_slice, can_tile
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationRecord:
+    """One escalation step: what failed where, and what was applied."""
+
+    stage: str
+    action: str
+    error: str
+    attempt: int
+    component: str | None
+    oom_kind: str
+    scope: str  # "stage": retried in place; "call": whole call rerun; "load": while placing weights
+    plan: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(slots=True)
+class CallState:
+    started: float
+    shape: CallShape
+    attempts: int = 0
+    seconds_lost: float = 0.0
+    records: list[EscalationRecord] = field(default_factory=list)
+
+
+def _shape_from_kwargs(args: Sequence[Any], kwargs: dict[str, Any]) -> CallShape:
+    prompt = kwargs.get("prompt", args[0] if args else None)
+    n_prompts = len(prompt) if isinstance(prompt, (list, tuple)) else 1
+    per = kwargs.get("num_images_per_prompt") or 1
+    return CallShape(batch=n_prompts * int(per), height=kwargs.get("height"), width=kwargs.get("width"))
+
+
+def _generators(kwargs: dict[str, Any]) -> list[torch.Generator]:
+    gen = kwargs.get("generator")
+    if isinstance(gen, torch.Generator):
+        return [gen]
+    if isinstance(gen, (list, tuple)):
+        return [g for g in gen if isinstance(g, torch.Generator)]
+    return []
+
+
+class _RngSnapshot:
+    """The caller's generators and the global RNGs at the start of a call."""
+
+    def __init__(self, kwargs: dict[str, Any]):
+        self._gens = [(g, g.get_state()) for g in _generators(kwargs)]
+        self._cpu = torch.get_rng_state()
+        self._cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        for g, state in self._gens:
+            g.set_state(state)
+        torch.set_rng_state(self._cpu)
+        if self._cuda is not None:
+            torch.cuda.set_rng_state_all(self._cuda)
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+class Runtime:
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        device: torch.device,
+        policy: str,
+        max_retries: int,
+        plan: Plan,
+        applied: Plan | None,
+    ):
+        self.pipe = pipe
+        self.device = device
+        self.policy = policy
+        self.max_retries = max_retries
+        self.plan = plan
+        self.initial_plan = plan
+        self.history: list[EscalationRecord] = []
+        self.footprint: Footprint = measure(pipe)
+        self.lock = threading.RLock()
+        self._applied: Plan | None = applied
+        self._call: CallState | None = None
+        self._tracker: StageTracker | None = None
+        self._comps: dict[str, torch.nn.Module] = module_components(pipe)
+        self.last_call: dict[str, Any] = {}
+        comps = module_components(pipe)
+        self._vaes = {n: m for n, m in comps.items() if role_of(n) == "decode"}
+        self._vae_original = {n: VaeSettings.read(m) for n, m in self._vaes.items()}
+
+    # ---- facts for the ladder -------------------------------------------------------------
+    def facts(self) -> Facts:
+        vaes = list(self._vaes.values())
+        return Facts(
+            footprint=self.footprint,
+            device_type=self.device.type,
+            host_available=host_available_bytes(),
+            has_offload_seq=getattr(self.pipe, "model_cpu_offload_seq", None) is not None,
+            vae_can_tile=bool(vaes) and all(can_tile(v) for v in vaes),
+            vae_can_slice=bool(vaes) and all(can_slice(v) for v in vaes),
+            fp8_supported=hasattr(torch, "float8_e4m3fn"),
+        )
+
+    def memory(self) -> dict[str, float | None]:
+        return snapshot(self.device)
+
+    # ---- one call -------------------------------------------------------------------------
+    def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        with self.lock:
+            self._call = CallState(time.perf_counter(), _shape_from_kwargs(args, kwargs))
+            self._comps = module_components(self.pipe)  # once per call: pipe.components is not free
+            rng = _RngSnapshot(kwargs)
+            try:
+                self._prepare()
+                while True:
+                    result, failure = self._run_once(args, kwargs)
+                    if failure is None:
+                        self._finish()
+                        return result
+                    stage = self._tracker.last_stage if self._tracker and self._tracker.last_stage else "encode"
+                    self._call.seconds_lost += time.perf_counter() - self._call.started
+                    self._escalate(stage, failure, component=None, scope="call")
+                    rng.restore()
+                    self._prepare()
+            finally:
+                self._tracker = None
+                self._call = None
+
+    def _run_once(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, OOMInfo | None]:
+        self._tracker = StageTracker(self.pipe, self)
+        self._tracker.install()
+        failure: OOMInfo | None = None
+        try:
+            return self.pipe(*args, **kwargs), None
+        except AutoFitExhausted:
+            raise
+        except BaseException as exc:
+            failure = classify(exc)
+            if failure is None:
+                raise
+        finally:
+            if self._tracker is not None:
+                self._tracker.uninstall()
+        return None, failure
+
+    def _finish(self) -> None:
+        cs = self._call
+        assert cs is not None
+        total = time.perf_counter() - cs.started
+        self.last_call = {
+            "seconds": round(total, 4),
+            "attempts": cs.attempts,
+            "seconds_lost": round(cs.seconds_lost, 4),
+            "plan": self.plan.names,
+        }
+        if cs.attempts:
+            emit(
+                "recovered",
+                attempts=cs.attempts,
+                seconds=round(total, 3),
+                seconds_lost=round(cs.seconds_lost, 3),
+                stages=",".join(r.stage for r in cs.records),
+                plan=",".join(self.plan.names),
+                **self.memory(),
+            )
+
+    # ---- load stage -----------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Put the weights where the plan says (the ``load`` stage), escalating on OOM."""
+        while True:
+            failure: OOMInfo | None = None
+            try:
+                if self._applied != self.plan:
+                    self._switch(self.plan)
+                else:
+                    self._enforce_residency()
+            except BaseException as exc:
+                failure = classify(exc)
+                if failure is None:
+                    raise
+            if failure is None:
+                return
+            self._escalate("load", failure, component=None, scope="load")
+
+    def _enforce_residency(self) -> None:
+        """Undo per-call moves (weights moved off the device for decode) and re-assert plan
+        invariants that diffusers may have reset (it re-hooks every component after each call)."""
+        if self.plan.placement == "device":
+            for name, module in module_components(self.pipe).items():
+                target = CPU if on_demand(name, self.plan) else self.device
+                if module_device(module) not in (None, target):
+                    module.to(target)
+        elif "vae_cpu" in self.plan.extras:
+            for vae in self._vaes.values():
+                _diffusers.remove_component_hooks(vae)
+                if module_device(vae) != CPU:
+                    vae.to(CPU)
+
+    # ---- stage hooks, called by the wrappers ----------------------------------------------
+    def before(self, name: str, stage: str, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        if stage == "denoise":
+            return args, kwargs  # the hot path: nothing to do per step
+        plan = self.plan
+        module = self._comps.get(name)
+        if stage == "encode" and plan.placement == "device" and "offload_encoders" in plan.extras:
+            if module is not None and module_device(module) != self.device:
+                module.to(self.device)
+        elif stage == "decode":
+            z = args[0] if args else kwargs.get("z")
+            if isinstance(z, torch.Tensor) and z.dim() >= 4 and self._call is not None:
+                self._call.shape = replace(
+                    self._call.shape, batch=int(z.shape[0]), latent_hw=(int(z.shape[-2]), int(z.shape[-1]))
+                )
+            if module is not None:
+                configure_vae(
+                    module,
+                    original=self._vae_original[name],
+                    slicing="vae_slicing" in plan.extras,
+                    tiling=plan.tiling,
+                    latent_hw=self._call.shape.latent_hw if self._call else None,
+                )
+            if plan.placement == "device" and "offload_for_decode" in plan.extras:
+                for other, m in self._comps.items():
+                    if role_of(other) != "decode" and module_device(m) == self.device:
+                        m.to(CPU)
+            if "vae_cpu" in plan.extras:
+                args, kwargs = _to_device(args, CPU), _to_device(kwargs, CPU)
+        return args, kwargs
+
+    def after(self, name: str, stage: str) -> None:
+        plan = self.plan
+        if stage == "encode" and plan.placement == "device" and "offload_encoders" in plan.extras:
+            module = self._comps.get(name)
+            if module is not None:
+                module.to(CPU)
+
+    def recover(self, stage: str, component: str, failure: OOMInfo, seconds: float) -> None:
+        """Called by a stage wrapper after its component ran out of memory (outside ``except``)."""
+        if self._call is not None:
+            self._call.seconds_lost += seconds
+        self._escalate(stage, failure, component=component, scope="stage")
+
+    # ---- escalation -----------------------------------------------------------------------
+    def _escalate(self, stage: str, failure: OOMInfo, *, component: str | None, scope: str) -> None:
+        cs = self._call
+        assert cs is not None
+        t0 = time.perf_counter()
+        free_memory(self.device)
+        while True:
+            cs.attempts += 1
+            host_oom = failure.kind is OOMKind.HOST and self.device.type != "cpu"
+            if cs.attempts > self.max_retries:
+                self._exhausted(stage, failure, f"max_retries={self.max_retries} reached")
+            target, action, skipped = next_plan(
+                self.plan, stage, host_oom=host_oom, facts=self.facts(), shape=cs.shape, policy=self.policy
+            )
+            for name, reason in skipped:
+                emit("rung_skipped", stage=stage, action=name, reason=reason, attempt=cs.attempts)
+            if target is None or action is None:
+                self._exhausted(stage, failure, "no rung left that lowers this stage's peak")
+            record = EscalationRecord(
+                stage=stage,
+                action=action,
+                error=failure.head,
+                attempt=cs.attempts,
+                component=component,
+                oom_kind=failure.kind.value,
+                scope=scope,
+                plan=target.names,
+                skipped=tuple(skipped),
+            )
+            self.history.append(record)
+            cs.records.append(record)
+            emit(
+                "escalate",
+                stage=stage,
+                action=action,
+                attempt=cs.attempts,
+                component=component,
+                scope=scope,
+                oom=failure.kind.value,
+                error=failure.head,
+                lossless=SPECS[action].quality != "lossy",
+                plan=",".join(target.names),
+                **self.memory(),
+            )
+            new_failure: OOMInfo | None = None
+            try:
+                self._switch(target)
+            except BaseException as exc:
+                new_failure = classify(exc)
+                if new_failure is None:
+                    raise
+            if new_failure is None:
+                cs.seconds_lost += time.perf_counter() - t0
+                emit("retry", stage=stage, attempt=cs.attempts, scope=scope, **self.memory())
+                return
+            # The new plan ran out while its weights were being placed: a load-stage OOM.
+            failure, stage, scope, component = new_failure, "load", "load", None
+            free_memory(self.device)
+
+    def _exhausted(self, stage: str, failure: OOMInfo, why: str) -> None:
+        cs = self._call
+        records = list(cs.records) if cs else []
+        self._park()
+        emit(
+            "exhausted",
+            level="warning",
+            stage=stage,
+            action="none",
+            attempt=cs.attempts if cs else 0,
+            reason=why,
+            error=failure.head,
+            plan=",".join(self.plan.names),
+            **self.memory(),
+        )
+        tried = ", ".join(r.action for r in records) or "nothing"
+        raise AutoFitExhausted(
+            f"autofit could not fit the {stage} stage ({why}). Tried: {tried}. Last error: {failure.head}. "
+            f"What to do: allow lossy rungs with autofit(pipe, policy='balanced'), lower the resolution "
+            f"or batch size, or free device memory held by other processes. The pipeline is still usable.",
+            stage=stage,
+            history=records,
+        )
+
+    def _park(self) -> None:
+        """After exhaustion: no hooks, weights on the CPU, nothing held; the next call re-places."""
+        if self._tracker is not None:
+            self._tracker.uninstall()
+        try:
+            teardown(self.pipe)
+        finally:
+            self._applied = None
+            free_memory(self.device)
+
+    # ---- plan switches (transactions) -----------------------------------------------------
+    def _switch(self, target: Plan) -> None:
+        tracker = self._tracker
+        reinstall = tracker is not None and tracker.installed
+        if reinstall:
+            tracker.uninstall()  # strategies go *under* the stage wrappers
+        previous, previous_applied = self.plan, self._applied
+        self.plan, self._applied = target, None
+        try:
+            self._apply(previous_applied, target)
+            self._applied = target
+        except BaseException as exc:
+            if classify(exc) is None:
+                # Not an OOM: put back the plan that was in force, then let the error through.
+                self.plan = previous
+                try:
+                    self._apply(None, previous)
+                    self._applied = previous
+                except BaseException as again:  # leave it consistent at least
+                    emit("rollback_failed", level="error", stage="load", action="teardown", error=str(again)[:200])
+                    teardown(self.pipe)
+                emit("rolled_back", level="warning", stage="load", action=",".join(target.names),
+                     error=f"{type(exc).__name__}: {str(exc)[:200]}", plan=",".join(previous.names))
+            raise
+        finally:
+            if reinstall and tracker is not None:
+                tracker.install()
+
+    def _apply(self, current: Plan | None, target: Plan) -> None:
+        fp8_now = "fp8" in target.extras and (current is None or "fp8" not in current.extras)
+        same_placement = current is not None and current.placement == target.placement
+        hooked = any(
+            _diffusers.has_accelerate_hooks(m) or _diffusers.group_offload_config(m) is not None
+            for m in module_components(self.pipe).values()
+        )
+        if same_placement and not fp8_now:
+            if target.placement == "device":
+                place(self.pipe, target, self.device)
+            elif current is not None and current.extras != target.extras:
+                self._enforce_residency()
+        elif target.placement == "device" and not hooked and not fp8_now:
+            # From a plain pipeline: move what is not where it should be, nothing more.
+            for name, module in module_components(self.pipe).items():
+                module.to(CPU if on_demand(name, target) else self.device)
+        else:
+            teardown(self.pipe)
+            free_memory(self.device)
+            if fp8_now:
+                cast = apply_fp8(self.pipe, self.footprint)
+                emit("fp8_cast", stage="load", action="fp8", components=",".join(cast))
+            place(self.pipe, target, self.device)
+        for name, vae in self._vaes.items():
+            configure_vae(
+                vae,
+                original=self._vae_original[name],
+                slicing="vae_slicing" in target.extras,
+                tiling=target.tiling,
+                latent_hw=self._call.shape.latent_hw if self._call else None,
+            )

@@ -1,0 +1,139 @@
+"""Which component call belongs to which stage, and the wrappers that retry a failed call in place.
+
+Stages are found by component role, not by pipeline class: text/image encoders -> ``encode``;
+unet / transformer / prior / controlnet -> ``denoise``; ``vae.decode`` -> ``decode``. Moving
+weights onto the device or applying a strategy is ``load`` (handled by the runtime, not here).
+
+The wrappers are instance attributes (``module.forward`` / ``vae.decode``) installed only for the
+duration of a call, always *outermost*: strategies are applied while the wrappers are suspended,
+so accelerate / diffusers hooks sit inside them and an OOM raised while a hook moves weights is
+caught here too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .oom import OOMInfo, classify
+
+STAGES = ("load", "encode", "denoise", "decode")
+
+_DENOISER_PREFIXES = ("unet", "transformer", "prior", "controlnet", "decoder_unet")
+_VAE_PREFIXES = ("vae", "movq", "vqvae")
+_ENCODER_MARKERS = ("text_encoder", "image_encoder")
+
+
+def role_of(name: str) -> str | None:
+    """The stage a pipeline component belongs to, from its name in ``pipe.components``."""
+    if any(m in name for m in _ENCODER_MARKERS):
+        return "encode"
+    if name.startswith(_DENOISER_PREFIXES):
+        return "denoise"
+    if name.startswith(_VAE_PREFIXES):
+        return "decode"
+    return None
+
+
+def module_components(pipe: Any) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+
+
+@dataclass(slots=True)
+class _Slot:
+    name: str
+    module: torch.nn.Module
+    attr: str
+    stage: str
+    inner: Callable[..., Any] | None = None
+    wrapper: Callable[..., Any] | None = None
+    had_instance_attr: bool = False
+
+
+class StageTracker:
+    """Installs the retrying wrappers on a pipeline's components for one call.
+
+    ``runtime`` provides ``before(slot_name, stage, args, kwargs) -> (args, kwargs)``,
+    ``after(slot_name, stage)`` and ``recover(stage, component, failure, seconds) -> None``
+    (which raises when nothing is left to try).
+    """
+
+    def __init__(self, pipe: Any, runtime: Any):
+        self._pipe = pipe
+        self._runtime = runtime
+        self._slots: list[_Slot] = []
+        self.last_stage: str | None = None
+        self.calls: dict[str, int] = {}
+
+    def _targets(self) -> Iterator[_Slot]:
+        for name, module in module_components(self._pipe).items():
+            role = role_of(name)
+            if role is None:
+                continue
+            if role == "decode":
+                if callable(getattr(module, "decode", None)):
+                    yield _Slot(name, module, "decode", "decode")
+            else:
+                yield _Slot(name, module, "forward", role)
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._slots)
+
+    def install(self) -> None:
+        if self._slots:
+            return
+        for slot in self._targets():
+            slot.had_instance_attr = slot.attr in slot.module.__dict__
+            slot.inner = getattr(slot.module, slot.attr)
+            slot.wrapper = self._make_wrapper(slot)
+            setattr(slot.module, slot.attr, slot.wrapper)
+            self._slots.append(slot)
+
+    def uninstall(self) -> None:
+        for slot in reversed(self._slots):
+            current = slot.module.__dict__.get(slot.attr)
+            if current is not slot.wrapper:
+                continue  # something (e.g. accelerate re-hooking at the end of a call) replaced us
+            if slot.had_instance_attr:
+                setattr(slot.module, slot.attr, slot.inner)
+            else:
+                delattr(slot.module, slot.attr)
+        self._slots.clear()
+
+    def _make_wrapper(self, slot: _Slot) -> Callable[..., Any]:
+        tracker = self
+
+        def autofit_stage_call(*args: Any, **kwargs: Any) -> Any:
+            tracker.last_stage = slot.stage
+            tracker.calls[slot.name] = tracker.calls.get(slot.name, 0) + 1
+            while True:
+                args, kwargs = tracker._runtime.before(slot.name, slot.stage, args, kwargs)
+                started = time.perf_counter()
+                failure: OOMInfo | None = None
+                try:
+                    # Re-read the inner callable: recovery may have re-hooked the module.
+                    out = tracker._inner_of(slot)(*args, **kwargs)
+                except BaseException as exc:
+                    failure = classify(exc)
+                    if failure is None:
+                        raise
+                # Outside the except block: the exception and the frames it held are gone.
+                if failure is None:
+                    tracker._runtime.after(slot.name, slot.stage)
+                    return out
+                tracker._runtime.recover(slot.stage, slot.name, failure, time.perf_counter() - started)
+
+        autofit_stage_call.__wrapped__ = slot.inner  # type: ignore[attr-defined]
+        return autofit_stage_call
+
+    def _inner_of(self, slot: _Slot) -> Callable[..., Any]:
+        for live in self._slots:
+            if live.name == slot.name:
+                return live.inner  # type: ignore[return-value]
+        # Suspended (between uninstall and install): call whatever the module has now.
+        return getattr(slot.module, slot.attr)

@@ -1,0 +1,65 @@
+"""Where the weights live: everything on the device, or one of the offloading schemes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import _diffusers
+from ..plan import Plan
+from ..stages import module_components, role_of
+
+CPU = torch.device("cpu")
+
+
+def module_device(module: torch.nn.Module) -> torch.device | None:
+    for p in module.parameters():
+        return p.device
+    return None
+
+
+def teardown(pipe: Any) -> None:
+    """Back to a consistent state: no offload hooks, every weight on the CPU. Also mends a
+    half-moved pipeline left by a weight move that ran out of memory."""
+    _diffusers.remove_offload_hooks(pipe)
+    for module in module_components(pipe).values():
+        module.to(CPU)
+
+
+def on_demand(name: str, plan: Plan) -> bool:
+    """Components that live on the CPU under the ``device`` placement."""
+    role = role_of(name)
+    return (role == "encode" and "offload_encoders" in plan.extras) or (
+        role == "decode" and "vae_cpu" in plan.extras
+    )
+
+
+def place(pipe: Any, plan: Plan, device: torch.device) -> None:
+    """Apply ``plan``'s placement to a torn-down pipeline (or top up a ``device`` placement)."""
+    comps = module_components(pipe)
+    vae_names = [n for n in comps if role_of(n) == "decode"]
+    p = plan.placement
+    if p == "device":
+        for name, module in comps.items():
+            target = CPU if on_demand(name, plan) else device
+            if module_device(module) != target:
+                module.to(target)
+        return
+    if p == "model_offload":
+        pipe.enable_model_cpu_offload(device=device)
+    elif p == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        kwargs: dict[str, Any] = dict(onload_device=device, offload_device=CPU, exclude_modules=vae_names)
+        if p == "group_block":
+            kwargs.update(offload_type="block_level", num_blocks_per_group=1)
+        else:
+            kwargs.update(offload_type="leaf_level")
+        if p in ("group_leaf_stream", "group_leaf_lowmem"):
+            kwargs.update(use_stream=True, low_cpu_mem_usage=p == "group_leaf_lowmem")
+        pipe.enable_group_offload(**kwargs)
+    if "vae_cpu" in plan.extras:
+        for name in vae_names:
+            _diffusers.remove_component_hooks(comps[name])
+            comps[name].to(CPU)

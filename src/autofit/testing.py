@@ -1,0 +1,235 @@
+"""Test helpers that ship with autofit: tiny offline pipelines and fault injection.
+
+``inject_oom`` raises the real exception type with the real message text from *inside* a real
+component (a forward pre-hook on one of its first layers), so the OOM travels through the same
+frames a real one would. Use it in your own tests of code that runs autofit.
+
+    with inject_oom(pipe, stage="decode") as fault:
+        image = proxy(prompt, ...).images[0]
+    assert fault.fired == 1 and fault.freed_before_retry == [True]
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._tiny import make_tokenizer, tiny_flux, tiny_sdxl
+from .stages import module_components, role_of
+
+__all__ = ["inject_oom", "oom_error", "FaultInjection", "tiny_sdxl", "tiny_flux", "make_tokenizer", "OOM_MESSAGES"]
+
+OOM_MESSAGES: dict[str, tuple[type[BaseException], str]] = {
+    "cuda": (
+        torch.OutOfMemoryError,
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 8.00 GiB of which "
+        "512.00 MiB is free. Including non-PyTorch memory, this process has 7.50 GiB memory in use. Of the "
+        "allocated memory 6.90 GiB is allocated by PyTorch, and 400.00 MiB is reserved by PyTorch but "
+        "unallocated. If reserved but unallocated memory is large try setting "
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for "
+        "Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)",
+    ),
+    "cuda_runtime": (
+        RuntimeError,
+        "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported at some other API "
+        "call, so the stacktrace below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1",
+    ),
+    "cudnn": (RuntimeError, "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    "cublas": (RuntimeError, "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    "hip": (
+        torch.OutOfMemoryError,
+        "HIP out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.98 GiB of which "
+        "1.02 GiB is free.",
+    ),
+    "xpu": (
+        torch.OutOfMemoryError,
+        "XPU out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 15.11 GiB.",
+    ),
+    "mps": (
+        RuntimeError,
+        "MPS backend out of memory (MPS allocated: 8.00 GB, other allocations: 1.00 GB, max allowed: 9.07 GB). "
+        "Tried to allocate 256.00 MB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable "
+        "upper limit for memory allocations (may cause system failure).",
+    ),
+    "cpu": (
+        RuntimeError,
+        "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)",
+    ),
+}
+
+
+def oom_error(kind: str = "cuda") -> BaseException:
+    """A fresh OOM exception of the real type with the real message for ``kind``."""
+    try:
+        cls, msg = OOM_MESSAGES[kind]
+    except KeyError:
+        raise ValueError(f"kind must be one of {sorted(OOM_MESSAGES)}, got {kind!r}") from None
+    return cls(msg)
+
+
+@dataclass
+class FaultInjection:
+    """What an injection did: how many OOMs it raised and whether each failed attempt's tensors
+    were gone by the time the component ran again."""
+
+    stage: str
+    component: str
+    calls: int = 0
+    fired: int = 0
+    freed_before_retry: list[bool] = field(default_factory=list)
+    _ballast: list[weakref.ref] = field(default_factory=list, repr=False)
+    _remove: Callable[[], None] | None = field(default=None, repr=False)
+
+    def _check_ballast(self) -> None:
+        while len(self.freed_before_retry) < len(self._ballast):
+            self.freed_before_retry.append(self._ballast[len(self.freed_before_retry)]() is None)
+
+    def remove(self) -> None:
+        if self._remove is not None:
+            self._remove()
+            self._remove = None
+        self._check_ballast()
+
+    def __enter__(self) -> "FaultInjection":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def _leaves(module: torch.nn.Module) -> list[torch.nn.Module]:
+    found = [
+        sub
+        for sub in module.modules()
+        if next(sub.children(), None) is None and any(True for _ in sub.parameters(recurse=False))
+    ]
+    return found or [module]
+
+
+def _pick(pipe: Any, stage: str, component: str | None) -> tuple[str, torch.nn.Module]:
+    comps = module_components(getattr(pipe, "__wrapped__", pipe))
+    if component is not None:
+        if component not in comps:
+            raise ValueError(f"component {component!r} not in pipeline; have {sorted(comps)}")
+        return component, comps[component]
+    want = "encode" if stage == "load" else stage
+    for name, module in comps.items():
+        if role_of(name) == ("denoise" if stage == "load" else want):
+            return name, module
+    raise ValueError(f"pipeline has no component for stage {stage!r}")
+
+
+def inject_oom(
+    pipe: Any,
+    *,
+    stage: str,
+    at: int = 1,
+    times: int = 1,
+    kind: str = "cuda",
+    component: str | None = None,
+    when: Callable[[int], bool] | None = None,
+    ballast_bytes: int = 1 << 20,
+) -> FaultInjection:
+    """Raise a real OOM from inside a real component.
+
+    Args:
+        stage: ``"encode"``, ``"denoise"``, ``"decode"`` (from the component's first layer),
+            ``"load"`` (while the component's weights are moved: half of its children are moved,
+            then it raises), or ``"glue"`` (from ``scheduler.step``, pipeline code outside any component).
+        at: the 1-based call of the target that fails first (for ``denoise``, step ``k`` is call ``k+1``).
+        times: how many consecutive calls fail.
+        kind: which exception to raise (a key of ``OOM_MESSAGES``).
+        when: optional predicate on the call number, instead of ``at``/``times``.
+        ballast_bytes: a tensor of this size is alive in the raising frame, to check it is freed.
+    """
+    error_kind = kind
+    oom_error(error_kind)  # validate early
+
+    def should_fire(n: int) -> bool:
+        return when(n) if when is not None else at <= n < at + times
+
+    if stage == "glue":
+        real = getattr(pipe, "__wrapped__", pipe)
+        scheduler = real.scheduler
+        fault = FaultInjection(stage, "scheduler")
+        original_step = scheduler.step
+
+        def failing_step(*args: Any, **kwargs: Any) -> Any:
+            fault.calls += 1
+            fault._check_ballast()
+            if should_fire(fault.calls):
+                fault.fired += 1
+                ballast = torch.empty(ballast_bytes, dtype=torch.uint8)
+                fault._ballast.append(weakref.ref(ballast))
+                raise oom_error(error_kind)
+            return original_step(*args, **kwargs)
+
+        scheduler.step = failing_step
+        fault._remove = lambda: scheduler.__dict__.pop("step", None)
+        return fault
+
+    name, module = _pick(pipe, stage, component)
+    fault = FaultInjection(stage, name)
+
+    if stage == "load":
+        had = "_apply" in module.__dict__
+
+        def failing_apply(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            fault.calls += 1
+            if should_fire(fault.calls):
+                fault.fired += 1
+                children = list(module.children())
+                for child in children[: max(1, len(children) // 2)]:
+                    child._apply(fn)  # a real half-moved module, as a failed .to() leaves it
+                raise oom_error(error_kind)
+            return type(module)._apply(module, fn, *args, **kwargs)
+
+        module._apply = failing_apply  # type: ignore[method-assign]
+
+        def remove_apply() -> None:
+            if not had:
+                module.__dict__.pop("_apply", None)
+
+        fault._remove = remove_apply
+        return fault
+
+    if stage not in ("encode", "denoise", "decode"):
+        raise ValueError(f"stage must be load, encode, denoise, decode or glue; got {stage!r}")
+    top = getattr(module, "decoder", module) if stage == "decode" else module
+    leaves = _leaves(top)
+    in_call = [False]
+
+    # An attempt starts at the first layer that runs inside the component, whichever it is;
+    # retries made by autofit re-enter forward directly, so they count as attempts too.
+    def pre_hook(mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if in_call[0]:
+            return
+        in_call[0] = True
+        fault.calls += 1
+        fault._check_ballast()
+        if should_fire(fault.calls):
+            in_call[0] = False
+            fault.fired += 1
+            x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            device = x.device if x is not None else torch.device("cpu")
+            ballast = torch.empty(ballast_bytes, dtype=torch.uint8, device=device)
+            fault._ballast.append(weakref.ref(ballast))
+            raise oom_error(error_kind)
+
+    def done(*_: Any) -> None:
+        in_call[0] = False
+
+    handles = [leaf.register_forward_pre_hook(pre_hook) for leaf in leaves]
+    handles.append(top.register_forward_hook(done))
+
+    def remove_hooks() -> None:
+        for h in handles:
+            h.remove()
+
+    fault._remove = remove_hooks
+    return fault

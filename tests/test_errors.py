@@ -1,0 +1,95 @@
+"""Errors that are not OOMs, exhaustion, and what the user's pipeline looks like afterwards."""
+
+import sys
+
+import pytest
+import torch
+
+from autofit import AutoFitExhausted, autofit
+from autofit.testing import inject_oom
+
+from conftest import BUILDERS, run
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_non_oom_passes_through_untouched(pipe, kind):
+    """A non-OOM error is the same object with its traceback, and the plan does not change."""
+    proxy = autofit(pipe)
+    boom = Boom("not memory")
+
+    def raise_boom(module, args):
+        raise boom
+
+    handle = pipe.vae.decoder.conv_in.register_forward_pre_hook(raise_boom)
+    with pytest.raises(Boom) as info:
+        run(proxy, kind)
+    handle.remove()
+    assert info.value is boom
+    frames = []
+    tb = info.value.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert frames[-1] == "raise_boom"
+    assert proxy.autofit.plan == () and proxy.autofit.history == ()
+    assert run(proxy, kind).shape[0] == 1  # still usable
+
+
+def test_keyboard_interrupt_passes_through(pipe, kind):
+    """Ctrl-C in the middle of a stage is not swallowed."""
+    proxy = autofit(pipe)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    handle = pipe.text_encoder.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run(proxy, kind)
+    handle.remove()
+    assert proxy.autofit.history == ()
+
+
+def test_exhaustion_raises_subclass_of_oom_with_history(pipe, kind):
+    """When nothing is left, AutoFitExhausted (a torch.OutOfMemoryError) carries the history."""
+    proxy = autofit(pipe)
+    with inject_oom(proxy, stage="decode", times=100) as fault:
+        with pytest.raises(torch.OutOfMemoryError) as info:
+            run(proxy, kind)
+    exc = info.value
+    assert isinstance(exc, AutoFitExhausted)
+    assert exc.stage == "decode"
+    assert [r.action for r in exc.history] == ["offload_for_decode", "vae_tiling", "vae_tiling_small", "vae_cpu"]
+    assert fault.fired == 5
+    assert "What to do" in str(exc)
+    # The pipeline stays usable for the next call, from the last plan.
+    image = run(proxy, kind)
+    assert torch.isfinite(image).all()
+    assert proxy.autofit.plan[-1] == "vae_cpu"
+
+
+def test_max_retries_bounds_escalations(pipe, kind):
+    """max_retries caps escalations within one call."""
+    proxy = autofit(pipe, max_retries=1)
+    with inject_oom(proxy, stage="denoise", times=100):
+        with pytest.raises(AutoFitExhausted) as info:
+            run(proxy, kind)
+    assert len(info.value.history) == 1
+    assert "max_retries=1" in str(info.value)
+
+
+def test_lossy_rungs_need_a_policy(pipe, kind):
+    """fp8 casting is never applied under the default policy, and is under 'balanced'."""
+    proxy = autofit(pipe)
+    with inject_oom(proxy, stage="denoise", times=100):
+        with pytest.raises(AutoFitExhausted) as info:
+            run(proxy, kind)
+    assert "fp8" not in [r.action for r in info.value.history]
+    balanced = autofit(BUILDERS[kind](), policy="balanced")
+    with inject_oom(balanced, stage="denoise", times=5):
+        image = run(balanced, kind)
+    assert balanced.autofit.history[-1].action == "fp8"
+    assert "fp8" in balanced.autofit.plan
+    assert torch.isfinite(image).all()
