@@ -82,12 +82,12 @@ def test_max_retries_bounds_escalations(pipe, kind):
 
 def test_lossy_rungs_need_a_policy(pipe, kind):
     """fp8 casting is never applied under the default policy, and is under 'balanced'."""
-    proxy = autofit(pipe)
+    proxy = autofit(pipe, device="cpu")
     with inject_oom(proxy, stage="denoise", times=100):
         with pytest.raises(AutoFitExhausted) as info:
             run(proxy, kind)
     assert "fp8" not in [r.action for r in info.value.history]
-    balanced = autofit(BUILDERS[kind](), policy="balanced")
+    balanced = autofit(BUILDERS[kind](), policy="balanced", device="cpu")
     with inject_oom(balanced, stage="denoise", times=5):
         image = run(balanced, kind)
     assert balanced.autofit.history[-1].action == "fp8"

@@ -106,8 +106,8 @@ def test_recovered_plan_is_kept_for_later_calls(pipe, kind):
 
 
 def test_escalation_climbs_the_denoise_ladder(pipe, kind):
-    """Repeated denoise OOMs walk the lossless ladder in order, each rung applied for real."""
-    proxy = autofit(pipe)
+    """Repeated denoise OOMs walk the lossless ladder in order, each rung applied for real (CPU ladder)."""
+    proxy = autofit(pipe, device="cpu")
     with inject_oom(proxy, stage="denoise", at=1, times=3):
         image = run(proxy, kind)
     actions = [r.action for r in proxy.autofit.history]

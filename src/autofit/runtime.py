@@ -27,6 +27,7 @@ from .plan import CallShape, Plan
 from .stages import StageTracker, module_components, role_of
 from .strategies import VaeSettings, apply_fp8, configure_vae, place, teardown
 from .strategies.placement import CPU, module_device, on_demand
+from .strategies.residency import HostShadows
 from .strategies.vae import can_slice, can_tile
 
 
@@ -120,6 +121,7 @@ class Runtime:
         self._call: CallState | None = None
         self._tracker: StageTracker | None = None
         self._comps: dict[str, torch.nn.Module] = module_components(pipe)
+        self._shadows = HostShadows(device)
         self.last_call: dict[str, Any] = {}
         comps = module_components(pipe)
         self._vaes = {n: m for n, m in comps.items() if role_of(n) == "decode"}
@@ -224,9 +226,12 @@ class Runtime:
         invariants that diffusers may have reset (it re-hooks every component after each call)."""
         if self.plan.placement == "device":
             for name, module in module_components(self.pipe).items():
-                target = CPU if on_demand(name, self.plan) else self.device
-                if module_device(module) not in (None, target):
-                    module.to(target)
+                here = module_device(module)
+                if on_demand(name, self.plan):
+                    if here not in (None, CPU):
+                        self._shadows.offload(module)
+                elif here not in (None, self.device):
+                    self._shadows.onload(module)
         elif "vae_cpu" in self.plan.extras:
             for vae in self._vaes.values():
                 _diffusers.remove_component_hooks(vae)
@@ -241,7 +246,7 @@ class Runtime:
         module = self._comps.get(name)
         if stage == "encode" and plan.placement == "device" and "offload_encoders" in plan.extras:
             if module is not None and module_device(module) != self.device:
-                module.to(self.device)
+                self._shadows.onload(module)
         elif stage == "decode":
             z = args[0] if args else kwargs.get("z")
             if isinstance(z, torch.Tensor) and z.dim() >= 4 and self._call is not None:
@@ -259,7 +264,7 @@ class Runtime:
             if plan.placement == "device" and "offload_for_decode" in plan.extras:
                 for other, m in self._comps.items():
                     if role_of(other) != "decode" and module_device(m) == self.device:
-                        m.to(CPU)
+                        self._shadows.offload(m)
             if "vae_cpu" in plan.extras:
                 args, kwargs = _to_device(args, CPU), _to_device(kwargs, CPU)
         return args, kwargs
@@ -269,7 +274,7 @@ class Runtime:
         if stage == "encode" and plan.placement == "device" and "offload_encoders" in plan.extras:
             module = self._comps.get(name)
             if module is not None:
-                module.to(CPU)
+                self._shadows.offload(module)
 
     def recover(self, stage: str, component: str, failure: OOMInfo, seconds: float) -> None:
         """Called by a stage wrapper after its component ran out of memory (outside ``except``)."""
@@ -416,6 +421,7 @@ class Runtime:
                 module.to(CPU if on_demand(name, target) else self.device)
         else:
             teardown(self.pipe)
+            self._shadows.drop()
             free_memory(self.device)
             if fp8_now:
                 cast = apply_fp8(self.pipe, self.footprint)

@@ -1,0 +1,47 @@
+"""Real CUDA out-of-memory errors from the caching allocator (skipped without CUDA)."""
+
+import gc
+
+import pytest
+import torch
+
+from autofit import autofit
+from autofit.testing import tiny_sdxl
+
+from conftest import run
+
+pytestmark = pytest.mark.gpu
+
+
+def _allocated() -> int:
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated()
+
+
+@pytest.mark.parametrize("where", ["decode", "denoise"])
+def test_real_cuda_oom_is_recovered_and_frees_the_failed_attempt(where):
+    """A real allocator OOM inside a component: recovered, the failed attempt's 1 GiB freed before
+    the retry, and memory after recovery equals a clean run of the same plan."""
+    pipe = tiny_sdxl().to("cuda")
+    proxy = autofit(pipe, device="cuda")
+    target = pipe.vae.decoder.conv_in if where == "decode" else pipe.unet.conv_in
+    seen: list[int] = []
+
+    def hog(module, args):
+        seen.append(torch.cuda.memory_allocated())
+        if len(seen) == 1:
+            ballast = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # held by this frame
+            torch.empty(1 << 50, dtype=torch.uint8, device="cuda")  # 1 PiB: a real CUDA OOM
+            del ballast
+
+    handle = target.register_forward_pre_hook(hog)
+    image = run(proxy, "sdxl")
+    handle.remove()
+    assert proxy.autofit.history[0].stage == where
+    assert seen[1] < seen[0] + (256 << 20), "the failed attempt's ballast was still allocated at retry"
+    after_recovery = _allocated()
+    clean = run(proxy, "sdxl")
+    after_clean = _allocated()
+    torch.testing.assert_close(image, clean)
+    assert abs(after_recovery - after_clean) < (64 << 20)
