@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,8 @@ class ComponentFootprint:
     block_bytes: int  # largest block of a top-level ModuleList (S_block); the whole module if none
     cast_bytes: int  # size after fp8 layerwise casting (S_lc), castable or not
     fp8_ok: bool
+    leaf_count: int = 1  # modules that hold weights: leaf-level offload moves each separately
+    dtype: str = "float32"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,8 @@ def measure_component(name: str, module: torch.nn.Module) -> ComponentFootprint:
             if p.is_floating_point() and p.element_size() > 1:
                 saved += p.numel() * (p.element_size() - 1)
     cls = type(module).__name__
+    dtypes = [p.dtype for p in module.parameters()]
+    dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
     return ComponentFootprint(
         name=name,
         role=role_of(name),
@@ -92,8 +97,106 @@ def measure_component(name: str, module: torch.nn.Module) -> ComponentFootprint:
         block_bytes=max(blocks) if blocks else total,
         cast_bytes=total - saved,
         fp8_ok=cls not in FP8_INCOMPATIBLE and saved > 0,
+        leaf_count=sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False))),
+        dtype=str(dtype).replace("torch.", ""),
     )
 
 
 def measure(pipe: Any) -> Footprint:
     return Footprint({n: measure_component(n, m) for n, m in module_components(pipe).items()})
+
+
+# ---- from a model folder, without loading weights ------------------------------------------
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
+                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def read_safetensors_header(path: "str | Path") -> dict:
+    """The JSON header of a .safetensors file (names, dtypes, shapes), without reading weights."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _castable_name(name: str, shape: list[int]) -> bool:
+    module = name.rsplit(".", 1)[0]
+    if not name.endswith(".weight") or len(shape) < 2:
+        return False
+    return not any(re.search(p, module) or re.search(p, module.rsplit(".", 1)[-1]) for p in _SKIP_PATTERNS) and (
+        "embed" not in module
+    )
+
+
+def footprint_from_header(name: str, header: dict, class_name: str, dtype_override: str | None = None) -> ComponentFootprint:
+    """S, S_leaf, S_block and S_lc of one component from its safetensors header (approximate: layer
+    types are inferred from names and shapes, not from modules)."""
+    total = leaf_max = saved = 0
+    leaves: dict[str, int] = {}
+    blocks: dict[str, int] = {}
+    dtypes: dict[str, int] = {}
+    for tname, meta in header.items():
+        dt, shape = meta["dtype"], meta["shape"]
+        per = _DTYPE_BYTES.get(dt, 2)
+        if dtype_override is not None and dt in ("F32", "F16", "BF16"):
+            per = 4 if dtype_override == "float32" else 2
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * per
+        total += nbytes
+        dtypes[dt] = dtypes.get(dt, 0) + nbytes
+        prefix = tname.rsplit(".", 1)[0]
+        leaves[prefix] = leaves.get(prefix, 0) + nbytes
+        parts = tname.split(".")
+        if len(parts) > 2 and parts[1].isdigit():
+            key = ".".join(parts[:2])
+            blocks[key] = blocks.get(key, 0) + nbytes
+        if _castable_name(tname, shape) and per > 1:
+            saved += numel * (per - 1)
+    leaf_max = max(leaves.values(), default=0)
+    main = max(dtypes, key=dtypes.get) if dtypes else "F32"
+    return ComponentFootprint(
+        name=name,
+        role=role_of(name),
+        class_name=class_name,
+        bytes=total,
+        leaf_bytes=leaf_max,
+        block_bytes=max(blocks.values(), default=total),
+        cast_bytes=total - saved,
+        fp8_ok=class_name not in FP8_INCOMPATIBLE and saved > 0,
+        leaf_count=len(leaves),
+        dtype=dtype_override or _DTYPE_NAMES.get(main, main.lower()),
+    )
+
+
+def measure_folder(path: "str | Path", dtype: str | None = None) -> tuple[str, Footprint]:
+    """(pipeline class name, footprint) of a diffusers model folder, from headers only."""
+    import json
+    from pathlib import Path
+
+    root = Path(path)
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(
+            f"{root} has no model_index.json; pass the folder of a diffusers pipeline "
+            "(the one save_pretrained() wrote, or a snapshot from the hub cache)"
+        )
+    index = json.loads(index_path.read_text())
+    comps: dict[str, ComponentFootprint] = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
+            continue
+        files = sorted((root / name).glob("*.safetensors"))
+        if not files:
+            continue
+        header: dict = {}
+        for f in files:
+            header.update(read_safetensors_header(f))
+        comps[name] = footprint_from_header(name, header, spec[1], dtype)
+    return index.get("_class_name", "DiffusionPipeline"), Footprint(comps)

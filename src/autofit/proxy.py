@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 
 import torch
@@ -11,6 +13,7 @@ from . import _diffusers
 from .errors import AutoFitUsageError
 from .events import emit
 from .ladder import POLICIES, DEFAULT_POLICY
+from .cache import PlanCache
 from .plan import Plan
 from .runtime import EscalationRecord, Runtime
 from .stages import module_components
@@ -78,6 +81,35 @@ class AutoFitPipeline(wrapt.ObjectProxy):
         return f"<AutoFitPipeline plan={self._self_control.plan} wrapping {self.__wrapped__!r}>"
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: int | str) -> int:
+    """``8GiB``, ``512MiB``, ``16GB``, ``1.5gib`` or a plain number of bytes."""
+    if isinstance(text, bool):
+        raise ValueError("a size, not a bool")
+    if isinstance(text, (int, float)):
+        value = int(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"{text!r} is not a size; write e.g. 8GiB, 512MiB or 16GB")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise ValueError(f"{text!r}: a size must be positive")
+    return value
+
+
+def _parse_bytes(option: str, value: int | str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_bytes(value)
+    except ValueError as exc:
+        raise AutoFitUsageError(f"{option}={value!r}: {exc}") from None
+
+
 def _default_device(pipe: Any) -> torch.device:
     for module in module_components(pipe).values():
         for p in module.parameters():
@@ -100,6 +132,10 @@ def autofit(
     policy: str = DEFAULT_POLICY,
     max_retries: int = 8,
     plan: tuple[str, ...] | list[str] | None = None,
+    preflight: bool = True,
+    cache: bool | str | os.PathLike = True,
+    max_vram: int | str | None = None,
+    max_ram: int | str | None = None,
 ) -> AutoFitPipeline:
     """Wrap a diffusers pipeline so that out-of-memory errors are recovered at the failing stage.
 
@@ -110,7 +146,14 @@ def autofit(
         policy: which rungs are allowed. ``"quality"`` (default): lossless rungs and VAE tiling;
             ``"balanced"``, ``"speed"``, ``"memory"``: also lossy ones (fp8 weight storage).
         max_retries: escalations allowed within one call before giving up.
-        plan: strategy names to start from (see ``proxy.autofit.plan``), e.g. ``("model_offload",)``.
+        plan: strategy names to start from (see ``proxy.autofit.plan``), e.g. ``("model_offload",)``;
+            turns preflight off.
+        preflight: at the first call of a workload, start from the plan predicted fastest among
+            those that fit (or the cached plan that worked before), instead of from everything on
+            the device.
+        cache: the plan cache: True (``$AUTOFIT_CACHE_DIR`` or ``~/.cache/autofit``), a folder, or
+            False for none.
+        max_vram, max_ram: cap the device / host memory autofit plans for (bytes or "8GiB").
     """
     if isinstance(pipe, AutoFitPipeline):
         raise AutoFitUsageError(
@@ -135,6 +178,14 @@ def autofit(
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
 
+    vram_cap = _parse_bytes("max_vram", max_vram)
+    ram_cap = _parse_bytes("max_ram", max_ram)
+    if cache is True:
+        plan_cache: PlanCache | None = PlanCache()
+    elif cache is False or cache is None:
+        plan_cache = None
+    else:
+        plan_cache = PlanCache(cache)
     adopted = _diffusers.detect_placement(pipe)
     if plan is not None:
         try:
@@ -146,7 +197,11 @@ def autofit(
         start, applied = Plan(adopted), Plan(adopted)  # keep the user's offloading as it is
     else:
         start, applied = Plan(), None
-    runtime = Runtime(pipe, device=dev, policy=policy, max_retries=max_retries, plan=start, applied=applied)
+    runtime = Runtime(
+        pipe, device=dev, policy=policy, max_retries=max_retries, plan=start, applied=applied,
+        preflight=preflight and plan is None and adopted is None, cache=plan_cache,
+        max_vram=vram_cap, max_ram=ram_cap,
+    )
     emit(
         "wrapped",
         stage="load",

@@ -24,6 +24,7 @@ from .ladder import SPECS, Facts, next_plan
 from .memory import host_available_bytes, snapshot
 from .oom import OOMInfo, OOMKind, classify, free_memory
 from .plan import CallShape, Plan
+from .cache import PlanCache
 from .stages import StageTracker, module_components, role_of
 from .strategies import VaeSettings, apply_fp8, configure_vae, place, teardown
 from .strategies.placement import CPU, module_device, on_demand
@@ -107,6 +108,10 @@ class Runtime:
         max_retries: int,
         plan: Plan,
         applied: Plan | None,
+        preflight: bool = True,
+        cache: "PlanCache | None" = None,
+        max_vram: int | None = None,
+        max_ram: int | None = None,
     ):
         self.pipe = pipe
         self.device = device
@@ -122,6 +127,17 @@ class Runtime:
         self._tracker: StageTracker | None = None
         self._comps: dict[str, torch.nn.Module] = module_components(pipe)
         self._shadows = HostShadows(device)
+        self.preflight = preflight
+        self.cache = cache
+        self.max_vram = max_vram
+        self.max_ram = max_ram
+        self._key: str | None = None  # plan-cache key of the workload the plan was chosen for
+        self._fixed_plan = not preflight  # an explicit start plan or adopted offloading is kept
+        self.predicted: dict[str, int] = {}
+        self.measured: dict[str, dict[str, int]] = {}  # key -> stage -> measured activation bytes
+        self._stage: str | None = None
+        self._stage_peaks: dict[str, int] = {}
+        self._dirty = False
         self.last_call: dict[str, Any] = {}
         comps = module_components(pipe)
         self._vaes = {n: m for n, m in comps.items() if role_of(n) == "decode"}
@@ -150,6 +166,7 @@ class Runtime:
             self._comps = module_components(self.pipe)  # once per call: pipe.components is not free
             rng = _RngSnapshot(kwargs)
             try:
+                self._choose_plan(args, kwargs)
                 self._prepare()
                 while True:
                     result, failure = self._run_once(args, kwargs)
@@ -185,6 +202,7 @@ class Runtime:
     def _finish(self) -> None:
         cs = self._call
         assert cs is not None
+        self._stage_transition(None)
         total = time.perf_counter() - cs.started
         self.last_call = {
             "seconds": round(total, 4),
@@ -192,6 +210,8 @@ class Runtime:
             "seconds_lost": round(cs.seconds_lost, 4),
             "plan": self.plan.names,
         }
+        if self._dirty or cs.attempts:
+            self._remember(total)
         if cs.attempts:
             emit(
                 "recovered",
@@ -240,6 +260,8 @@ class Runtime:
 
     # ---- stage hooks, called by the wrappers ----------------------------------------------
     def before(self, name: str, stage: str, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        if stage != self._stage:
+            self._stage_transition(stage)
         if stage == "denoise":
             return args, kwargs  # the hot path: nothing to do per step
         plan = self.plan
@@ -286,6 +308,7 @@ class Runtime:
     def _escalate(self, stage: str, failure: OOMInfo, *, component: str | None, scope: str) -> None:
         cs = self._call
         assert cs is not None
+        self._dirty = True
         t0 = time.perf_counter()
         free_memory(self.device)
         while True:
@@ -435,3 +458,104 @@ class Runtime:
                 tiling=target.tiling,
                 latent_hw=self._call.shape.latent_hw if self._call else None,
             )
+
+    # ---- preflight, plan cache, measured stage peaks ---------------------------------------
+    def _workload(self, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        from .planner import Workload
+
+        pipe = self.pipe
+        default = None
+        if getattr(pipe, "default_sample_size", None) and getattr(pipe, "vae_scale_factor", None):
+            default = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
+        h = kwargs.get("height") or default or 1024
+        w = kwargs.get("width") or default or 1024
+        frames = int(kwargs.get("num_frames") or 1)
+        shape = _shape_from_kwargs(args, kwargs)
+        steps = int(kwargs.get("num_inference_steps") or 30)
+        guidance = kwargs.get("guidance_scale", 5.0)
+        cfg = bool(guidance and guidance > 1) and "Flux" not in type(pipe).__name__
+        return Workload(height=int(h), width=int(w), frames=frames, batch=shape.batch, steps=steps, cfg=cfg)
+
+    def _choose_plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """At the first call of a workload: the cached plan if one worked before, else the
+        planner's pick. Later calls of the same workload keep the plan that works."""
+        if self._fixed_plan or (not self.preflight and self.cache is None):
+            return
+        from . import cache as cache_mod
+        from .hardware import probe
+        from .planner import Machine, choose, predict
+
+        wl = self._workload(args, kwargs)
+        hw = probe(self.device, max_vram=self.max_vram, max_ram=self.max_ram)
+        fields = cache_mod.key_fields(
+            pipeline=type(self.pipe).__name__, footprint=self.footprint, height=wl.height, width=wl.width,
+            frames=wl.frames, batch=wl.batch, device_name=hw.device_name, budget_bytes=hw.budget_bytes,
+            policy=self.policy,
+        )
+        key = cache_mod.make_key(fields)
+        if key == self._key:
+            return
+        self._key, self._fields, self._wl = key, fields, wl
+        machine = Machine(hw.budget_bytes, hw.host_available_bytes, hw.device_type, hw.pinned_gbps, hw.pageable_gbps)
+        record = self.cache.get(key) if self.cache is not None else None
+        source = "planner"
+        if record is not None:
+            try:
+                chosen = Plan.from_names(tuple(record["plan"]))
+                self.measured[key] = {k: int(v) for k, v in record.get("activations", {}).items()}
+                source = "cache"
+            except (KeyError, ValueError):
+                record = None
+        if record is None:
+            if not self.preflight:
+                return
+            best = choose(self.footprint, machine, wl, policy=self.policy, measured=self.measured.get(key))
+            if best is None:
+                emit("preflight", stage="load", action="none", attempt=0, source="planner",
+                     reason="no plan predicted to fit; starting from the current plan and relying on recovery",
+                     budget_gib=round(hw.budget_bytes / 2**30, 3))
+                chosen = self.plan
+            else:
+                chosen = best.plan
+        cand = predict(chosen, self.footprint, machine, wl, measured=self.measured.get(key), policy=self.policy)
+        self.predicted = cand.peaks
+        self._dirty = True
+        emit("preflight", stage="load", action=",".join(chosen.names) or "device", attempt=0, source=source,
+             predicted_seconds=round(cand.seconds, 3), predicted_vram_gib=round(cand.vram / 2**30, 3),
+             **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in cand.peaks.items()},
+             budget_gib=round(hw.budget_bytes / 2**30, 3))
+        self.plan = chosen
+
+    def _stage_transition(self, stage: str | None) -> None:
+        """Close the previous stage's peak measurement (CUDA) and open the next one."""
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            if self._stage is not None:
+                peak = torch.cuda.max_memory_allocated(self.device)
+                self._stage_peaks[self._stage] = max(self._stage_peaks.get(self._stage, 0), peak)
+            if stage is not None:
+                torch.cuda.reset_peak_memory_stats(self.device)
+        self._stage = stage
+
+    def _remember(self, seconds: float) -> None:
+        """Store the plan that worked (and the measured activations) under the workload's key."""
+        from .ladder import resident_bytes
+
+        peaks, self._stage_peaks = self._stage_peaks, {}
+        self._dirty = False
+        if self._key is None:
+            return
+        activations = {
+            stage: max(peak - resident_bytes(self.plan, stage, self.footprint), 0) for stage, peak in peaks.items()
+        }
+        if activations:
+            self.measured[self._key] = activations
+        if peaks:
+            emit("stage_peaks", stage=",".join(peaks), action=",".join(self.plan.names) or "device", attempt=0,
+                 **{f"measured_{k}_gib": round(v / 2**30, 3) for k, v in peaks.items()},
+                 **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in self.predicted.items() if k in peaks})
+        if self.cache is not None:
+            try:
+                self.cache.put(self._key, {"plan": list(self.plan.names), "activations": activations,
+                                           "seconds": round(seconds, 4), "key": self._fields})
+            except OSError as exc:  # a read-only or full cache must not fail the call
+                emit("cache_write_failed", level="warning", stage="load", action="none", error=str(exc)[:200])

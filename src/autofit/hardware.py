@@ -1,0 +1,127 @@
+"""What the machine offers: device memory (total, free, used by other processes, this process's
+budget), host RAM (cgroup-aware), and host-to-device bandwidths."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import psutil
+import torch
+
+from .memory import device_budget_bytes, host_available_bytes
+
+# Measured on an H200 (shared/reference/gpu-facts.md): 1 GiB host-to-device copies.
+DEFAULT_PINNED_GBPS = 55.5
+DEFAULT_PAGEABLE_GBPS = 8.9
+
+
+@dataclass(frozen=True, slots=True)
+class Hardware:
+    device_type: str
+    device_name: str
+    total_bytes: int
+    free_bytes: int
+    other_processes_bytes: int | None
+    budget_bytes: int
+    host_total_bytes: int
+    host_available_bytes: int
+    pinned_gbps: float = DEFAULT_PINNED_GBPS
+    pageable_gbps: float = DEFAULT_PAGEABLE_GBPS
+    source: str = "torch"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _nvml(index: int) -> tuple[int, int, int | None, str] | None:
+    """(total, free, used by other processes, name) from NVML, or None without it."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            name = pynvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else name
+            import os
+
+            others = 0
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid != os.getpid() and proc.usedGpuMemory:
+                    others += int(proc.usedGpuMemory)
+            return int(mem.total), int(mem.free), others, name
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # NVML present but unusable (containers without the driver lib, MIG...)
+        return None
+
+
+def probe(
+    device: torch.device | str,
+    *,
+    max_vram: int | None = None,
+    max_ram: int | None = None,
+) -> Hardware:
+    """Read the machine. The budget honours ``set_per_process_memory_fraction`` (which NVML and
+    ``mem_get_info`` ignore), an explicit ``max_vram``, and memory other processes hold."""
+    device = torch.device(device)
+    host_total = psutil.virtual_memory().total
+    host_avail = host_available_bytes()
+    if max_ram is not None:
+        host_avail = min(host_avail, max_ram)
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index or 0
+        nv = _nvml(index)
+        free, total = torch.cuda.mem_get_info(index)
+        name = torch.cuda.get_device_name(index)
+        others = None
+        source = "torch"
+        if nv is not None:
+            total, free, others, name = nv[0], nv[1], nv[2], nv[3]
+            source = "nvml"
+        budget = device_budget_bytes(torch.device("cuda", index), max_vram) or total
+        # Memory held by other processes is not ours to use, whatever the fraction says.
+        held_here = torch.cuda.memory_reserved(index)
+        budget = min(budget, free + held_here)
+        return Hardware("cuda", name, total, free, others, budget, host_total, host_avail, source=source)
+    if device.type == "cpu":
+        budget = min(host_avail, max_vram) if max_vram is not None else host_avail
+        return Hardware("cpu", "cpu", host_total, host_avail, None, budget, host_total, host_avail,
+                        pinned_gbps=20.0, pageable_gbps=20.0, source="psutil")
+    # Other accelerators: what torch exposes.
+    total = free = 0
+    mod = getattr(torch, device.type, None)
+    if mod is not None and hasattr(mod, "mem_get_info"):
+        try:
+            free, total = mod.mem_get_info()
+        except Exception:
+            pass
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        total = host_total
+        free = max(total - torch.mps.driver_allocated_memory(), 0)
+    budget = min(free, max_vram) if max_vram is not None else free
+    return Hardware(device.type, device.type, total, free, None, budget, host_total, host_avail)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> tuple[float, float]:
+    """Host-to-device GB/s from pinned and from pageable memory (CUDA only)."""
+    if device.type != "cuda":
+        return DEFAULT_PINNED_GBPS, DEFAULT_PAGEABLE_GBPS
+    import time
+
+    out = []
+    for pinned in (True, False):
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst.copy_(src, non_blocking=pinned)
+        torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        for _ in range(3):
+            dst.copy_(src, non_blocking=pinned)
+        torch.cuda.synchronize(device)
+        out.append(3 * nbytes / (time.perf_counter() - t) / 1e9)
+        del src, dst
+    return out[0], out[1]
