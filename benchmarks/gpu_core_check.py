@@ -50,7 +50,7 @@ def run_cap(cap_gib: float | None, *, device: str, tiny: bool, steps: int, size:
     if tiny:
         pipe = tiny_sdxl().to(device)
     else:
-        from sdxl_sized import sdxl_sized
+        from sized import sdxl_sized
 
         pipe = sdxl_sized(device)
     _sync(device)

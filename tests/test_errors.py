@@ -93,3 +93,6 @@ def test_lossy_rungs_need_a_policy(pipe, kind):
     assert balanced.autofit.history[-1].action == "fp8"
     assert "fp8" in balanced.autofit.plan
     assert torch.isfinite(image).all()
+    # The next call starts from the fp8 plan and works (dtype-sensitive pipeline code included).
+    again = run(balanced, kind)
+    torch.testing.assert_close(image, again)

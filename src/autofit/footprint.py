@@ -22,6 +22,15 @@ _SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
 FP8_INCOMPATIBLE = ("T5EncoderModel", "UMT5EncoderModel", "T5Model", "MT5EncoderModel")
 
 
+def _fp8_ok(name: str, class_name: str, saved: int) -> bool:
+    """Only denoisers are stored in fp8. Text encoders from transformers report their dtype from
+    their first parameter, which fp8 storage changes; pipelines then cast prompt embeddings (and
+    draw latents) in fp8 and fail (seen on the CPU: "normal_kernel_cpu not implemented for
+    Float8_e4m3fn"). T5-family encoders also cast activations to the weight dtype inside forward
+    (measured on an H200)."""
+    return role_of(name) == "denoise" and class_name not in FP8_INCOMPATIBLE and saved > 0
+
+
 def _tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -96,7 +105,7 @@ def measure_component(name: str, module: torch.nn.Module) -> ComponentFootprint:
         leaf_bytes=leaf,
         block_bytes=max(blocks) if blocks else total,
         cast_bytes=total - saved,
-        fp8_ok=cls not in FP8_INCOMPATIBLE and saved > 0,
+        fp8_ok=_fp8_ok(name, cls, saved),
         leaf_count=sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False))),
         dtype=str(dtype).replace("torch.", ""),
     )
@@ -169,7 +178,7 @@ def footprint_from_header(name: str, header: dict, class_name: str, dtype_overri
         leaf_bytes=leaf_max,
         block_bytes=max(blocks.values(), default=total),
         cast_bytes=total - saved,
-        fp8_ok=class_name not in FP8_INCOMPATIBLE and saved > 0,
+        fp8_ok=_fp8_ok(name, class_name, saved),
         leaf_count=len(leaves),
         dtype=dtype_override or _DTYPE_NAMES.get(main, main.lower()),
     )

@@ -54,7 +54,7 @@ SPECS: dict[str, StrategySpec] = {
         StrategySpec("vae_tiling_small", "near_lossless", True, "tiles half that size"),
         StrategySpec("vae_cpu", "lossless", True, "decode on the CPU (slow, no device memory)"),
         StrategySpec("fp8", "lossy", False,
-                     "fp8 (e4m3) weight storage for the denoiser and fp8-safe encoders; one-way"),
+                     "fp8 (e4m3) weight storage for the denoiser; one-way"),
     )
 }
 
@@ -92,6 +92,15 @@ def _size(fp: Footprint, name: str, plan: Plan) -> int:
     return c.cast_bytes if ("fp8" in plan.extras and c.fp8_ok) else c.bytes
 
 
+def _granule(fp: Footprint, name: str, plan: Plan, attr: str) -> int:
+    """A leaf or block of a component, shrunk by fp8 storage when the plan casts it."""
+    c = fp.components[name]
+    size = getattr(c, attr)
+    if "fp8" in plan.extras and c.fp8_ok and c.bytes:
+        size = int(size * c.cast_bytes / c.bytes)
+    return size
+
+
 def _role_names(fp: Footprint, role: str) -> list[str]:
     return [c.name for c in fp.by_role(role)]
 
@@ -120,17 +129,17 @@ def resident_bytes(plan: Plan, stage: str, fp: Footprint) -> int:
         pool = [n for n in mine if not (vae_cpu and n in vae)]
         return max((_size(fp, n, plan) for n in pool), default=0)
     if p == "sequential":
-        return 0 if stage == "load" else max((fp.components[n].leaf_bytes for n in mine), default=0)
+        return 0 if stage == "load" else max((_granule(fp, n, plan, "leaf_bytes") for n in mine), default=0)
     # Group offload: the VAE is excluded and stays on the device (small, and tiling needs it whole).
     kept = 0 if vae_cpu else sum(_size(fp, n, plan) for n in vae)
     if stage in ("load", "decode"):
         return kept
     if p == "group_block":
-        granule = max((fp.components[n].block_bytes for n in mine), default=0)
+        granule = max((_granule(fp, n, plan, "block_bytes") for n in mine), default=0)
     elif p in STREAM_PLACEMENTS:
-        granule = 2 * max((fp.components[n].leaf_bytes for n in mine), default=0)
+        granule = 2 * max((_granule(fp, n, plan, "leaf_bytes") for n in mine), default=0)
     else:
-        granule = max((fp.components[n].leaf_bytes for n in mine), default=0)
+        granule = max((_granule(fp, n, plan, "leaf_bytes") for n in mine), default=0)
     return kept + granule
 
 

@@ -163,6 +163,7 @@ class Runtime:
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         with self.lock:
             self._call = CallState(time.perf_counter(), _shape_from_kwargs(args, kwargs))
+            self._applied_this_call = self._applied != self.plan
             self._comps = module_components(self.pipe)  # once per call: pipe.components is not free
             rng = _RngSnapshot(kwargs)
             try:
@@ -210,7 +211,7 @@ class Runtime:
             "seconds_lost": round(cs.seconds_lost, 4),
             "plan": self.plan.names,
         }
-        if self._dirty or cs.attempts:
+        if self._dirty or cs.attempts or self._applied_this_call:
             self._remember(total)
         if cs.attempts:
             emit(
@@ -542,18 +543,16 @@ class Runtime:
 
         peaks, self._stage_peaks = self._stage_peaks, {}
         self._dirty = False
-        if self._key is None:
-            return
         activations = {
             stage: max(peak - resident_bytes(self.plan, stage, self.footprint), 0) for stage, peak in peaks.items()
         }
-        if activations:
+        if activations and self._key is not None:
             self.measured[self._key] = activations
         if peaks:
             emit("stage_peaks", stage=",".join(peaks), action=",".join(self.plan.names) or "device", attempt=0,
                  **{f"measured_{k}_gib": round(v / 2**30, 3) for k, v in peaks.items()},
                  **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in self.predicted.items() if k in peaks})
-        if self.cache is not None:
+        if self.cache is not None and self._key is not None:
             try:
                 self.cache.put(self._key, {"plan": list(self.plan.names), "activations": activations,
                                            "seconds": round(seconds, 4), "key": self._fields})

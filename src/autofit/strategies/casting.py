@@ -19,11 +19,11 @@ def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
 
 
 def apply_fp8(pipe: Any, footprint: Footprint) -> list[str]:
-    """Cast every fp8-safe denoiser and text encoder; returns the names cast now."""
+    """Cast every fp8-safe component (the denoisers, see footprint._fp8_ok); returns the names cast."""
     cast = []
     for name, module in module_components(pipe).items():
         c = footprint.components.get(name)
-        if c is None or not c.fp8_ok or c.role not in ("denoise", "encode"):
+        if c is None or not c.fp8_ok:
             continue
         if _diffusers.is_fp8_cast(module):
             continue

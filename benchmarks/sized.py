@@ -52,3 +52,33 @@ def sdxl_sized(device: str = "cuda", dtype: torch.dtype = torch.float16):
             m.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dtype=dtype)
+
+
+def flux_sized(device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """FLUX.1-dev sized: transformer 11.9B params (22.2 GiB bf16), T5-XXL encoder, CLIP-L, 16-ch VAE."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(guidance_embeds=True)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=16, sample_size=1024, layers_per_block=2,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611,
+        )
+        te = CLIPTextModel(_clip(768, 12, 12, 3072, 768))
+        t5 = T5EncoderModel(T5Config(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+                                     vocab_size=32128, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                                     pad_token_id=1, eos_token_id=2))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                  max_shift=1.15),
+        vae=vae, text_encoder=te, tokenizer=make_tokenizer(), text_encoder_2=t5,
+        tokenizer_2=make_tokenizer(model_max_length=512), transformer=transformer,
+    )
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)

@@ -1,0 +1,30 @@
+"""Footprints of the real SDXL and Flux pipelines, as measured on an H200 (gpu-facts.md), for the
+pure planner tests. Leaf/block sizes and counts are from the published architectures."""
+
+from autofit.footprint import ComponentFootprint, Footprint
+from autofit.stages import role_of
+
+GIB = 2**30
+
+
+def _c(name, gib, leaf_mib, block_gib, lc_gib, leaves, dtype="float16", fp8_ok=True, cls="X"):
+    return ComponentFootprint(name, role_of(name), cls, int(gib * GIB), int(leaf_mib * 2**20),
+                              int(block_gib * GIB), int(lc_gib * GIB), fp8_ok, leaves, dtype)
+
+
+def fp(*components):
+    return Footprint({c.name: c for c in components})
+
+
+SDXL = fp(
+    _c("unet", 4.78, 50, 0.5, 2.6, 1700),
+    _c("text_encoder_2", 1.29, 50, 0.04, 1.29, 200, fp8_ok=False),
+    _c("text_encoder", 0.23, 75, 0.01, 0.23, 100, fp8_ok=False),
+    _c("vae", 0.16, 10, 0.16, 0.16, 100, fp8_ok=False),
+)
+FLUX = fp(
+    _c("transformer", 22.17, 100, 0.6, 11.5, 1000, "bfloat16"),
+    _c("text_encoder_2", 8.87, 100, 0.3, 4.5, 300, "bfloat16", fp8_ok=False, cls="T5EncoderModel"),
+    _c("text_encoder", 0.23, 75, 0.01, 0.23, 100, "bfloat16", fp8_ok=False),
+    _c("vae", 0.16, 10, 0.16, 0.16, 100, "bfloat16", fp8_ok=False),
+)

@@ -1,0 +1,78 @@
+"""`autofit plan`, `doctor` and `run` on a tiny pipeline saved to disk."""
+
+import json
+
+import pytest
+
+from autofit.cli import main
+from autofit.footprint import measure, measure_folder
+from autofit.testing import tiny_flux, tiny_sdxl
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_sdxl")
+    tiny_sdxl().save_pretrained(path)
+    return path
+
+
+def test_footprint_from_headers_matches_loaded_modules(sdxl_dir):
+    """Sizes read from safetensors headers match the loaded modules' sizes (non-persistent
+    buffers such as CLIP's position_ids are not in the files), without loading weights."""
+    cls, from_disk = measure_folder(sdxl_dir)
+    loaded = measure(tiny_sdxl())
+    assert cls == "StableDiffusionXLPipeline"
+    for name, c in loaded.components.items():
+        assert from_disk.components[name].bytes == pytest.approx(c.bytes, rel=0.01)
+        assert from_disk.components[name].leaf_bytes == c.leaf_bytes
+
+
+def test_plan_json_lists_strategies_and_a_pick(sdxl_dir, capsys):
+    """The table has every fitting strategy with VRAM, RAM, speed and quality, and a pick."""
+    code = main(["plan", str(sdxl_dir), "--vram", "9MiB", "--ram", "8GiB", "--height", "64", "--width", "64", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0 and out["pick"]
+    names = {"+".join(r["plan"]) for r in out["strategies"]}
+    assert any("model_offload" in n for n in names) and any("group_leaf" in n for n in names)
+    assert any(r["quality"] == "lossy" for r in out["strategies"])
+    assert all(r["fits"] for r in out["strategies"])
+    assert all({"vram_gib", "ram_gib", "relative_speed", "quality"} <= set(r) for r in out["strategies"])
+
+
+def test_plan_text_marks_the_pick(sdxl_dir, capsys):
+    """The human table marks the chosen row and says what autofit would pick."""
+    assert main(["plan", str(sdxl_dir), "--vram", "1GiB", "--height", "64", "--width", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "autofit would pick: device" in text
+
+
+def test_plan_on_a_folder_that_is_not_a_pipeline(tmp_path, capsys):
+    """A folder without model_index.json gets exit code 2 and a message saying what to pass."""
+    assert main(["plan", str(tmp_path)]) == 2
+    assert "model_index.json" in capsys.readouterr().err
+
+
+def test_plan_rejects_a_bad_size(sdxl_dir, capsys):
+    """--vram must be a size."""
+    with pytest.raises(SystemExit):
+        main(["plan", str(sdxl_dir), "--vram", "lots"])
+    assert "not a size" in capsys.readouterr().err
+
+
+def test_doctor_reports_versions_device_and_missing(capsys):
+    """doctor lists library versions, the device and memory, and what strategies lack."""
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["versions"]["torch"] and report["versions"]["diffusers"]
+    assert report["device"]["host_total_bytes"] > 0
+    assert "missing" in report
+
+
+def test_run_writes_image_and_plan(sdxl_dir, tmp_path):
+    """run generates with recovery and writes the plan beside the image."""
+    out = tmp_path / "img.png"
+    code = main(["run", str(sdxl_dir), "--prompt", "a photo of a cat", "--out", str(out), "--steps", "2",
+                 "--height", "64", "--width", "64", "--device", "cpu", "--cache-dir", str(tmp_path / "c")])
+    assert code == 0 and out.is_file()
+    record = json.loads(out.with_suffix(".plan.json").read_text())
+    assert record["plan"] == [] and record["seed"] == 0

@@ -1,0 +1,135 @@
+"""The pure planner against the H200 measurements, and its invariants (property tests)."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autofit.footprint import ComponentFootprint, Footprint
+from autofit.ladder import SPECS, stage_peak, next_plan, Facts
+from autofit.plan import CallShape, Plan
+from autofit.planner import Machine, Workload, choose, predict, rank
+from autofit.stages import role_of
+
+from footprints import FLUX, GIB, SDXL
+
+SDXL_30 = Workload(steps=30, cfg=True)
+FLUX_4 = Workload(steps=4, cfg=False)
+
+
+def machine(gib, ram_gib=120):
+    return Machine(budget_bytes=int(gib * GIB), host_available_bytes=int(ram_gib * GIB))
+
+
+@pytest.mark.parametrize(
+    "fp, wl, measured",
+    [
+        (SDXL, SDXL_30, {"encode": 6.61, "denoise": 6.92, "decode": 8.98}),
+        (FLUX, FLUX_4, {"encode": 31.5, "denoise": 31.9, "decode": 33.9}),
+    ],
+)
+def test_predicted_peaks_of_everything_on_device_match_the_h200(fp, wl, measured):
+    """Stage peaks predicted for the no-offload plan are within 5% of those measured on an H200."""
+    cand = predict(Plan(), fp, machine(140), wl)
+    for stage, gib in measured.items():
+        assert cand.peaks[stage] / GIB == pytest.approx(gib, rel=0.05)
+
+
+def test_sdxl_prefers_model_offload_over_group_offload_when_the_unet_fits():
+    """SDXL at 6 GiB: model offload (3.29 s measured) beats leaf group offload (7.12 s)."""
+    best = choose(SDXL, machine(6), SDXL_30)
+    assert best.names == ("model_offload",)
+    mo = predict(Plan("model_offload"), SDXL, machine(6), SDXL_30)
+    gl = predict(Plan("group_leaf_stream"), SDXL, machine(6), SDXL_30)
+    assert mo.seconds < gl.seconds
+    assert mo.seconds / 1.74 == pytest.approx(3.29 / 1.74, rel=0.2)
+
+
+def test_flux_prefers_streamed_group_offload_over_model_offload():
+    """Flux at 24 GiB: leaf group offload with streams (2.33 s) beats model offload (18.9 s)."""
+    best = choose(FLUX, machine(24), FLUX_4)
+    assert best.plan.placement == "group_leaf_stream"
+    assert predict(Plan("model_offload"), FLUX, machine(24), FLUX_4).seconds > 3 * best.seconds
+
+
+def test_streams_need_host_ram():
+    """With host RAM for one copy only, streamed group offload is not chosen."""
+    best = choose(FLUX, machine(24, ram_gib=40), FLUX_4)
+    assert best is not None and best.plan.placement not in ("group_leaf_stream",)
+
+
+def test_quality_policy_never_picks_lossy_and_speed_may():
+    """fp8 appears only under a lossy-allowing policy."""
+    assert "fp8" not in choose(SDXL, machine(4), SDXL_30, policy="quality").names
+    fast = choose(SDXL, machine(4), SDXL_30, policy="speed")
+    assert fast.seconds <= choose(SDXL, machine(4), SDXL_30, policy="quality").seconds
+
+
+def test_nothing_fits_returns_none():
+    """A budget below any plan's peak gives no pick rather than a wrong one."""
+    assert choose(SDXL, machine(0.5), SDXL_30) is None
+
+
+def test_measured_activations_replace_estimates():
+    """A measured decode activation replaces the estimate in the predicted peak."""
+    est = predict(Plan(), SDXL, machine(140), SDXL_30).peaks["decode"]
+    meas = predict(Plan(), SDXL, machine(140), SDXL_30, measured={"decode": 1 * GIB}).peaks["decode"]
+    assert est - meas == pytest.approx(est - SDXL.total - 1 * GIB, abs=GIB * 0.01)
+
+
+sizes = st.floats(min_value=0.01, max_value=30)
+
+
+@st.composite
+def footprints(draw):
+    comps = {}
+    for name in ("unet", "text_encoder", "vae"):
+        gib = draw(sizes)
+        b = int(gib * GIB)
+        leaf = max(1, int(b * draw(st.floats(0.001, 0.5))))
+        block = max(leaf, int(b * draw(st.floats(0.01, 1.0))))
+        comps[name] = ComponentFootprint(name, role_of(name), "X", b, leaf, block, int(b * 0.55), True,
+                                         draw(st.integers(1, 3000)), "float16")
+    return Footprint(comps)
+
+
+@settings(max_examples=150, deadline=None)
+@given(footprints(), st.floats(0.5, 80), st.floats(0.5, 80), st.sampled_from(["quality", "speed", "memory", "balanced"]))
+def test_choice_fits_and_more_budget_is_never_slower(fp, small, extra, policy):
+    """The pick fits the budget with its margin, and a larger budget never picks a slower plan."""
+    wl = Workload(height=1024, width=1024, steps=20)
+    a = choose(fp, machine(small), wl, policy=policy)
+    b = choose(fp, machine(small + extra), wl, policy=policy)
+    if a is not None:
+        assert a.vram <= 0.9 * small * GIB
+        if policy == "quality":
+            assert a.quality != "lossy"
+        assert b is not None
+        if policy in ("quality", "speed"):
+            assert b.seconds <= a.seconds + 1e-9
+        if policy == "memory":
+            fitting = [c.vram for c in rank(fp, machine(small), wl, policy=policy) if c.fits]
+            assert a.vram == min(fitting)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    footprints(),
+    st.sampled_from(["device", "model_offload", "group_block", "group_leaf", "group_leaf_stream"]),
+    st.sets(st.sampled_from(["offload_encoders", "offload_for_decode", "vae_tiling", "vae_cpu", "vae_slicing"])),
+    st.sampled_from(["load", "encode", "denoise", "decode"]),
+    st.integers(1, 4),
+)
+def test_every_escalation_lowers_the_failing_stage_peak(fp, placement, extras, stage, batch):
+    """Whatever the plan, the ladder's next plan strictly lowers the failing stage's peak."""
+    plan = Plan(placement, frozenset())
+    for e in sorted(extras):
+        plan = plan.with_strategy(e) if (placement == "device" or not e.startswith("offload")) else plan
+    facts = Facts(footprint=fp, device_type="cuda", host_available=10**15)
+    shape = CallShape(batch=batch)
+    new, action, skipped = next_plan(plan, stage, host_oom=False, facts=facts, shape=shape, policy="balanced")
+    if new is None:
+        return
+    old_r, old_a = stage_peak(plan, stage, fp, shape)
+    new_r, new_a = stage_peak(new, stage, fp, shape)
+    assert new_r <= old_r and new_a <= old_a and (new_r, new_a) != (old_r, old_a)
+    assert action in SPECS
