@@ -58,13 +58,6 @@ def timed_call(proxy, kwargs, device):
     return time.perf_counter() - t, logs
 
 
-def peaks_from(logs, prefix):
-    for e in logs:
-        if e["event"] == "autofit.stage_peaks":
-            return {k[len(prefix):-4]: v for k, v in e.items() if k.startswith(prefix)}
-    return {}
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=["sdxl", "flux"], default="sdxl")
@@ -74,7 +67,11 @@ def main():
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--budgets", default=None, help="comma-separated GiB (default per model)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--strategies", default=None,
+                        help="semicolon-separated plans, each comma-separated (default: the model's list)")
     args = parser.parse_args()
+    if args.strategies is not None:
+        STRATEGIES[args.model] = [tuple(filter(None, p.split(","))) for p in args.strategies.split(";")]
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     from autofit import AutoFitExhausted, autofit
 
@@ -97,7 +94,7 @@ def main():
         try:
             timed_call(proxy, kwargs, args.device)  # applies the plan, warms it
             seconds, logs = timed_call(proxy, kwargs, args.device)
-            peaks = peaks_from(logs, "measured_")
+            peaks = proxy.autofit.last_call.get("stage_peaks_gib", {})
         except Exception as exc:  # a strategy that cannot run here is reported, not fatal
             row = {"plan": list(names), "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             print(json.dumps(row), flush=True)
@@ -133,7 +130,7 @@ def main():
             first_s, logs = timed_call(proxy, kwargs, args.device)
             pre = next((e for e in logs if e["event"] == "autofit.preflight"), {})
             steady_s, logs2 = timed_call(proxy, kwargs, args.device)
-            meas = peaks_from(logs + logs2, "measured_")
+            meas = proxy.autofit.last_call.get("stage_peaks_gib", {})
             pred = {k[len("predicted_"):-4]: v for k, v in pre.items()
                     if k.startswith("predicted_") and k.endswith("_gib") and k != "predicted_vram_gib"}
             row.update(

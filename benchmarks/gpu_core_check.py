@@ -38,7 +38,8 @@ def _alloc_gib(device: str) -> float | None:
     return round(torch.cuda.memory_allocated() / 2**30, 3)
 
 
-def run_cap(cap_gib: float | None, *, device: str, tiny: bool, steps: int, size: int) -> dict:
+def run_cap(cap_gib: float | None, *, device: str, tiny: bool, steps: int, size: int,
+            start: str = "gpu", expect: str | None = None) -> dict:
     from autofit import AutoFitExhausted, autofit
     from autofit.testing import tiny_sdxl
 
@@ -58,14 +59,18 @@ def run_cap(cap_gib: float | None, *, device: str, tiny: bool, steps: int, size:
     kwargs = dict(num_inference_steps=steps, height=size, width=size, output_type="pt")
     # Warm-up without a cap (kernels, cuDNN heuristics), so the timed calls compare like with like.
     pipe("warm up", generator=torch.Generator().manual_seed(1), **{**kwargs, "num_inference_steps": 1})
+    if start == "cpu":
+        pipe.to("cpu")
     if cap_gib is not None and device.startswith("cuda"):
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / total)
         # Blocks cached before the cap would otherwise be reused as if there were no cap.
         gc.collect()
         torch.cuda.empty_cache()
-    proxy = autofit(pipe, device=device)
-    row: dict = {"cap_gib": cap_gib, "build_s": round(build_s, 2), "steps": steps, "size": size}
+    # Recovery is what is checked here: no preflight planning, no plan cache.
+    proxy = autofit(pipe, device=device, preflight=False, cache=False)
+    row: dict = {"cap_gib": cap_gib, "build_s": round(build_s, 2), "steps": steps, "size": size,
+                 "start": start, "expect": expect}
 
     def call():
         _sync(device)
@@ -118,6 +123,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--caps", default="8,4")
+    parser.add_argument("--scenarios", default="",
+                        help="extra runs as stage:cap_gib:size:start, e.g. encode:6.55:1024:gpu,load:6:1024:cpu")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--out", default=None)
@@ -138,9 +145,25 @@ def main() -> None:
 
     info.update(diffusers=diffusers.__version__, accelerate=accelerate.__version__,
                 transformers=transformers.__version__, date=time.strftime("%Y-%m-%d"))
+    runs = [(None, float(c), args.size, "gpu") for c in args.caps.split(",") if c]
+    for spec in filter(None, args.scenarios.split(",")):
+        stage, cap, size, start = spec.split(":")
+        runs.append((stage, float(cap), int(size) if not args.tiny else args.size, start))
     rows = []
-    for cap in [float(c) for c in args.caps.split(",") if c]:
-        row = run_cap(cap, device=args.device, tiny=args.tiny, steps=args.steps, size=args.size)
+    for expect, cap, size, start in runs:
+        try:
+            row = run_cap(cap, device=args.device, tiny=args.tiny, steps=args.steps, size=size, start=start,
+                          expect=expect)
+        except Exception as exc:  # report and go on with the next scenario
+            row = {"cap_gib": cap, "size": size, "start": start, "expect": expect,
+                   "crashed": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        finally:
+            gc.collect()
+            if args.device.startswith("cuda"):
+                torch.cuda.set_per_process_memory_fraction(1.0)
+                torch.cuda.empty_cache()
+        if expect is not None and row.get("history"):
+            row["first_failed_stage"] = row["history"][0][0]
         print(json.dumps(row), flush=True)
         rows.append(row)
     result = {"info": info, "rows": rows}

@@ -41,7 +41,9 @@ def test_sdxl_prefers_model_offload_over_group_offload_when_the_unet_fits():
     mo = predict(Plan("model_offload"), SDXL, machine(6), SDXL_30)
     gl = predict(Plan("group_leaf_stream"), SDXL, machine(6), SDXL_30)
     assert mo.seconds < gl.seconds
-    assert mo.seconds / 1.74 == pytest.approx(3.29 / 1.74, rel=0.2)
+    # Model offload's per-call transfer cost: 1.55 s (gpu-facts) and 2.7 s (our run 2) on H200s.
+    overhead = mo.seconds - predict(Plan(), SDXL, machine(140), SDXL_30).seconds
+    assert 1.4 <= overhead <= 3.0
 
 
 def test_flux_prefers_streamed_group_offload_over_model_offload():

@@ -205,14 +205,17 @@ class Runtime:
         assert cs is not None
         self._stage_transition(None)
         total = time.perf_counter() - cs.started
+        stage_peaks = {k: round(v / 2**30, 3) for k, v in self._stage_peaks.items()}
         self.last_call = {
             "seconds": round(total, 4),
             "attempts": cs.attempts,
             "seconds_lost": round(cs.seconds_lost, 4),
             "plan": self.plan.names,
+            "stage_peaks_gib": stage_peaks,  # CUDA only: max_memory_allocated per stage
         }
         if self._dirty or cs.attempts or self._applied_this_call:
             self._remember(total)
+        self._stage_peaks = {}
         if cs.attempts:
             emit(
                 "recovered",
@@ -270,6 +273,9 @@ class Runtime:
         if stage == "encode" and plan.placement == "device" and "offload_encoders" in plan.extras:
             if module is not None and module_device(module) != self.device:
                 self._shadows.onload(module)
+            # Pipelines send the inputs to where the encoder was (diffusers asks the module for
+            # its execution device): bring them along, as accelerate's hooks would.
+            args, kwargs = _to_device(args, self.device), _to_device(kwargs, self.device)
         elif stage == "decode":
             z = args[0] if args else kwargs.get("z")
             if isinstance(z, torch.Tensor) and z.dim() >= 4 and self._call is not None:
