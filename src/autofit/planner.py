@@ -144,8 +144,17 @@ def predict_seconds(plan: Plan, fp: Footprint, m: Machine, wl: Workload) -> floa
     return t
 
 
+def usable(budget: int, margin: float | None = None) -> int:
+    """The part of the budget a plan may fill. Default: keep max(0.5 GiB, 6%) free for the
+    allocator's fragmentation and transient workspaces (never more than a quarter of the budget) (measured on an H200: a tiled SDXL decode
+    that predicted 7.22 GiB peaked at 7.22 allocated and ran under an 8 GiB cap)."""
+    if margin is not None:
+        return int(margin * budget)
+    return int(budget - min(max(0.5 * GIB, 0.06 * budget), 0.25 * budget))
+
+
 def predict(plan: Plan, fp: Footprint, m: Machine, wl: Workload, *, measured: dict[str, int] | None = None,
-            margin: float = 0.9, policy: str = "quality") -> Candidate:
+            margin: float | None = None, policy: str = "quality") -> Candidate:
     from .ladder import host_bytes
 
     shape = CallShape(batch=wl.batch, height=wl.height, width=wl.width)
@@ -171,8 +180,9 @@ def predict(plan: Plan, fp: Footprint, m: Machine, wl: Workload, *, measured: di
         why = f"needs CUDA/XPU streams (device is {m.device_type})"
     elif plan.placement == "sequential" and m.device_type == "cpu":
         why = "sequential offload needs an accelerator"
-    elif vram > margin * m.budget_bytes:
-        why = f"predicted peak {vram / GIB:.2f} GiB > {margin:.0%} of the {m.budget_bytes / GIB:.2f} GiB budget"
+    elif vram > usable(m.budget_bytes, margin):
+        why = (f"predicted peak {vram / GIB:.2f} GiB > {usable(m.budget_bytes, margin) / GIB:.2f} GiB usable "
+               f"of the {m.budget_bytes / GIB:.2f} GiB budget")
     elif ram > 0.9 * m.host_available_bytes:
         why = f"needs {ram / GIB:.1f} GiB host RAM, {m.host_available_bytes / GIB:.1f} GiB available"
     return Candidate(plan, peaks, vram, ram, predict_seconds(plan, fp, m, wl), quality, why is None, why)
@@ -203,7 +213,7 @@ def candidate_plans(fp: Footprint) -> list[Plan]:
 
 
 def rank(fp: Footprint, m: Machine, wl: Workload, *, policy: str = "quality",
-         measured: dict[str, int] | None = None, margin: float = 0.9) -> list[Candidate]:
+         measured: dict[str, int] | None = None, margin: float | None = None) -> list[Candidate]:
     """All candidates, the ones that fit first, in the policy's order of preference."""
     cands = [predict(p, fp, m, wl, measured=measured, margin=margin, policy=policy) for p in candidate_plans(fp)]
     if policy == "memory":
@@ -217,6 +227,6 @@ def rank(fp: Footprint, m: Machine, wl: Workload, *, policy: str = "quality",
 
 
 def choose(fp: Footprint, m: Machine, wl: Workload, *, policy: str = "quality",
-           measured: dict[str, int] | None = None, margin: float = 0.9) -> Candidate | None:
+           measured: dict[str, int] | None = None, margin: float | None = None) -> Candidate | None:
     best = rank(fp, m, wl, policy=policy, measured=measured, margin=margin)[0]
     return best if best.fits else None
