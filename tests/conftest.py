@@ -77,3 +77,9 @@ def pytest_collection_modifyitems(config, items):
 def _isolated_plan_cache(tmp_path, monkeypatch):
     """Each test gets its own plan cache folder: no test sees another's plans."""
     monkeypatch.setenv("AUTOFIT_CACHE_DIR", str(tmp_path / "autofit-cache"))
+
+
+def pytest_report_header(config):
+    from test_reliability import MATRIX
+
+    return f"autofit fault matrix: {len(MATRIX)} cases"

@@ -29,16 +29,13 @@ def has_accelerate_hooks(module: torch.nn.Module) -> bool:
 
 
 def remove_group_offloading(module: torch.nn.Module) -> None:
-    registry = getattr(module, "_diffusers_hook", None)
-    if registry is None:
-        for sub in module.modules():
-            if hasattr(sub, "_diffusers_hook"):
-                registry = sub._diffusers_hook
-                break
-    if registry is None:
-        return
-    for name in _GROUP_HOOKS:
-        registry.remove_hook(name, recurse=True)
+    # Leaf-level offloading of a module without a registry of its own (e.g. a transformers text
+    # encoder) leaves hooks on many submodules: visit every registry, not only the top one.
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        if registry is not None:
+            for name in _GROUP_HOOKS:
+                registry.remove_hook(name, recurse=False)
 
 
 def remove_offload_hooks(pipe: Any) -> None:

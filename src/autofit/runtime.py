@@ -318,14 +318,23 @@ class Runtime:
         self._dirty = True
         t0 = time.perf_counter()
         free_memory(self.device)
+        origin = stage  # the stage whose OOM started this escalation
         while True:
             cs.attempts += 1
             host_oom = failure.kind is OOMKind.HOST and self.device.type != "cpu"
             if cs.attempts > self.max_retries:
                 self._exhausted(stage, failure, f"max_retries={self.max_retries} reached")
+            facts = self.facts()
             target, action, skipped = next_plan(
-                self.plan, stage, host_oom=host_oom, facts=self.facts(), shape=cs.shape, policy=self.policy
+                self.plan, stage, host_oom=host_oom, facts=facts, shape=cs.shape, policy=self.policy
             )
+            if target is None and stage != origin:
+                # Applying a rung ran out although it was predicted to move nothing onto the
+                # device: go on down the ladder of the stage that asked for the rung.
+                target, action, more = next_plan(
+                    self.plan, origin, host_oom=host_oom, facts=facts, shape=cs.shape, policy=self.policy
+                )
+                skipped += more
             for name, reason in skipped:
                 emit("rung_skipped", stage=stage, action=name, reason=reason, attempt=cs.attempts)
             if target is None or action is None:
