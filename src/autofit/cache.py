@@ -56,7 +56,9 @@ def key_fields(
     policy: str,
 ) -> dict[str, Any]:
     """What a plan depends on. Resolution is bucketed to 64K pixels and the budget to 512 MiB, so a
-    grown budget gives a new key and the planner tries the lighter plan again."""
+    grown budget gives a new key and the planner tries the lighter plan again. The budget is the
+    configured one (card total x per-process fraction, capped by max_vram), not what happens to be
+    free at the time, so processes of one job agree on the key."""
     pixels = (height or 0) * (width or 0)
     return {
         "schema": SCHEMA,

@@ -196,6 +196,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from . import autofit
+    from .batch import load_items, run_batch
+    from .errors import AutoFitUsageError
+
+    try:
+        items = load_items(args.prompts, base_seed=args.seed)
+    except (AutoFitUsageError, OSError) as exc:
+        print(f"autofit batch: {exc}", file=sys.stderr)
+        return 2
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
+    pipe = DiffusionPipeline.from_pretrained(args.model_dir, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    options = dict(policy=args.policy, max_vram=args.vram, max_ram=args.ram, cache=args.cache_dir or True)
+    if not args.distributed:
+        pipe = autofit(pipe, device=args.device, **options)
+    defaults = {"num_inference_steps": args.steps}
+    if args.height:
+        defaults["height"] = args.height
+    if args.width:
+        defaults["width"] = args.width
+    report = run_batch(pipe, items, args.out, defaults=defaults, progress=not args.json,
+                       distributed=args.distributed, options=options)
+    summary = {"done": len(report.done), "skipped": len(report.skipped), "failed": report.failed,
+               "seconds": round(report.seconds, 2), "out": str(args.out)}
+    print(json.dumps(summary) if args.json else
+          f"done {summary['done']}, skipped {summary['skipped']} (finished before), failed {len(report.failed)} "
+          f"in {summary['seconds']} s -> {args.out}")
+    return 0 if not report.failed else 4
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autofit", description="Fit diffusers pipelines to the memory you have.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +271,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     hw_opts(p)
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("batch", help="resumable batch: prompts file in, images + manifest.jsonl out")
+    p.add_argument("model_dir")
+    p.add_argument("--prompts", required=True, help=".jsonl or .csv with a 'prompt' per item")
+    p.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="base seed: item i uses seed+i unless it sets one")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    p.add_argument("--policy", choices=["quality", "balanced", "speed", "memory"], default="quality")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--distributed", action="store_true",
+                   help="one process per GPU under `accelerate launch`; items split with PartialState")
+    hw_opts(p)
+    p.set_defaults(fn=cmd_batch)
     return parser
 
 

@@ -25,6 +25,7 @@ class Hardware:
     budget_bytes: int
     host_total_bytes: int
     host_available_bytes: int
+    configured_budget_bytes: int = 0  # total, fraction and max_vram only: stable, for cache keys
     pinned_gbps: float = DEFAULT_PINNED_GBPS
     pageable_gbps: float = DEFAULT_PAGEABLE_GBPS
     source: str = "torch"
@@ -82,14 +83,16 @@ def probe(
         if nv is not None:
             total, free, others, name = nv[0], nv[1], nv[2], nv[3]
             source = "nvml"
-        budget = device_budget_bytes(torch.device("cuda", index), max_vram) or total
+        configured = device_budget_bytes(torch.device("cuda", index), max_vram) or total
         # Memory held by other processes is not ours to use, whatever the fraction says.
         held_here = torch.cuda.memory_reserved(index)
-        budget = min(budget, free + held_here)
-        return Hardware("cuda", name, total, free, others, budget, host_total, host_avail, source=source)
+        budget = min(configured, free + held_here)
+        return Hardware("cuda", name, total, free, others, budget, host_total, host_avail, configured,
+                        source=source)
     if device.type == "cpu":
         budget = min(host_avail, max_vram) if max_vram is not None else host_avail
-        return Hardware("cpu", "cpu", host_total, host_avail, None, budget, host_total, host_avail,
+        configured = min(host_total, max_vram) if max_vram is not None else host_total
+        return Hardware("cpu", "cpu", host_total, host_avail, None, budget, host_total, host_avail, configured,
                         pinned_gbps=20.0, pageable_gbps=20.0, source="psutil")
     # Other accelerators: what torch exposes.
     total = free = 0
@@ -103,7 +106,8 @@ def probe(
         total = host_total
         free = max(total - torch.mps.driver_allocated_memory(), 0)
     budget = min(free, max_vram) if max_vram is not None else free
-    return Hardware(device.type, device.type, total, free, None, budget, host_total, host_avail)
+    configured = min(total, max_vram) if max_vram is not None else total
+    return Hardware(device.type, device.type, total, free, None, budget, host_total, host_avail, configured)
 
 
 def measure_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> tuple[float, float]:

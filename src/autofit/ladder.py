@@ -44,6 +44,9 @@ SPECS: dict[str, StrategySpec] = {
         StrategySpec("group_block", "lossless", True, "block-level group offload, no stream"),
         StrategySpec("group_leaf", "lossless", True, "leaf-level group offload, no stream (slow)"),
         StrategySpec("sequential", "lossless", True, "accelerate sequential offload (slowest)"),
+        StrategySpec("split_batch", "lossless", True,
+                     "run the denoiser on half the batch at a time (same images, same seeds)"),
+        StrategySpec("split_batch_max", "lossless", True, "run the denoiser one sample at a time"),
         StrategySpec("offload_encoders", "lossless", True,
                      "text encoders live on the CPU and visit the device only to encode"),
         StrategySpec("offload_for_decode", "lossless", True,
@@ -63,9 +66,10 @@ LADDERS: dict[str, tuple[str, ...]] = {
              "sequential", "fp8"),
     "encode": ("offload_encoders", "model_offload", "group_leaf_stream", "group_leaf_lowmem",
                "group_leaf", "sequential", "fp8"),
-    "denoise": ("offload_encoders", "model_offload", "group_leaf_stream", "group_leaf_lowmem",
+    "denoise": ("split_batch", "split_batch_max", "offload_encoders", "model_offload", "group_leaf_stream", "group_leaf_lowmem",
                 "group_block", "group_leaf", "sequential", "fp8"),
-    "decode": ("offload_for_decode", "vae_slicing", "vae_tiling", "vae_tiling_small", "vae_cpu"),
+    # Splitting the batch comes before moving weights off the device (vae_slicing is the decode split).
+    "decode": ("vae_slicing", "offload_for_decode", "vae_tiling", "vae_tiling_small", "vae_cpu"),
 }
 # After a host-RAM OOM: rungs that need less host RAM, never more device rungs.
 HOST_LADDER: tuple[str, ...] = ("group_leaf_lowmem", "group_leaf", "group_block", "fp8")
@@ -146,7 +150,9 @@ def resident_bytes(plan: Plan, stage: str, fp: Footprint) -> int:
 
 
 def activation_factor(plan: Plan, stage: str, shape: CallShape) -> float:
-    """Relative activation memory of the stage (1.0 = unchanged); only decode rungs change it."""
+    """Relative activation memory of the stage (1.0 = unchanged): batch splits and decode rungs."""
+    if stage == "denoise":
+        return 1.0 / min(plan.denoise_chunks(shape.batch), max(shape.batch, 1)) if shape.batch > 1 else 1.0
     if stage != "decode":
         return 1.0
     if "vae_cpu" in plan.extras:
@@ -208,6 +214,8 @@ def unavailable(name: str, plan: Plan, facts: Facts, shape: CallShape, policy: s
     if name in GROUP_PLACEMENTS | {"model_offload", "sequential"} and facts.device_type != "cpu":
         if facts.host_available < facts.footprint.total:
             return "host RAM cannot hold the offloaded weights"
+    if name in ("split_batch", "split_batch_max") and shape.batch <= 1:
+        return "batch of 1: nothing to split"
     if name == "vae_slicing":
         if not facts.vae_can_slice:
             return "VAE has no slicing"

@@ -15,6 +15,8 @@ PLACEMENTS = (
 )
 EXTRAS = (
     "fp8",
+    "split_batch",
+    "split_batch_max",
     "offload_encoders",
     "offload_for_decode",
     "vae_slicing",
@@ -61,9 +63,19 @@ class Plan:
         extras = set(self.extras) | {name}
         if name == "vae_tiling_small":
             extras.discard("vae_tiling")
+        if name == "split_batch_max":
+            extras.discard("split_batch")
         if name == "vae_cpu":
             extras -= {"vae_tiling", "vae_tiling_small", "vae_slicing"}
         return replace(self, extras=frozenset(extras))
+
+    def denoise_chunks(self, batch: int) -> int:
+        """How many pieces the denoiser's batch is cut into (1: not split)."""
+        if "split_batch_max" in self.extras:
+            return max(batch, 1)
+        if "split_batch" in self.extras:
+            return 2
+        return 1
 
     @property
     def tiling(self) -> str | None:

@@ -175,6 +175,8 @@ def autofit(
         dev = torch.device(device) if device is not None else _default_device(pipe)
     except (RuntimeError, TypeError) as exc:
         raise AutoFitUsageError(f"device={device!r} is not a torch device ({exc}); try 'cuda' or 'cpu'") from None
+    if dev.type == "cpu":
+        dev = torch.device("cpu")  # "cpu:0" (accelerate's name for it) is the same device
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
 

@@ -169,6 +169,8 @@ class Runtime:
             try:
                 self._choose_plan(args, kwargs)
                 self._prepare()
+                # Chunks count images: with classifier-free guidance a chunk keeps an image's pair.
+                self.denoise_chunks = self.plan.denoise_chunks(self._call.shape.batch)
                 while True:
                     result, failure = self._run_once(args, kwargs)
                     if failure is None:
@@ -425,6 +427,7 @@ class Runtime:
         try:
             self._apply(previous_applied, target)
             self._applied = target
+            self.denoise_chunks = target.denoise_chunks(self._call.shape.batch if self._call else 1)
         except BaseException as exc:
             if classify(exc) is None:
                 # Not an OOM: put back the plan that was in force, then let the error through.
@@ -505,7 +508,7 @@ class Runtime:
         hw = probe(self.device, max_vram=self.max_vram, max_ram=self.max_ram)
         fields = cache_mod.key_fields(
             pipeline=type(self.pipe).__name__, footprint=self.footprint, height=wl.height, width=wl.width,
-            frames=wl.frames, batch=wl.batch, device_name=hw.device_name, budget_bytes=hw.budget_bytes,
+            frames=wl.frames, batch=wl.batch, device_name=hw.device_name, budget_bytes=hw.configured_budget_bytes,
             policy=self.policy,
         )
         key = cache_mod.make_key(fields)

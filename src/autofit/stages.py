@@ -117,7 +117,9 @@ class StageTracker:
                 failure: OOMInfo | None = None
                 try:
                     # Re-read the inner callable: recovery may have re-hooked the module.
-                    out = tracker._inner_of(slot)(*args, **kwargs)
+                    inner = tracker._inner_of(slot)
+                    chunks = tracker._runtime.denoise_chunks if slot.stage == "denoise" else 1
+                    out = inner(*args, **kwargs) if chunks == 1 else split_call(inner, args, kwargs, chunks)
                 except BaseException as exc:
                     failure = classify(exc)
                     if failure is None:
@@ -137,3 +139,45 @@ class StageTracker:
                 return live.inner  # type: ignore[return-value]
         # Suspended (between uninstall and install): call whatever the module has now.
         return getattr(slot.module, slot.attr)
+
+
+# ---- batch splitting (the split_batch rungs) -----------------------------------------------
+def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    return None
+
+
+def _take(obj: Any, start: int, stop: int, n: int) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj[start:stop] if obj.dim() >= 1 and obj.shape[0] == n else obj
+    if isinstance(obj, dict):
+        return {k: _take(v, start, stop, n) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_take(v, start, stop, n) for v in obj)
+    return obj
+
+
+def _join(parts: list[Any]) -> Any:
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts, dim=0) if first.dim() >= 1 else first
+    if isinstance(first, dict):  # includes diffusers' BaseOutput (an OrderedDict dataclass)
+        joined = {k: _join([p[k] for p in parts]) for k in first}
+        return type(first)(**joined)
+    if isinstance(first, (list, tuple)):
+        return type(first)(_join(list(items)) for items in zip(*parts))
+    return first
+
+
+def split_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], chunks: int) -> Any:
+    """Call ``fn`` on ``chunks`` slices of the batch and join the outputs: the same result as one
+    call, with a fraction of the activation memory. Tensors whose first dimension is not the
+    batch (ids, scalar timesteps) are passed whole."""
+    n = _batch_of(args, kwargs)
+    if n is None or n < 2:
+        return fn(*args, **kwargs)
+    size = -(-n // min(chunks, n))
+    parts = [fn(*_take(args, s, s + size, n), **_take(kwargs, s, s + size, n)) for s in range(0, n, size)]
+    return _join(parts)
