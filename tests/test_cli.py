@@ -37,6 +37,19 @@ def test_plan_json_lists_strategies_and_a_pick(sdxl_dir, capsys):
     assert any(r["quality"] == "lossy" for r in out["strategies"])
     assert all(r["fits"] for r in out["strategies"])
     assert all({"vram_gib", "ram_gib", "relative_speed", "quality"} <= set(r) for r in out["strategies"])
+    assert not out["pick"][0].startswith(("nf4", "int8"))
+
+
+def test_plan_shows_quantization_beside_offloading(sdxl_dir, capsys):
+    """nf4 and int8 rows (the guide's sizes) appear with --all, marked as not applied by autofit."""
+    main(["plan", str(sdxl_dir), "--vram", "1GiB", "--height", "64", "--width", "64", "--json", "--all"])
+    out = json.loads(capsys.readouterr().out)
+    quant = [r for r in out["strategies"] if r["plan"][0].startswith(("nf4", "int8"))]
+    assert {r["plan"][0].split("(")[0] for r in quant} == {"nf4", "int8"}
+    assert all(r["applied_by_autofit"] is False and r["quality"] == "lossy" for r in quant)
+    nf4 = next(r for r in quant if r["plan"] == [r["plan"][0]] and r["plan"][0].startswith("nf4"))
+    device = next(r for r in out["strategies"] if r["plan"] == ["device"])
+    assert nf4["vram_gib"] <= device["vram_gib"]
 
 
 def test_plan_text_marks_the_pick(sdxl_dir, capsys):

@@ -93,5 +93,17 @@ def apply_fp8_casting(module: torch.nn.Module, compute_dtype: torch.dtype) -> No
         apply_layerwise_casting(module, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
 
 
+def remove_fp8_casting(module: torch.nn.Module) -> None:
+    """Unhook layerwise casting. diffusers refuses to (its hook's deinitialisation raises, since
+    the fp8 weights alone cannot be cast back losslessly); autofit restores the original weights
+    from its own copy right after, so the hook's refusal is bypassed here."""
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook(_LAYERWISE_CASTING_HOOK) if registry is not None else None
+        if hook is not None:
+            hook.deinitalize_hook = lambda m: m  # instance attribute: only this hook object
+            registry.remove_hook(_LAYERWISE_CASTING_HOOK, recurse=False)
+
+
 def is_quantized(module: torch.nn.Module) -> bool:
     return getattr(module, "hf_quantizer", None) is not None or getattr(module, "quantization_method", None) is not None

@@ -89,6 +89,7 @@ class Facts:
     vae_can_tile: bool = True
     vae_can_slice: bool = True
     fp8_supported: bool = True
+    fp8_blocked: frozenset[str] = frozenset()  # components fp8 broke before (plan cache)
 
 
 def _size(fp: Footprint, name: str, plan: Plan) -> int:
@@ -228,6 +229,8 @@ def unavailable(name: str, plan: Plan, facts: Facts, shape: CallShape, policy: s
             return "this torch build has no float8_e4m3fn"
         if not any(c.fp8_ok for c in facts.footprint.components.values()):
             return "no component can be stored in fp8"
+        if not any(c.fp8_ok and c.name not in facts.fp8_blocked for c in facts.footprint.components.values()):
+            return f"fp8 broke {', '.join(sorted(facts.fp8_blocked))} before (marked unusable in the plan cache)"
         if plan.placement == "sequential":
             return "fp8 casting is not combined with sequential offload"
     return None

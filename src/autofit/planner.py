@@ -213,9 +213,12 @@ def candidate_plans(fp: Footprint) -> list[Plan]:
 
 
 def rank(fp: Footprint, m: Machine, wl: Workload, *, policy: str = "quality",
-         measured: dict[str, int] | None = None, margin: float | None = None) -> list[Candidate]:
-    """All candidates, the ones that fit first, in the policy's order of preference."""
-    cands = [predict(p, fp, m, wl, measured=measured, margin=margin, policy=policy) for p in candidate_plans(fp)]
+         measured: dict[str, int] | None = None, margin: float | None = None,
+         forbid: frozenset[str] = frozenset()) -> list[Candidate]:
+    """All candidates, the ones that fit first, in the policy's order of preference. Plans using
+    a strategy in ``forbid`` (found broken before) are left out."""
+    cands = [predict(p, fp, m, wl, measured=measured, margin=margin, policy=policy)
+             for p in candidate_plans(fp) if not (set(p.names) & forbid)]
     if policy == "memory":
         key = lambda c: (not c.fits, c.vram, c.seconds)  # noqa: E731
     elif policy == "balanced":
@@ -227,6 +230,51 @@ def rank(fp: Footprint, m: Machine, wl: Workload, *, policy: str = "quality",
 
 
 def choose(fp: Footprint, m: Machine, wl: Workload, *, policy: str = "quality",
-           measured: dict[str, int] | None = None, margin: float | None = None) -> Candidate | None:
-    best = rank(fp, m, wl, policy=policy, measured=measured, margin=margin)[0]
+           measured: dict[str, int] | None = None, margin: float | None = None,
+           forbid: frozenset[str] = frozenset()) -> Candidate | None:
+    best = rank(fp, m, wl, policy=policy, measured=measured, margin=margin, forbid=forbid)[0]
     return best if best.fits else None
+
+
+# ---- quantization rows (shown by `autofit plan`; autofit does not apply them yet) -----------
+# Sizes per the guide (memory-calculator.md): nf4 ~0.25x, int8 ~0.5x of the quantized components.
+# Time: dequantization overhead on the quantized denoiser, an estimate (not measured here):
+# nf4 +30%, int8 +50% of the denoiser's compute.
+QUANT_LEVELS = {"nf4": (0.25, 0.30), "int8": (0.5, 0.50)}
+
+
+def quantization_rows(fp: Footprint, m: Machine, wl: Workload) -> list[dict]:
+    """The guide's quantization options beside the offloading ones: the denoiser and large
+    (> 1 GiB) text encoders quantized, everything on the device or with model offload."""
+    rows = []
+    targets = {c.name for c in fp.components.values()
+               if c.role == "denoise" or (c.role == "encode" and c.bytes > GIB)}
+    largest_bf16 = max((fp.components[n].bytes for n in targets), default=0)
+    full_den = sum(c.bytes for c in fp.by_role("denoise")) / GB
+    compute = COMPUTE_S_PER_GB_MP * full_den * max(wl.megapixels, 0.01) * wl.batch * (2 if wl.cfg else 1)
+    for level, (ratio, slowdown) in QUANT_LEVELS.items():
+        sizes = {n: int(c.bytes * ratio) if n in targets else c.bytes for n, c in fp.components.items()}
+        acts = {s: activation_bytes(s, fp, wl) for s in ("encode", "denoise", "decode")}
+        for placement in ("device", "model_offload"):
+            if placement == "device":
+                peaks = {s: sum(sizes.values()) + a for s, a in acts.items()}
+                ram = 0
+                extra = 0.0
+            else:
+                peaks = {s: max((sizes[c.name] for c in fp.by_role(s)), default=0) + a for s, a in acts.items()}
+                ram = sum(sizes.values())
+                extra = sum(sizes.values()) / GB / m.pageable_gbps * 3
+            seconds = wl.steps * compute * (1 + slowdown) + DECODE_S_PER_MP * wl.megapixels * wl.batch + extra
+            vram = max(peaks.values())
+            why = None
+            if vram > usable(m.budget_bytes):
+                why = "does not fit the budget"
+            elif largest_bf16 > 0.9 * m.host_available_bytes:
+                why = "host RAM cannot hold the full-precision weights while quantizing"
+            rows.append({
+                "plan": [f"{level}({'+'.join(sorted(targets))})"] + ([placement] if placement != "device" else []),
+                "vram": vram, "ram": max(ram, largest_bf16), "seconds": seconds, "quality": "lossy",
+                "fits": why is None, "why_not": why, "peaks": peaks,
+                "applied_by_autofit": False,
+            })
+    return rows

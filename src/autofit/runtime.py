@@ -27,6 +27,7 @@ from .plan import CallShape, Plan
 from .cache import PlanCache
 from .stages import StageTracker, module_components, role_of
 from .strategies import VaeSettings, apply_fp8, configure_vae, place, teardown
+from .strategies.casting import restore_original
 from .strategies.placement import CPU, module_device, on_demand
 from .strategies.residency import HostShadows
 from .strategies.vae import can_slice, can_tile
@@ -138,6 +139,13 @@ class Runtime:
         self._stage: str | None = None
         self._stage_peaks: dict[str, int] = {}
         self._dirty = False
+        self._applied_this_call = False
+        self.denoise_chunks = 1
+        # One-way rungs: CPU copies of what was cast, components cast but not yet seen to work,
+        # and (strategy -> components) found broken, remembered in the plan cache.
+        self._originals: dict[str, dict[str, torch.Tensor]] = {}
+        self._unvalidated: set[str] = set()
+        self.unusable: dict[str, set[str]] = {}
         self.last_call: dict[str, Any] = {}
         comps = module_components(pipe)
         self._vaes = {n: m for n, m in comps.items() if role_of(n) == "decode"}
@@ -154,6 +162,7 @@ class Runtime:
             vae_can_tile=bool(vaes) and all(can_tile(v) for v in vaes),
             vae_can_slice=bool(vaes) and all(can_slice(v) for v in vaes),
             fp8_supported=hasattr(torch, "float8_e4m3fn"),
+            fp8_blocked=frozenset(self.unusable.get("fp8", ())),
         )
 
     def memory(self) -> dict[str, float | None]:
@@ -301,6 +310,8 @@ class Runtime:
         return args, kwargs
 
     def after(self, name: str, stage: str) -> None:
+        if self._unvalidated:
+            self._unvalidated.discard(name)  # its one-way rung has now produced an output
         plan = self.plan
         if stage == "encode" and plan.placement == "device" and "offload_encoders" in plan.extras:
             module = self._comps.get(name)
@@ -312,6 +323,54 @@ class Runtime:
         if self._call is not None:
             self._call.seconds_lost += seconds
         self._escalate(stage, failure, component=component, scope="stage")
+
+    # ---- one-way rungs that break a component ------------------------------------------------
+    def can_roll_back(self, name: str) -> bool:
+        return name in self._unvalidated and name in self._originals
+
+    def roll_back(self, stage: str, name: str, error: str) -> None:
+        """A component failed (not with an OOM) on its first run after a one-way rung: restore its
+        original weights, drop the rung for it, remember that in the plan cache, carry on."""
+        tracker = self._tracker
+        reinstall = tracker is not None and tracker.installed
+        if reinstall:
+            tracker.uninstall()
+        try:
+            teardown(self.pipe)
+            module = self._comps.get(name) or module_components(self.pipe)[name]
+            restore_original(module, self._originals.pop(name))
+            self._unvalidated.discard(name)
+            self.unusable.setdefault("fp8", set()).add(name)
+            still_cast = any(_diffusers.is_fp8_cast(m) for m in module_components(self.pipe).values())
+            target = self.plan if still_cast else Plan(self.plan.placement, self.plan.extras - {"fp8"})
+            record = EscalationRecord(stage=stage, action="undo_fp8", error=error[:200],
+                                      attempt=self._call.attempts if self._call else 0, component=name,
+                                      oom_kind="none", scope="stage", plan=target.names)
+            self.history.append(record)
+            if self._call is not None:
+                self._call.records.append(record)
+            emit("rolled_back", level="warning", stage=stage, action="undo_fp8", component=name,
+                 attempt=record.attempt, error=error[:200], plan=",".join(target.names),
+                 marked_unusable=True)
+            self.plan, self._applied = target, None
+            self._apply(None, target)
+            self._applied = target
+            self._dirty = True
+            self._persist_unusable()
+        finally:
+            if reinstall and tracker is not None:
+                tracker.install()
+
+    def _persist_unusable(self) -> None:
+        if self.cache is None or self._key is None:
+            return
+        record = self.cache.get(self._key) or {"plan": list(self.plan.names), "key": getattr(self, "_fields", {})}
+        record["unusable"] = {k: sorted(v) for k, v in self.unusable.items()}
+        record["plan"] = list(self.plan.names)
+        try:
+            self.cache.put(self._key, record)
+        except OSError as exc:
+            emit("cache_write_failed", level="warning", stage="load", action="none", error=str(exc)[:200])
 
     # ---- escalation -----------------------------------------------------------------------
     def _escalate(self, stage: str, failure: OOMInfo, *, component: str | None, scope: str) -> None:
@@ -466,8 +525,12 @@ class Runtime:
             self._shadows.drop()
             free_memory(self.device)
             if fp8_now:
-                cast = apply_fp8(self.pipe, self.footprint)
-                emit("fp8_cast", stage="load", action="fp8", components=",".join(cast))
+                cast, originals = apply_fp8(self.pipe, self.footprint, skip=frozenset(self.unusable.get("fp8", ())),
+                                            host_available=host_available_bytes())
+                self._originals.update(originals)
+                self._unvalidated |= set(cast)
+                emit("fp8_cast", stage="load", action="fp8", components=",".join(cast),
+                     reversible=",".join(originals))
             place(self.pipe, target, self.device)
         for name, vae in self._vaes.items():
             configure_vae(
@@ -498,7 +561,7 @@ class Runtime:
     def _choose_plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """At the first call of a workload: the cached plan if one worked before, else the
         planner's pick. Later calls of the same workload keep the plan that works."""
-        if self._fixed_plan or (not self.preflight and self.cache is None):
+        if self.cache is None and (self._fixed_plan or not self.preflight):
             return
         from . import cache as cache_mod
         from .hardware import probe
@@ -519,6 +582,11 @@ class Runtime:
         record = self.cache.get(key) if self.cache is not None else None
         source = "planner"
         if record is not None:
+            for strategy, names in record.get("unusable", {}).items():
+                self.unusable.setdefault(strategy, set()).update(names)
+        if self._fixed_plan:
+            return  # an explicit or adopted plan is kept; the key still serves the cache
+        if record is not None:
             try:
                 chosen = Plan.from_names(tuple(record["plan"]))
                 self.measured[key] = {k: int(v) for k, v in record.get("activations", {}).items()}
@@ -528,7 +596,10 @@ class Runtime:
         if record is None:
             if not self.preflight:
                 return
-            best = choose(self.footprint, machine, wl, policy=self.policy, measured=self.measured.get(key))
+            fp8_targets = {c.name for c in self.footprint.components.values() if c.fp8_ok}
+            forbid = frozenset({"fp8"}) if fp8_targets <= self.unusable.get("fp8", set()) else frozenset()
+            best = choose(self.footprint, machine, wl, policy=self.policy, measured=self.measured.get(key),
+                          forbid=forbid)
             if best is None:
                 emit("preflight", stage="load", action="none", attempt=0, source="planner",
                      reason="no plan predicted to fit; starting from the current plan and relying on recovery",
@@ -573,6 +644,7 @@ class Runtime:
         if self.cache is not None and self._key is not None:
             try:
                 self.cache.put(self._key, {"plan": list(self.plan.names), "activations": activations,
-                                           "seconds": round(seconds, 4), "key": self._fields})
+                                           "seconds": round(seconds, 4), "key": self._fields,
+                                           "unusable": {k: sorted(v) for k, v in self.unusable.items()}})
             except OSError as exc:  # a read-only or full cache must not fail the call
                 emit("cache_write_failed", level="warning", stage="load", action="none", error=str(exc)[:200])

@@ -115,6 +115,7 @@ class StageTracker:
                 args, kwargs = tracker._runtime.before(slot.name, slot.stage, args, kwargs)
                 started = time.perf_counter()
                 failure: OOMInfo | None = None
+                broken: str | None = None
                 try:
                     # Re-read the inner callable: recovery may have re-hooked the module.
                     inner = tracker._inner_of(slot)
@@ -123,8 +124,15 @@ class StageTracker:
                 except BaseException as exc:
                     failure = classify(exc)
                     if failure is None:
-                        raise
+                        # A one-way rung applied to this component and not yet seen to work is
+                        # the likely cause: undo it and retry. Anything else passes through.
+                        if not (isinstance(exc, Exception) and tracker._runtime.can_roll_back(slot.name)):
+                            raise
+                        broken = f"{type(exc).__name__}: {str(exc)[:300]}"
                 # Outside the except block: the exception and the frames it held are gone.
+                if broken is not None:
+                    tracker._runtime.roll_back(slot.stage, slot.name, broken)
+                    continue
                 if failure is None:
                     tracker._runtime.after(slot.name, slot.stage)
                     return out
