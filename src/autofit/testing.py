@@ -117,9 +117,9 @@ def _pick(pipe: Any, stage: str, component: str | None) -> tuple[str, torch.nn.M
         if component not in comps:
             raise ValueError(f"component {component!r} not in pipeline; have {sorted(comps)}")
         return component, comps[component]
-    want = "encode" if stage == "load" else stage
+    role = "denoise" if stage == "load" else stage  # a load fault defaults to the denoiser's move
     for name, module in comps.items():
-        if role_of(name) == ("denoise" if stage == "load" else want):
+        if role_of(name) == role:
             return name, module
     raise ValueError(f"pipeline has no component for stage {stage!r}")
 
