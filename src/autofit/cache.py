@@ -7,6 +7,7 @@ whole old record or a whole new one, never a torn one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ def default_dir() -> Path:
     return Path(base) / "autofit"
 
 
+@functools.lru_cache(maxsize=1)
 def _versions() -> dict[str, str]:
     out = {}
     for name in ("torch", "diffusers", "accelerate", "transformers"):
@@ -70,7 +72,7 @@ def key_fields(
         "device": device_name,
         "budget_bucket": budget_bytes // (512 << 20),
         "policy": policy,
-        "versions": _versions(),
+        "versions": dict(_versions()),
     }
 
 

@@ -56,6 +56,7 @@ class AutoFitControl:
         """Go back to the plan autofit started with (applied at the next call)."""
         with self._rt.lock:
             self._rt.plan = self._rt.initial_plan
+            self._rt._signature = None  # plan again at the next call
 
     def __repr__(self) -> str:
         return f"AutoFitControl(device={self.device}, policy={self.policy!r}, plan={self.plan})"
