@@ -175,6 +175,7 @@ class Runtime:
             self._call = CallState(time.perf_counter(), _shape_from_kwargs(args, kwargs))
             self._applied_this_call = self._applied != self.plan
             self._comps = module_components(self.pipe)  # once per call: pipe.components is not free
+            self._stage, self._stage_peaks = None, {}
             rng = _RngSnapshot(kwargs)
             try:
                 self._choose_plan(args, kwargs)
@@ -182,12 +183,13 @@ class Runtime:
                 # Chunks count images: with classifier-free guidance a chunk keeps an image's pair.
                 self.denoise_chunks = self.plan.denoise_chunks(self._call.shape.batch)
                 while True:
+                    attempt_started = time.perf_counter()
                     result, failure = self._run_once(args, kwargs)
                     if failure is None:
                         self._finish()
                         return result
                     stage = self._tracker.last_stage if self._tracker and self._tracker.last_stage else "encode"
-                    self._call.seconds_lost += time.perf_counter() - self._call.started
+                    self._call.seconds_lost += time.perf_counter() - attempt_started
                     self._escalate(stage, failure, component=None, scope="call")
                     rng.restore()
                     self._prepare()
