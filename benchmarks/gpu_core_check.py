@@ -77,7 +77,7 @@ def run_cap(cap_gib: float | None, *, device: str, tiny: bool, steps: int, size:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        out = proxy("a photo of an astronaut", generator=torch.Generator().manual_seed(0), **kwargs).images
+        out = proxy("a photo of an astronaut", generator=torch.Generator().manual_seed(0), **kwargs).images  # noqa: F821 (closure; deleted at the end)
         _sync(device)
         peak = round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.startswith("cuda") else None
         return out.float().cpu(), time.perf_counter() - t0, peak

@@ -11,7 +11,7 @@ import torch
 
 from autofit import AutoFitUsageError, autofit
 from autofit.batch import iter_manifest, load_items, run_batch
-from autofit.testing import inject_oom, tiny_flux, tiny_sdxl
+from autofit.testing import inject_oom, tiny_sdxl
 
 from conftest import BUILDERS, CallCounter, run
 

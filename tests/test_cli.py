@@ -6,7 +6,7 @@ import pytest
 
 from autofit.cli import main
 from autofit.footprint import measure, measure_folder
-from autofit.testing import tiny_flux, tiny_sdxl
+from autofit.testing import tiny_sdxl
 
 
 @pytest.fixture(scope="module")

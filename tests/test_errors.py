@@ -1,6 +1,5 @@
 """Errors that are not OOMs, exhaustion, and what the user's pipeline looks like afterwards."""
 
-import sys
 
 import pytest
 import torch

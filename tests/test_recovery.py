@@ -1,6 +1,5 @@
 """Each stage's recovery, on real tiny SDXL-class and Flux-class pipelines."""
 
-import gc
 
 import pytest
 import torch

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pipeline == "flux":
         kwargs["max_sequence_length"] = 32
 
-    print(f"\n== one call, with an OOM injected at denoising step 3 and another in vae.decode ==")
+    print("\n== one call, with an OOM injected at denoising step 3 and another in vae.decode ==")
     gen = torch.Generator().manual_seed(0)
     with inject_oom(proxy, stage="denoise", at=4) as denoise_fault, inject_oom(proxy, stage="decode") as decode_fault:
         image = proxy(prompt, generator=gen, **kwargs).images[0]
