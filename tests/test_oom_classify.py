@@ -65,3 +65,23 @@ def test_cycle_in_context_chain_terminates():
     a.__context__ = b
     b.__context__ = a
     assert classify(a) is None
+
+
+def _to_cpu():  # the name of diffusers' group-offloading function that pins host copies
+    raise oom_error("cuda_runtime")
+
+
+def _unrelated_kernel():
+    raise oom_error("cuda_runtime")
+
+
+def test_pinned_memory_failure_is_host_oom():
+    """'CUDA error: out of memory' raised while pinning host copies is a host-RAM OOM."""
+    try:
+        _to_cpu()
+    except RuntimeError as exc:
+        assert classify(exc).kind is OOMKind.HOST
+    try:
+        _unrelated_kernel()
+    except RuntimeError as exc:
+        assert classify(exc).kind is OOMKind.DEVICE

@@ -9,6 +9,11 @@ import torch
 
 from .stages import module_components
 
+# Functions that pin host memory: a CUDA "out of memory" raised in them is a host (page-locked
+# memory) failure, not a device one. diffusers' group offloading pins in the first three;
+# autofit's own reusable host buffers in the last.
+PINNING_FUNCTIONS = frozenset({"_to_cpu", "_init_cpu_param_dict", "_pinned_memory_tensors", "_host_like"})
+
 _GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
 _LAYERWISE_CASTING_HOOK = "layerwise_casting"
 

@@ -72,6 +72,19 @@ def _head(exc: BaseException) -> str:
     return ". ".join(sentences[:2])[:200]
 
 
+def _raised_while_pinning(exc: BaseException) -> bool:
+    """Pinning host memory reports "CUDA error: out of memory" like the device does; the frames
+    it was raised from tell them apart."""
+    from ._diffusers import PINNING_FUNCTIONS  # lazy: _diffusers imports stages, which imports us
+
+    names = []
+    tb = exc.__traceback__
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return any(n in PINNING_FUNCTIONS or "pin_memory" in n for n in names[-3:])
+
+
 def _classify_one(exc: BaseException) -> OOMKind | None:
     if isinstance(exc, MemoryError):
         return OOMKind.HOST
@@ -80,13 +93,13 @@ def _classify_one(exc: BaseException) -> OOMKind | None:
     msg = str(exc).lower()
     if any(m in msg for m in _HOST_MARKERS):
         return OOMKind.HOST
-    if isinstance(exc, torch.OutOfMemoryError):
-        return OOMKind.DEVICE
-    if any(m in msg for m in _DEVICE_MARKERS) and (
-        "cudamallocasync" not in msg or any(h in msg for h in _CUDA_MALLOC_ASYNC_HINT)
-    ):
-        return OOMKind.DEVICE
-    return None
+    device = isinstance(exc, torch.OutOfMemoryError) or (
+        any(m in msg for m in _DEVICE_MARKERS)
+        and ("cudamallocasync" not in msg or any(h in msg for h in _CUDA_MALLOC_ASYNC_HINT))
+    )
+    if not device:
+        return None
+    return OOMKind.HOST if _raised_while_pinning(exc) else OOMKind.DEVICE
 
 
 def classify(exc: BaseException) -> OOMInfo | None:
