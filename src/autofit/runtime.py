@@ -229,7 +229,6 @@ class Runtime:
         }
         if self._dirty or cs.attempts or self._applied_this_call:
             self._remember(total)
-        self._stage_peaks = {}
         if cs.attempts:
             emit(
                 "recovered",
@@ -520,9 +519,8 @@ class Runtime:
             elif current is not None and current.extras != target.extras:
                 self._enforce_residency()
         elif target.placement == "device" and not hooked and not fp8_now:
-            # From a plain pipeline: move what is not where it should be, nothing more.
-            for name, module in module_components(self.pipe).items():
-                module.to(CPU if on_demand(name, target) else self.device)
+            # From a plain pipeline: no teardown round trip through the CPU, only the moves.
+            place(self.pipe, target, self.device, force=True)
         else:
             teardown(self.pipe)
             self._shadows.drop()

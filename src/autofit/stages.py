@@ -67,7 +67,6 @@ class StageTracker:
         self._runtime = runtime
         self._slots: list[_Slot] = []
         self.last_stage: str | None = None
-        self.calls: dict[str, int] = {}
 
     def _targets(self) -> Iterator[_Slot]:
         for name, module in module_components(self._pipe).items():
@@ -110,7 +109,6 @@ class StageTracker:
 
         def autofit_stage_call(*args: Any, **kwargs: Any) -> Any:
             tracker.last_stage = slot.stage
-            tracker.calls[slot.name] = tracker.calls.get(slot.name, 0) + 1
             while True:
                 args, kwargs = tracker._runtime.before(slot.name, slot.stage, args, kwargs)
                 started = time.perf_counter()

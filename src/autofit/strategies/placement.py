@@ -35,15 +35,18 @@ def on_demand(name: str, plan: Plan) -> bool:
     )
 
 
-def place(pipe: Any, plan: Plan, device: torch.device) -> None:
-    """Apply ``plan``'s placement to a torn-down pipeline (or top up a ``device`` placement)."""
+def place(pipe: Any, plan: Plan, device: torch.device, *, force: bool = False) -> None:
+    """Apply ``plan``'s placement to a torn-down pipeline (or top up a ``device`` placement).
+
+    ``force`` calls ``.to()`` on every component even where it already sits: the first placement
+    of a pipeline goes through the same move a real load would (and can fail like one)."""
     comps = module_components(pipe)
     vae_names = [n for n in comps if role_of(n) == "decode"]
     p = plan.placement
     if p == "device":
         for name, module in comps.items():
             target = CPU if on_demand(name, plan) else device
-            if module_device(module) != target:
+            if force or module_device(module) != target:
                 module.to(target)
         return
     if p == "model_offload":
