@@ -108,6 +108,17 @@ def _finished(out_dir: Path) -> set[str]:
     return done
 
 
+def _end_torn_line(manifest: Path) -> None:
+    """A kill in the middle of a write can leave a last line without its newline: end it, so the
+    next record starts a line of its own instead of being glued to the torn one and lost."""
+    if not manifest.is_file() or manifest.stat().st_size == 0:
+        return
+    with open(manifest, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+
+
 def _save_atomic(image: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     image.save(tmp)
@@ -159,6 +170,7 @@ def run_batch(
 
         bar = tqdm(total=len(my_items), initial=len(report.skipped), desc=f"autofit batch[{rank}]", unit="img")
     t_start = time.perf_counter()
+    _end_torn_line(manifest)
     with open(manifest, "a") as log:
         for item in todo:
             kwargs = {**(defaults or {}), **item.settings}

@@ -37,7 +37,8 @@ def _cuda() -> bool:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .footprint import measure_folder
-    from .planner import Machine, Workload, quantization_rows, rank
+    from .planner import Machine, Workload, rank
+    from .strategies.quantize import missing
 
     try:
         pipeline, fp = measure_folder(args.model_dir, dtype=args.dtype)
@@ -47,7 +48,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     hw = _hardware(args)
     budget = args.vram if args.vram is not None else hw.budget_bytes
     host = args.ram if args.ram is not None else hw.host_available_bytes
-    machine = Machine(budget, host, hw.device_type if args.vram is None else "cuda", hw.pinned_gbps, hw.pageable_gbps)
+    device_type = hw.device_type if args.vram is None else "cuda"
+    machine = Machine(budget, host, device_type, hw.pinned_gbps, hw.pageable_gbps, quant_missing=missing(device_type))
     cfg = "Flux" not in pipeline
     wl = Workload(height=args.height, width=args.width, frames=args.frames, batch=args.batch, steps=args.steps, cfg=cfg)
     # Rank under the permissive policy so lossy rows show too; the pick honours --policy.
@@ -69,17 +71,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for c in rows
         if args.all or c.fits
     ]
-    # The guide's quantization options, shown beside the others; autofit does not apply them.
-    for q in quantization_rows(fp, machine, wl):
-        if args.all or q["fits"]:
-            table.append({
-                "plan": q["plan"], "fits": q["fits"], "vram_gib": round(q["vram"] / GIB, 2),
-                "ram_gib": round(q["ram"] / GIB, 2), "seconds": round(q["seconds"], 2),
-                "relative_speed": round(fastest / q["seconds"], 2) if fastest else None,
-                "quality": "lossy", "why_not": q["why_not"] or "bitsandbytes quantization: not applied by autofit yet",
-                "peaks_gib": {k: round(v / GIB, 2) for k, v in q["peaks"].items()},
-                "applied_by_autofit": False,
-            })
     summary = {
         "pipeline": pipeline,
         "components_gib": {n: round(c.bytes / GIB, 3) for n, c in fp.components.items()},
@@ -102,7 +93,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for row in table:
         name = "+".join(row["plan"])
         mark = "*" if pick and row["plan"] == (list(pick.names) or ["device"]) else " "
-        note = "  (shown for comparison; not applied by autofit)" if row.get("applied_by_autofit") is False else ""
+        note = f"  ({row['why_not']})" if args.all and row["why_not"] else ""
         print(f"{mark}{name:<47} {str(row['fits']):<5} {row['vram_gib']:>7.2f} {row['ram_gib']:>7.2f} "
               f"{row['seconds']:>7.2f} {row['relative_speed'] or 0:>6.2f}  {row['quality']}{note}")
     print(f"\nautofit would pick: {'+'.join(summary['pick']) if pick else 'nothing fits'} (policy {args.policy})")

@@ -17,9 +17,22 @@ from .stages import module_components, role_of
 _CASTABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
              torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
 _SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
+# Layers left in their dtype by quantization: embeddings and the pipeline-facing in/out
+# projections only. Unlike fp8 casting, the Linear layers of AdaLN norms ("norm1.linear") are
+# quantized, as diffusers' bitsandbytes loader does (on Flux they hold ~30% of the weights;
+# leaving them out kept a Flux-sized nf4 transformer at 13 GiB instead of ~7, measured on an H200).
+QUANT_SKIP_PATTERNS = ("pos_embed", "patch_embed", "^proj_in$", "^proj_out$")
 # Encoders that cast activations to the weight dtype inside forward: fp8 storage breaks them
 # (measured on an H200: "expected mat1 and mat2 to have the same dtype ... Float8_e4m3fn").
 FP8_INCOMPATIBLE = ("T5EncoderModel", "UMT5EncoderModel", "T5Model", "MT5EncoderModel")
+# Text encoders quantized beside the denoiser whatever their size (the guide: LLM/T5 encoders are
+# first-class quantization targets); any other encoder only above QUANT_MIN_ENCODER_BYTES.
+QUANT_ENCODER_FAMILIES = ("T5", "UMT5", "MT5", "Qwen", "Llama", "Gemma", "Mistral", "Glm", "Phi")
+QUANT_MIN_ENCODER_BYTES = 2**30
+# Bytes per weight after bitsandbytes quantization: nf4 packs two weights a byte plus one fp32
+# absmax per 64-weight block; LLM.int8 stores one byte a weight plus one fp32 scale per row.
+NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64
+INT8_BYTES_PER_WEIGHT = 1.0
 
 
 def _fp8_ok(name: str, class_name: str, saved: int) -> bool:
@@ -29,6 +42,19 @@ def _fp8_ok(name: str, class_name: str, saved: int) -> bool:
     Float8_e4m3fn"). T5-family encoders also cast activations to the weight dtype inside forward
     (measured on an H200)."""
     return role_of(name) == "denoise" and class_name not in FP8_INCOMPATIBLE and saved > 0
+
+
+def _quant_ok(name: str, class_name: str, linear_numel: int, total: int) -> bool:
+    role = role_of(name)
+    if linear_numel == 0:
+        return False
+    if role == "denoise":
+        return True
+    return role == "encode" and (class_name.startswith(QUANT_ENCODER_FAMILIES) or total > QUANT_MIN_ENCODER_BYTES)
+
+
+def _quantized_size(total: int, linear_bytes: int, linear_numel: int, per_weight: float) -> int:
+    return total - linear_bytes + int(linear_numel * per_weight)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -47,6 +73,24 @@ class ComponentFootprint:
     fp8_ok: bool
     leaf_count: int = 1  # modules that hold weights: leaf-level offload moves each separately
     dtype: str = "float32"
+    # bitsandbytes quantization: only the Linear weights (norms, embeddings and in/out projections
+    # skipped, as for fp8) are quantized; the rest keeps its dtype.
+    quant_ok: bool = False
+    nf4_bytes: int = 0
+    int8_bytes: int = 0
+
+    def stored_bytes(self, storage: str | None) -> int:
+        """Size under a weight-storage rung (fp8 / int8 / nf4) that applies to this component."""
+        if storage == "fp8" and self.fp8_ok:
+            return self.cast_bytes
+        if storage == "nf4" and self.quant_ok:
+            return self.nf4_bytes
+        if storage == "int8" and self.quant_ok:
+            return self.int8_bytes
+        return self.bytes
+
+    def stored_by(self, storage: str | None) -> bool:
+        return (storage == "fp8" and self.fp8_ok) or (storage in ("nf4", "int8") and self.quant_ok)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +107,16 @@ class Footprint:
 
     def by_role(self, role: str) -> list[ComponentFootprint]:
         return [c for c in self.components.values() if c.role == role]
+
+
+def skipped_layer(qualified_name: str, patterns: tuple[str, ...] = QUANT_SKIP_PATTERNS) -> bool:
+    """Whether a layer is left in its dtype (patterns searched in the qualified name, as diffusers does)."""
+    return any(re.search(p, qualified_name) for p in patterns)
+
+
+def _fp8_patterns(module: torch.nn.Module) -> tuple[str, ...]:
+    # diffusers' enable_layerwise_casting: its default patterns plus the model class's own.
+    return _SKIP_PATTERNS + tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ())
 
 
 def _own_bytes(module: torch.nn.Module) -> int:
@@ -84,16 +138,18 @@ def measure_component(name: str, module: torch.nn.Module) -> ComponentFootprint:
         if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))
         for block in child
     ]
-    saved = 0
+    saved = linear_bytes = linear_numel = 0
+    fp8_skip = _fp8_patterns(module)
     for sub_name, sub in module.named_modules():
         if not isinstance(sub, _CASTABLE):
             continue
-        leaf_name = sub_name.rsplit(".", 1)[-1]
-        if any(re.search(p, sub_name) or re.search(p, leaf_name) for p in _SKIP_PATTERNS):
-            continue
-        for p in sub.parameters(recurse=False):
-            if p.is_floating_point() and p.element_size() > 1:
-                saved += p.numel() * (p.element_size() - 1)
+        if not skipped_layer(sub_name, fp8_skip):
+            for p in sub.parameters(recurse=False):
+                if p.is_floating_point() and p.element_size() > 1:
+                    saved += p.numel() * (p.element_size() - 1)
+        if type(sub) is torch.nn.Linear and sub.weight.is_floating_point() and not skipped_layer(sub_name):
+            linear_bytes += _tensor_bytes(sub.weight)
+            linear_numel += sub.weight.numel()
     cls = type(module).__name__
     dtypes = [p.dtype for p in module.parameters()]
     dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
@@ -108,6 +164,9 @@ def measure_component(name: str, module: torch.nn.Module) -> ComponentFootprint:
         fp8_ok=_fp8_ok(name, cls, saved),
         leaf_count=sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False))),
         dtype=str(dtype).replace("torch.", ""),
+        quant_ok=_quant_ok(name, cls, linear_numel, total),
+        nf4_bytes=_quantized_size(total, linear_bytes, linear_numel, NF4_BYTES_PER_WEIGHT),
+        int8_bytes=_quantized_size(total, linear_bytes, linear_numel, INT8_BYTES_PER_WEIGHT),
     )
 
 
@@ -133,19 +192,17 @@ def read_safetensors_header(path: "str | Path") -> dict:
     return header
 
 
-def _castable_name(name: str, shape: list[int]) -> bool:
+def _castable_name(name: str, shape: list[int], patterns: tuple[str, ...] = _SKIP_PATTERNS) -> bool:
     module = name.rsplit(".", 1)[0]
     if not name.endswith(".weight") or len(shape) < 2:
         return False
-    return not any(re.search(p, module) or re.search(p, module.rsplit(".", 1)[-1]) for p in _SKIP_PATTERNS) and (
-        "embed" not in module
-    )
+    return not skipped_layer(module, patterns) and "embed" not in module
 
 
 def footprint_from_header(name: str, header: dict, class_name: str, dtype_override: str | None = None) -> ComponentFootprint:
     """S, S_leaf, S_block and S_lc of one component from its safetensors header (approximate: layer
     types are inferred from names and shapes, not from modules)."""
-    total = leaf_max = saved = 0
+    total = leaf_max = saved = linear_bytes = linear_numel = 0
     leaves: dict[str, int] = {}
     blocks: dict[str, int] = {}
     dtypes: dict[str, int] = {}
@@ -168,6 +225,9 @@ def footprint_from_header(name: str, header: dict, class_name: str, dtype_overri
             blocks[key] = blocks.get(key, 0) + nbytes
         if _castable_name(tname, shape) and per > 1:
             saved += numel * (per - 1)
+        if len(shape) == 2 and per > 1 and _castable_name(tname, shape, QUANT_SKIP_PATTERNS):
+            linear_bytes += nbytes  # a Linear weight (conv weights have 3+ dims)
+            linear_numel += numel
     leaf_max = max(leaves.values(), default=0)
     main = max(dtypes, key=dtypes.get) if dtypes else "F32"
     return ComponentFootprint(
@@ -181,6 +241,9 @@ def footprint_from_header(name: str, header: dict, class_name: str, dtype_overri
         fp8_ok=_fp8_ok(name, class_name, saved),
         leaf_count=len(leaves),
         dtype=dtype_override or _DTYPE_NAMES.get(main, main.lower()),
+        quant_ok=_quant_ok(name, class_name, linear_numel, total),
+        nf4_bytes=_quantized_size(total, linear_bytes, linear_numel, NF4_BYTES_PER_WEIGHT),
+        int8_bytes=_quantized_size(total, linear_bytes, linear_numel, INT8_BYTES_PER_WEIGHT),
     )
 
 

@@ -58,16 +58,20 @@ SPECS: dict[str, StrategySpec] = {
         StrategySpec("vae_cpu", "lossless", True, "decode on the CPU (slow, no device memory)"),
         StrategySpec("fp8", "lossy", False,
                      "fp8 (e4m3) weight storage for the denoiser; one-way"),
+        StrategySpec("int8", "lossy", False,
+                     "bitsandbytes LLM.int8 weights for the denoiser and large text encoders; one-way"),
+        StrategySpec("nf4", "lossy", False,
+                     "bitsandbytes 4-bit NormalFloat weights for the denoiser and large text encoders; one-way"),
     )
 }
 
 LADDERS: dict[str, tuple[str, ...]] = {
     "load": ("model_offload", "group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf",
-             "sequential", "fp8"),
+             "sequential", "fp8", "int8", "nf4"),
     "encode": ("offload_encoders", "model_offload", "group_leaf_stream", "group_leaf_lowmem",
-               "group_leaf", "sequential", "fp8"),
+               "group_leaf", "sequential", "fp8", "int8", "nf4"),
     "denoise": ("split_batch", "split_batch_max", "offload_encoders", "model_offload", "group_leaf_stream", "group_leaf_lowmem",
-                "group_block", "group_leaf", "sequential", "fp8"),
+                "group_block", "group_leaf", "sequential", "fp8", "int8", "nf4"),
     # Splitting the batch comes before moving weights off the device (vae_slicing is the decode split).
     "decode": ("vae_slicing", "offload_for_decode", "vae_tiling", "vae_tiling_small", "vae_cpu"),
 }
@@ -90,20 +94,34 @@ class Facts:
     vae_can_slice: bool = True
     fp8_supported: bool = True
     fp8_blocked: frozenset[str] = frozenset()  # components fp8 broke before (plan cache)
+    quant_missing: str | None = None  # why bitsandbytes quantization cannot run here, if it cannot
+    quant_blocked: frozenset[tuple[str, str]] = frozenset()  # (level, component) broken before
+    # A storage rung applied with no copy of the original weights: it cannot be swapped for another.
+    storage_locked: str | None = None
+    has_bnb: bool = False  # bitsandbytes weights present (autofit's or the user's)
 
 
 def _size(fp: Footprint, name: str, plan: Plan) -> int:
-    c = fp.components[name]
-    return c.cast_bytes if ("fp8" in plan.extras and c.fp8_ok) else c.bytes
+    return fp.components[name].stored_bytes(plan.storage)
 
 
 def _granule(fp: Footprint, name: str, plan: Plan, attr: str) -> int:
-    """A leaf or block of a component, shrunk by fp8 storage when the plan casts it."""
+    """A leaf or block of a component, shrunk by the plan's weight storage."""
     c = fp.components[name]
     size = getattr(c, attr)
-    if "fp8" in plan.extras and c.fp8_ok and c.bytes:
-        size = int(size * c.cast_bytes / c.bytes)
+    if c.stored_by(plan.storage) and c.bytes:
+        size = int(size * c.stored_bytes(plan.storage) / c.bytes)
     return size
+
+
+def kept_on_device(plan: Plan, fp: Footprint) -> set[str]:
+    """Quantized components that stay on the device under group offloading: bitsandbytes keeps
+    scales beside its weights, which group offloading does not move. Model offload moves whole
+    modules with their own .to(), which bitsandbytes >= 0.48 supports for nf4 and int8 alike (the
+    guide's "int8 cannot move" predates it; diffusers itself moves 8-bit modules since then)."""
+    if plan.storage not in ("int8", "nf4") or plan.placement not in GROUP_PLACEMENTS:
+        return set()
+    return {c.name for c in fp.components.values() if c.quant_ok}
 
 
 def _role_names(fp: Footprint, role: str) -> list[str]:
@@ -128,15 +146,18 @@ def resident_bytes(plan: Plan, stage: str, fp: Footprint) -> int:
         if stage == "decode" and "offload_for_decode" in plan.extras:
             on &= set(vae)
         return sum(_size(fp, n, plan) for n in on)
+    pinned = kept_on_device(plan, fp)
+    fixed = sum(_size(fp, n, plan) for n in pinned)
+    mine = [n for n in mine if n not in pinned]
     if p == "model_offload":
         if stage == "load":
-            return 0
+            return fixed
         pool = [n for n in mine if not (vae_cpu and n in vae)]
-        return max((_size(fp, n, plan) for n in pool), default=0)
+        return fixed + max((_size(fp, n, plan) for n in pool), default=0)
     if p == "sequential":
         return 0 if stage == "load" else max((_granule(fp, n, plan, "leaf_bytes") for n in mine), default=0)
     # Group offload: the VAE is excluded and stays on the device (small, and tiling needs it whole).
-    kept = 0 if vae_cpu else sum(_size(fp, n, plan) for n in vae)
+    kept = fixed + (0 if vae_cpu else sum(_size(fp, n, plan) for n in vae))
     if stage in ("load", "decode"):
         return kept
     if p == "group_block":
@@ -171,18 +192,21 @@ def activation_factor(plan: Plan, stage: str, shape: CallShape) -> float:
 
 
 def host_bytes(plan: Plan, fp: Footprint) -> int:
-    """Predicted extra host RAM the plan holds (weights kept off the device, pinned copies)."""
-    total = sum(_size(fp, n, plan) for n in fp.components)
+    """Predicted extra host RAM the plan holds (weights kept off the device, pinned copies, and
+    the original weights of quantized components, kept to undo the rung)."""
+    pinned = kept_on_device(plan, fp)
+    originals = sum(c.bytes for c in fp.components.values() if plan.storage in ("int8", "nf4") and c.quant_ok)
+    total = sum(_size(fp, n, plan) for n in fp.components if n not in pinned)
     if plan.placement == "device":
         off = [n for n in fp.components if (
             ("offload_encoders" in plan.extras and fp.components[n].role == "encode")
             or ("vae_cpu" in plan.extras and fp.components[n].role == "decode"))]
-        return sum(_size(fp, n, plan) for n in off)
+        return originals + sum(_size(fp, n, plan) for n in off)
     if plan.placement == "group_leaf_stream":
         # Pinned copies: measured +8.6 GiB for 6.46 GiB of SDXL weights, +26.9 for 31.4 of Flux
         # (the guide's 2.5-3x counts the original weights too); 1.5x keeps a margin.
-        return int(1.5 * total)
-    return total
+        return originals + int(1.5 * total)
+    return originals + total
 
 
 def stage_peak(plan: Plan, stage: str, fp: Footprint, shape: CallShape) -> tuple[int, float]:
@@ -210,6 +234,8 @@ def unavailable(name: str, plan: Plan, facts: Facts, shape: CallShape, policy: s
         need = (1.5 if name == "group_leaf_stream" else 1.1) * facts.footprint.total
         if facts.host_available < need:
             return f"needs {need / 2**30:.1f} GiB host RAM, {facts.host_available / 2**30:.1f} GiB available"
+    if name == "sequential" and facts.has_bnb:
+        return "bitsandbytes weights are not combined with sequential offload"
     if name == "sequential" and facts.device_type == "cpu":
         return "accelerate's sequential offload needs an accelerator as execution device"
     if name in GROUP_PLACEMENTS | {"model_offload", "sequential"} and facts.device_type != "cpu":
@@ -233,6 +259,25 @@ def unavailable(name: str, plan: Plan, facts: Facts, shape: CallShape, policy: s
             return f"fp8 broke {', '.join(sorted(facts.fp8_blocked))} before (marked unusable in the plan cache)"
         if plan.placement == "sequential":
             return "fp8 casting is not combined with sequential offload"
+    if name in ("int8", "nf4"):
+        if facts.quant_missing:
+            return facts.quant_missing
+        targets = [c for c in facts.footprint.components.values() if c.quant_ok]
+        if not targets:
+            return "no component to quantize (a denoiser or a large text encoder with Linear layers)"
+        blocked = sorted(n for s, n in facts.quant_blocked if s == name)
+        if all(c.name in blocked for c in targets):
+            return f"{name} broke {', '.join(blocked)} before (marked unusable in the plan cache)"
+        if plan.placement == "sequential":
+            return "bitsandbytes weights are not combined with sequential offload"
+        largest = max(c.bytes for c in targets)
+        if facts.device_type != "cpu" and facts.host_available < largest:
+            # The guide's rule: the full-precision weights are quantized from host RAM (and kept
+            # there to undo the rung).
+            return (f"host RAM cannot hold the full-precision weights to quantize ({largest / 2**30:.1f} GiB needed, "
+                    f"{facts.host_available / 2**30:.1f} GiB available)")
+    if name in ("fp8", "int8", "nf4") and facts.storage_locked and facts.storage_locked != name:
+        return f"{facts.storage_locked} is applied and its original weights were not kept: it cannot be swapped"
     return None
 
 

@@ -15,6 +15,8 @@ PLACEMENTS = (
 )
 EXTRAS = (
     "fp8",
+    "int8",
+    "nf4",
     "split_batch",
     "split_batch_max",
     "offload_encoders",
@@ -26,6 +28,8 @@ EXTRAS = (
 )
 # Extras that only make sense while everything else lives on the device.
 DEVICE_ONLY_EXTRAS = frozenset({"offload_encoders", "offload_for_decode"})
+# Weight storage rungs (one-way, lossy): at most one per plan.
+STORAGE = ("fp8", "int8", "nf4")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,14 +43,22 @@ class Plan:
         unknown = set(self.extras) - set(EXTRAS)
         if unknown:
             raise ValueError(f"unknown strategies {sorted(unknown)}; choose from {EXTRAS}")
+        storage = [s for s in STORAGE if s in self.extras]
+        if len(storage) > 1:
+            raise ValueError(f"a plan stores weights one way, got {storage}; pick one of {STORAGE}")
+
+    @property
+    def storage(self) -> str | None:
+        """The weight-storage rung of the plan (fp8, int8, nf4), or None for the original dtype."""
+        return next((s for s in STORAGE if s in self.extras), None)
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The strategies applied, in the order they are applied (casting before offloading)."""
-        out = ["fp8"] if "fp8" in self.extras else []
+        """The strategies applied, in the order they are applied (storage before offloading)."""
+        out = [self.storage] if self.storage else []
         if self.placement != "device":
             out.append(self.placement)
-        out += [e for e in EXTRAS if e in self.extras and e != "fp8"]
+        out += [e for e in EXTRAS if e in self.extras and e not in STORAGE]
         return tuple(out)
 
     @classmethod
@@ -61,6 +73,8 @@ class Plan:
             extras = self.extras if name == "device" else self.extras - DEVICE_ONLY_EXTRAS
             return replace(self, placement=name, extras=extras)
         extras = set(self.extras) | {name}
+        if name in STORAGE:
+            extras -= set(STORAGE) - {name}
         if name == "vae_tiling_small":
             extras.discard("vae_tiling")
         if name == "split_batch_max":

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from itertools import product
 
 from .footprint import Footprint
-from .ladder import POLICIES, SPECS, activation_factor, resident_bytes
+from .ladder import POLICIES, SPECS, activation_factor, kept_on_device, resident_bytes
 from .plan import CallShape, Plan
 
 GB = 1e9
@@ -25,6 +25,11 @@ GIB = 2**30
 COMPUTE_S_PER_GB_MP = 0.0054
 LEAF_OVERHEAD_S = 50e-6  # per leaf module per step under leaf-level offload
 FP8_CAST_S_PER_GB = 0.014  # per step per GB of cast weights (SDXL: +2.0 s over 30 steps)
+# bitsandbytes: per step, per GB of the denoiser's full-precision weights. Measured on an H100
+# (SDXL-sized, 1024x1024, CFG, 10 steps): nf4 1.26 s vs 0.71 s unquantized (+0.0107 s/GB/step),
+# LLM.int8 (threshold 6.0) 2.79 s (+0.041). A Flux-sized transformer lost far less to nf4 on an
+# H200 (0.84 vs 0.78 s, 4 steps): its matmuls are larger; the SDXL figure is the cautious one.
+QUANT_S_PER_GB = {"nf4": 0.0107, "int8": 0.041}
 DECODE_S_PER_MP = 0.12
 VAE_CPU_S_PER_MP = 30.0
 
@@ -52,6 +57,7 @@ class Machine:
     device_type: str = "cuda"
     pinned_gbps: float = 55.5
     pageable_gbps: float = 8.9
+    quant_missing: str | None = None  # why bitsandbytes cannot quantize here (see quantize.missing)
 
     @property
     def streams(self) -> bool:
@@ -98,14 +104,17 @@ def activation_bytes(stage: str, fp: Footprint, wl: Workload, measured: dict[str
 
 
 def _bytes(fp: Footprint, role: str, plan: Plan) -> int:
-    fp8 = "fp8" in plan.extras
-    return sum(c.cast_bytes if (fp8 and c.fp8_ok) else c.bytes for c in fp.by_role(role))
+    """Weight bytes of a role's components that an offloading placement moves (quantized
+    components kept on the device move nothing)."""
+    pinned = kept_on_device(plan, fp)
+    return sum(c.stored_bytes(plan.storage) for c in fp.by_role(role) if c.name not in pinned)
 
 
 def predict_seconds(plan: Plan, fp: Footprint, m: Machine, wl: Workload) -> float:
     den, enc = _bytes(fp, "denoise", plan) / GB, _bytes(fp, "encode", plan) / GB
     total = sum(_bytes(fp, r, plan) for r in ("denoise", "encode", "decode")) / GB
-    leaves = sum(c.leaf_count for c in fp.by_role("denoise"))
+    pinned = kept_on_device(plan, fp)
+    leaves = sum(c.leaf_count for c in fp.by_role("denoise") if c.name not in pinned)
     eff_batch = wl.batch * (2 if wl.cfg else 1)
     full_den = sum(c.bytes for c in fp.by_role("denoise")) / GB
     compute = COMPUTE_S_PER_GB_MP * full_den * max(wl.megapixels, 0.01) * eff_batch  # per step
@@ -136,6 +145,9 @@ def predict_seconds(plan: Plan, fp: Footprint, m: Machine, wl: Workload) -> floa
     if "fp8" in plan.extras:
         cast = sum(c.cast_bytes for c in fp.by_role("denoise") if c.fp8_ok) / GB
         t += steps * FP8_CAST_S_PER_GB * cast * eff_batch
+    if plan.storage in QUANT_S_PER_GB:
+        quantized = sum(c.bytes for c in fp.by_role("denoise") if c.quant_ok) / GB
+        t += steps * QUANT_S_PER_GB[plan.storage] * quantized
     tiling = plan.tiling
     if tiling is not None:
         t += DECODE_S_PER_MP * wl.megapixels * wl.batch * (0.1 if tiling == "normal" else 0.4)
@@ -178,6 +190,8 @@ def predict(plan: Plan, fp: Footprint, m: Machine, wl: Workload, *, measured: di
         why = f"{quality}; policy {policy!r} does not allow it"
     elif plan.placement in ("group_leaf_stream", "group_leaf_lowmem") and not m.streams:
         why = f"needs CUDA/XPU streams (device is {m.device_type})"
+    elif plan.storage in ("int8", "nf4") and m.quant_missing:
+        why = m.quant_missing
     elif plan.placement == "sequential" and m.device_type == "cpu":
         why = "sequential offload needs an accelerator"
     elif vram > usable(m.budget_bytes, margin):
@@ -193,15 +207,17 @@ def candidate_plans(fp: Footprint) -> list[Plan]:
     has_enc = bool(fp.by_role("encode"))
     decode_options = [frozenset(), frozenset({"vae_tiling"}), frozenset({"vae_tiling_small"}), frozenset({"vae_cpu"})]
     plans = []
-    for placement, fp8, dec in product(
+    quantizable = any(c.quant_ok for c in fp.components.values())
+    storages = (None, "fp8") + (("int8", "nf4") if quantizable else ())
+    for placement, storage, dec in product(
         ("device", "model_offload", "group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf",
          "sequential"),
-        (False, True),
+        storages,
         decode_options,
     ):
-        if fp8 and placement == "sequential":
+        if storage and placement == "sequential":
             continue
-        base = dec | ({"fp8"} if fp8 else set())
+        base = dec | ({storage} if storage else set())
         variants = [base]
         if placement == "device":
             variants += [base | {"offload_for_decode"}]
@@ -234,47 +250,3 @@ def choose(fp: Footprint, m: Machine, wl: Workload, *, policy: str = "quality",
            forbid: frozenset[str] = frozenset()) -> Candidate | None:
     best = rank(fp, m, wl, policy=policy, measured=measured, margin=margin, forbid=forbid)[0]
     return best if best.fits else None
-
-
-# ---- quantization rows (shown by `autofit plan`; autofit does not apply them yet) -----------
-# Sizes per the guide (memory-calculator.md): nf4 ~0.25x, int8 ~0.5x of the quantized components.
-# Time: dequantization overhead on the quantized denoiser, an estimate (not measured here):
-# nf4 +30%, int8 +50% of the denoiser's compute.
-QUANT_LEVELS = {"nf4": (0.25, 0.30), "int8": (0.5, 0.50)}
-
-
-def quantization_rows(fp: Footprint, m: Machine, wl: Workload) -> list[dict]:
-    """The guide's quantization options beside the offloading ones: the denoiser and large
-    (> 1 GiB) text encoders quantized, everything on the device or with model offload."""
-    rows = []
-    targets = {c.name for c in fp.components.values()
-               if c.role == "denoise" or (c.role == "encode" and c.bytes > GIB)}
-    largest_bf16 = max((fp.components[n].bytes for n in targets), default=0)
-    full_den = sum(c.bytes for c in fp.by_role("denoise")) / GB
-    compute = COMPUTE_S_PER_GB_MP * full_den * max(wl.megapixels, 0.01) * wl.batch * (2 if wl.cfg else 1)
-    for level, (ratio, slowdown) in QUANT_LEVELS.items():
-        sizes = {n: int(c.bytes * ratio) if n in targets else c.bytes for n, c in fp.components.items()}
-        acts = {s: activation_bytes(s, fp, wl) for s in ("encode", "denoise", "decode")}
-        for placement in ("device", "model_offload"):
-            if placement == "device":
-                peaks = {s: sum(sizes.values()) + a for s, a in acts.items()}
-                ram = 0
-                extra = 0.0
-            else:
-                peaks = {s: max((sizes[c.name] for c in fp.by_role(s)), default=0) + a for s, a in acts.items()}
-                ram = sum(sizes.values())
-                extra = sum(sizes.values()) / GB / m.pageable_gbps * 3
-            seconds = wl.steps * compute * (1 + slowdown) + DECODE_S_PER_MP * wl.megapixels * wl.batch + extra
-            vram = max(peaks.values())
-            why = None
-            if vram > usable(m.budget_bytes):
-                why = "does not fit the budget"
-            elif largest_bf16 > 0.9 * m.host_available_bytes:
-                why = "host RAM cannot hold the full-precision weights while quantizing"
-            rows.append({
-                "plan": [f"{level}({'+'.join(sorted(targets))})"] + ([placement] if placement != "device" else []),
-                "vram": vram, "ram": max(ram, largest_bf16), "seconds": seconds, "quality": "lossy",
-                "fits": why is None, "why_not": why, "peaks": peaks,
-                "applied_by_autofit": False,
-            })
-    return rows

@@ -195,6 +195,12 @@ def autofit(
             start = Plan.from_names(tuple(plan))
         except ValueError as exc:
             raise AutoFitUsageError(f"plan={plan!r}: {exc}") from None
+        if start.storage in ("int8", "nf4"):
+            from .strategies.quantize import missing
+
+            why = missing(dev.type)
+            if why:
+                raise AutoFitUsageError(f"plan={plan!r} quantizes with bitsandbytes, which cannot run here: {why}")
         applied = None
     elif adopted is not None:
         start, applied = Plan(adopted), Plan(adopted)  # keep the user's offloading as it is

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,6 +27,7 @@ from .plan import CallShape, Plan
 from .cache import PlanCache
 from .stages import StageTracker, module_components, role_of
 from .strategies import VaeSettings, apply_fp8, configure_vae, place, teardown
+from .strategies import quantize
 from .strategies.casting import restore_original
 from .strategies.placement import CPU, module_device, on_demand
 from .strategies.residency import HostShadows
@@ -46,6 +47,14 @@ class EscalationRecord:
     scope: str  # "stage": retried in place; "call": whole call rerun; "load": while placing weights
     plan: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OneWay:
+    """A one-way rung applied to a component, and how to undo it (None: no copy could be kept)."""
+
+    strategy: str
+    undo: Callable[[], None] | None
 
 
 @dataclass(slots=True)
@@ -142,9 +151,10 @@ class Runtime:
         self._applied_this_call = False
         self._signature: tuple[int, int, int, int] | None = None  # workload of the last plan choice
         self.denoise_chunks = 1
-        # One-way rungs: CPU copies of what was cast, components cast but not yet seen to work,
-        # and (strategy -> components) found broken, remembered in the plan cache.
-        self._originals: dict[str, dict[str, torch.Tensor]] = {}
+        # One-way rungs: component -> (storage rung, undo or None when no copy could be kept),
+        # components changed but not yet seen to work, and (strategy -> components) found broken,
+        # remembered in the plan cache.
+        self._one_way: dict[str, OneWay] = {}
         self._unvalidated: set[str] = set()
         self.unusable: dict[str, set[str]] = {}
         self.last_call: dict[str, Any] = {}
@@ -164,7 +174,15 @@ class Runtime:
             vae_can_slice=bool(vaes) and all(can_slice(v) for v in vaes),
             fp8_supported=hasattr(torch, "float8_e4m3fn"),
             fp8_blocked=frozenset(self.unusable.get("fp8", ())),
+            quant_missing=quantize.missing(self.device.type),
+            quant_blocked=frozenset((s, n) for s in quantize.LEVELS for n in self.unusable.get(s, ())),
+            storage_locked=self._storage_locked(),
+            has_bnb=any(quantize.has_bnb_params(m) for m in self._comps.values()),
         )
+
+    def _storage_locked(self) -> str | None:
+        """The storage rung applied to some component without a way back, if any."""
+        return next((w.strategy for w in self._one_way.values() if w.undo is None), None)
 
     def memory(self) -> dict[str, float | None]:
         return snapshot(self.device)
@@ -328,7 +346,7 @@ class Runtime:
 
     # ---- one-way rungs that break a component ------------------------------------------------
     def can_roll_back(self, name: str) -> bool:
-        return name in self._unvalidated and name in self._originals
+        return name in self._unvalidated and name in self._one_way and self._one_way[name].undo is not None
 
     def roll_back(self, stage: str, name: str, error: str) -> None:
         """A component failed (not with an OOM) on its first run after a one-way rung: restore its
@@ -339,19 +357,22 @@ class Runtime:
             tracker.uninstall()
         try:
             teardown(self.pipe)
-            module = self._comps.get(name) or module_components(self.pipe)[name]
-            restore_original(module, self._originals.pop(name))
+            undone = self._one_way.pop(name)
+            assert undone.undo is not None
+            undone.undo()
             self._unvalidated.discard(name)
-            self.unusable.setdefault("fp8", set()).add(name)
-            still_cast = any(_diffusers.is_fp8_cast(m) for m in module_components(self.pipe).values())
-            target = self.plan if still_cast else Plan(self.plan.placement, self.plan.extras - {"fp8"})
-            record = EscalationRecord(stage=stage, action="undo_fp8", error=error[:200],
+            strategy = undone.strategy
+            self.unusable.setdefault(strategy, set()).add(name)
+            still = any(w.strategy == strategy for w in self._one_way.values())
+            target = self.plan if still else Plan(self.plan.placement, self.plan.extras - {strategy})
+            action = f"undo_{strategy}"
+            record = EscalationRecord(stage=stage, action=action, error=error[:200],
                                       attempt=self._call.attempts if self._call else 0, component=name,
                                       oom_kind="none", scope="stage", plan=target.names)
             self.history.append(record)
             if self._call is not None:
                 self._call.records.append(record)
-            emit("rolled_back", level="warning", stage=stage, action="undo_fp8", component=name,
+            emit("rolled_back", level="warning", stage=stage, action=action, component=name,
                  attempt=record.attempt, error=error[:200], plan=",".join(target.names),
                  marked_unusable=True)
             self.plan, self._applied = target, None
@@ -507,31 +528,32 @@ class Runtime:
                 tracker.install()
 
     def _apply(self, current: Plan | None, target: Plan) -> None:
-        fp8_now = "fp8" in target.extras and (current is None or "fp8" not in current.extras)
+        undo = [n for n, w in self._one_way.items() if w.strategy != target.storage and w.undo is not None]
+        kept = {n for n, w in self._one_way.items() if n not in undo}
+        todo = self._storage_targets(target) - kept
+        storage_change = bool(undo or todo)
         same_placement = current is not None and current.placement == target.placement
         hooked = any(
             _diffusers.has_accelerate_hooks(m) or _diffusers.group_offload_config(m) is not None
             for m in module_components(self.pipe).values()
         )
-        if same_placement and not fp8_now:
+        if same_placement and not storage_change:
             if target.placement == "device":
                 place(self.pipe, target, self.device)
             elif current is not None and current.extras != target.extras:
                 self._enforce_residency()
-        elif target.placement == "device" and not hooked and not fp8_now:
+        elif target.placement == "device" and not hooked and not storage_change:
             # From a plain pipeline: no teardown round trip through the CPU, only the moves.
             place(self.pipe, target, self.device, force=True)
         else:
             teardown(self.pipe)
             self._shadows.drop()
             free_memory(self.device)
-            if fp8_now:
-                cast, originals = apply_fp8(self.pipe, self.footprint, skip=frozenset(self.unusable.get("fp8", ())),
-                                            host_available=host_available_bytes())
-                self._originals.update(originals)
-                self._unvalidated |= set(cast)
-                emit("fp8_cast", stage="load", action="fp8", components=",".join(cast),
-                     reversible=",".join(originals))
+            for name in undo:
+                self._one_way.pop(name).undo()  # type: ignore[misc]
+                self._unvalidated.discard(name)
+            if todo:
+                self._apply_storage(target.storage, todo)
             place(self.pipe, target, self.device)
         for name, vae in self._vaes.items():
             configure_vae(
@@ -541,6 +563,51 @@ class Runtime:
                 tiling=target.tiling,
                 latent_hw=self._call.shape.latent_hw if self._call else None,
             )
+
+    def _forbidden_storage(self) -> frozenset[str]:
+        """Storage rungs the planner must not pick: broken on every target before, not installed,
+        or another rung already applied for good."""
+        out = set()
+        for level in ("fp8", "int8", "nf4"):
+            probe_plan = Plan(extras=frozenset({level}))
+            if not self._storage_targets(probe_plan):
+                out.add(level)
+        if quantize.missing(self.device.type):
+            out |= {"int8", "nf4"}
+        locked = self._storage_locked()
+        if locked:
+            out |= {"fp8", "int8", "nf4"} - {locked}
+        return frozenset(out)
+
+    def _storage_targets(self, plan: Plan) -> set[str]:
+        """Components the plan's storage rung changes (minus those it broke before)."""
+        level = plan.storage
+        if level is None:
+            return set()
+        blocked = self.unusable.get(level, set())
+        ok = (lambda c: c.fp8_ok) if level == "fp8" else (lambda c: c.quant_ok)
+        return {c.name for c in self.footprint.components.values() if ok(c) and c.name not in blocked}
+
+    def _apply_storage(self, level: str | None, names: set[str]) -> None:
+        """Apply a one-way storage rung to torn-down components (their weights on the CPU)."""
+        t0 = time.perf_counter()
+        if level == "fp8":
+            skip = frozenset(n for n in self.footprint.components if n not in names)
+            cast, originals = apply_fp8(self.pipe, self.footprint, skip=skip, host_available=host_available_bytes())
+            comps = module_components(self.pipe)
+            for n in cast:
+                orig = originals.get(n)
+                self._one_way[n] = OneWay("fp8", (lambda m=comps[n], o=orig: restore_original(m, o)) if orig else None)
+            self._unvalidated |= set(cast)
+            emit("fp8_cast", stage="load", action="fp8", components=",".join(cast), reversible=",".join(originals))
+            return
+        skip = frozenset(n for n in self.footprint.components if n not in names)
+        undos = quantize.apply_quantization(self.pipe, self.footprint, level, self.device, skip=skip)
+        for n, u in undos.items():
+            self._one_way[n] = OneWay(level, u)
+        self._unvalidated |= set(undos)
+        emit("quantized", stage="load", action=level, components=",".join(undos), reversible=",".join(undos),
+             seconds=round(time.perf_counter() - t0, 3), **self.memory())
 
     # ---- preflight, plan cache, measured stage peaks ---------------------------------------
     def _workload(self, args: tuple[Any, ...], kwargs: dict[str, Any]):
@@ -583,7 +650,8 @@ class Runtime:
         if key == self._key:
             return
         self._key, self._fields, self._wl = key, fields, wl
-        machine = Machine(hw.budget_bytes, hw.host_available_bytes, hw.device_type, hw.pinned_gbps, hw.pageable_gbps)
+        machine = Machine(hw.budget_bytes, hw.host_available_bytes, hw.device_type, hw.pinned_gbps, hw.pageable_gbps,
+                          quant_missing=quantize.missing(self.device.type))
         record = self.cache.get(key) if self.cache is not None else None
         source = "planner"
         if record is not None:
@@ -601,8 +669,7 @@ class Runtime:
         if record is None:
             if not self.preflight:
                 return
-            fp8_targets = {c.name for c in self.footprint.components.values() if c.fp8_ok}
-            forbid = frozenset({"fp8"}) if fp8_targets <= self.unusable.get("fp8", set()) else frozenset()
+            forbid = self._forbidden_storage()
             best = choose(self.footprint, machine, wl, policy=self.policy, measured=self.measured.get(key),
                           forbid=forbid)
             if best is None:
@@ -612,6 +679,10 @@ class Runtime:
                 chosen = self.plan
             else:
                 chosen = best.plan
+        locked = self._storage_locked()
+        if locked and chosen.storage != locked:
+            # Weights changed one way with no copy to undo it: the plan says so rather than pretend.
+            chosen = chosen.with_strategy(locked)
         cand = predict(chosen, self.footprint, machine, wl, measured=self.measured.get(key), policy=self.policy)
         self.predicted = cand.peaks
         self._dirty = True

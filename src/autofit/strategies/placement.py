@@ -9,14 +9,22 @@ import torch
 from .. import _diffusers
 from ..plan import Plan
 from ..stages import module_components, role_of
+from .quantize import quantized_level
 
 CPU = torch.device("cpu")
+GROUPED = ("group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf")
 
 
 def module_device(module: torch.nn.Module) -> torch.device | None:
     for p in module.parameters():
         return p.device
     return None
+
+
+def _all_on(module: torch.nn.Module, device: torch.device) -> bool:
+    # Not only the first parameter: a component quantized layer by layer on the device has its
+    # quantized layers there and its norms and embeddings still on the CPU.
+    return all(p.device == device for p in module.parameters())
 
 
 def teardown(pipe: Any) -> None:
@@ -43,10 +51,14 @@ def place(pipe: Any, plan: Plan, device: torch.device, *, force: bool = False) -
     comps = module_components(pipe)
     vae_names = [n for n in comps if role_of(n) == "decode"]
     p = plan.placement
+    # Quantized components stay on the device under group offloading (see ladder.kept_on_device).
+    keep = {n for n, m in comps.items() if p in GROUPED and quantized_level(m)}
+    for name in keep:
+        comps[name].to(device)
     if p == "device":
         for name, module in comps.items():
             target = CPU if on_demand(name, plan) else device
-            if force or module_device(module) != target:
+            if force or not _all_on(module, target):
                 module.to(target)
         return
     if p == "model_offload":
@@ -54,7 +66,8 @@ def place(pipe: Any, plan: Plan, device: torch.device, *, force: bool = False) -
     elif p == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
     else:
-        kwargs: dict[str, Any] = dict(onload_device=device, offload_device=CPU, exclude_modules=vae_names)
+        kwargs: dict[str, Any] = dict(onload_device=device, offload_device=CPU,
+                                      exclude_modules=vae_names + sorted(keep))
         if p == "group_block":
             kwargs.update(offload_type="block_level", num_blocks_per_group=1)
         else:

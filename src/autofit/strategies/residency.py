@@ -28,6 +28,12 @@ def _slots(module: torch.nn.Module) -> Iterator[tuple[dict, str, torch.Tensor]]:
                 yield table, name, t
 
 
+def _quantized(module: torch.nn.Module) -> bool:
+    # bitsandbytes keeps quantization state (scales, absmax) beside the weight tensor, outside
+    # the parameter tables: only its own .to() moves both.
+    return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in module.parameters())
+
+
 class HostShadows:
     """Reusable (pinned when possible) host copies of the components autofit moves each call."""
 
@@ -46,6 +52,9 @@ class HostShadows:
         return torch.empty(t.shape, dtype=t.dtype)
 
     def offload(self, module: torch.nn.Module) -> None:
+        if _quantized(module):
+            module.to("cpu")
+            return
         store = self._buffers.setdefault(id(module), {})
         moved = []
         for table, name, t in _slots(module):
@@ -66,6 +75,9 @@ class HostShadows:
                 table[name] = host
 
     def onload(self, module: torch.nn.Module) -> None:
+        if _quantized(module):
+            module.to(self.device)
+            return
         for table, name, t in _slots(module):
             if t.device == self.device:
                 continue
