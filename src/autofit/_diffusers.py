@@ -108,7 +108,3 @@ def remove_fp8_casting(module: torch.nn.Module) -> None:
         if hook is not None:
             hook.deinitalize_hook = lambda m: m  # instance attribute: only this hook object
             registry.remove_hook(_LAYERWISE_CASTING_HOOK, recurse=False)
-
-
-def is_quantized(module: torch.nn.Module) -> bool:
-    return getattr(module, "hf_quantizer", None) is not None or getattr(module, "quantization_method", None) is not None

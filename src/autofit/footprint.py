@@ -53,8 +53,12 @@ def _quant_ok(name: str, class_name: str, linear_numel: int, total: int) -> bool
     return role == "encode" and (class_name.startswith(QUANT_ENCODER_FAMILIES) or total > QUANT_MIN_ENCODER_BYTES)
 
 
-def _quantized_size(total: int, linear_bytes: int, linear_numel: int, per_weight: float) -> int:
-    return total - linear_bytes + int(linear_numel * per_weight)
+def _quant_fields(name: str, class_name: str, total: int, linear_bytes: int, linear_numel: int) -> dict:
+    """quant_ok and the sizes after nf4 / int8: only the quantizable Linear weights shrink."""
+    rest = total - linear_bytes
+    return {"quant_ok": _quant_ok(name, class_name, linear_numel, total),
+            "nf4_bytes": rest + int(linear_numel * NF4_BYTES_PER_WEIGHT),
+            "int8_bytes": rest + int(linear_numel * INT8_BYTES_PER_WEIGHT)}
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -164,9 +168,7 @@ def measure_component(name: str, module: torch.nn.Module) -> ComponentFootprint:
         fp8_ok=_fp8_ok(name, cls, saved),
         leaf_count=sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False))),
         dtype=str(dtype).replace("torch.", ""),
-        quant_ok=_quant_ok(name, cls, linear_numel, total),
-        nf4_bytes=_quantized_size(total, linear_bytes, linear_numel, NF4_BYTES_PER_WEIGHT),
-        int8_bytes=_quantized_size(total, linear_bytes, linear_numel, INT8_BYTES_PER_WEIGHT),
+        **_quant_fields(name, cls, total, linear_bytes, linear_numel),
     )
 
 
@@ -241,9 +243,7 @@ def footprint_from_header(name: str, header: dict, class_name: str, dtype_overri
         fp8_ok=_fp8_ok(name, class_name, saved),
         leaf_count=len(leaves),
         dtype=dtype_override or _DTYPE_NAMES.get(main, main.lower()),
-        quant_ok=_quant_ok(name, class_name, linear_numel, total),
-        nf4_bytes=_quantized_size(total, linear_bytes, linear_numel, NF4_BYTES_PER_WEIGHT),
-        int8_bytes=_quantized_size(total, linear_bytes, linear_numel, INT8_BYTES_PER_WEIGHT),
+        **_quant_fields(name, class_name, total, linear_bytes, linear_numel),
     )
 
 

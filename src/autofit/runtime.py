@@ -177,7 +177,7 @@ class Runtime:
             quant_missing=quantize.missing(self.device.type),
             quant_blocked=frozenset((s, n) for s in quantize.LEVELS for n in self.unusable.get(s, ())),
             storage_locked=self._storage_locked(),
-            has_bnb=any(quantize.has_bnb_params(m) for m in self._comps.values()),
+            has_bnb=any(quantize.quantized_level(m) for m in self._comps.values()),
         )
 
     def _storage_locked(self) -> str | None:
@@ -591,8 +591,8 @@ class Runtime:
     def _apply_storage(self, level: str | None, names: set[str]) -> None:
         """Apply a one-way storage rung to torn-down components (their weights on the CPU)."""
         t0 = time.perf_counter()
+        skip = frozenset(n for n in self.footprint.components if n not in names)
         if level == "fp8":
-            skip = frozenset(n for n in self.footprint.components if n not in names)
             cast, originals = apply_fp8(self.pipe, self.footprint, skip=skip, host_available=host_available_bytes())
             comps = module_components(self.pipe)
             for n in cast:
@@ -601,7 +601,6 @@ class Runtime:
             self._unvalidated |= set(cast)
             emit("fp8_cast", stage="load", action="fp8", components=",".join(cast), reversible=",".join(originals))
             return
-        skip = frozenset(n for n in self.footprint.components if n not in names)
         undos = quantize.apply_quantization(self.pipe, self.footprint, level, self.device, skip=skip)
         for n, u in undos.items():
             self._one_way[n] = OneWay(level, u)

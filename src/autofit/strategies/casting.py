@@ -11,7 +11,8 @@ from ..footprint import Footprint
 from ..stages import module_components
 
 
-def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
+def compute_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype a component computes in: that of its first floating-point parameter."""
     for p in module.parameters():
         if p.is_floating_point():
             return p.dtype
@@ -42,7 +43,7 @@ def apply_fp8(
         if c.bytes * 1.2 < budget:
             originals[name] = _snapshot(module)
             budget -= c.bytes
-        _diffusers.apply_fp8_casting(module, _compute_dtype(module))
+        _diffusers.apply_fp8_casting(module, compute_dtype(module))
         cast.append(name)
     return cast, originals
 

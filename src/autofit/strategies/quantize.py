@@ -21,10 +21,10 @@ import torch
 
 from ..footprint import Footprint, skipped_layer
 from ..stages import module_components
+from .casting import compute_dtype
 
 LEVELS = ("nf4", "int8")
 MIN_BNB = (0, 48)  # CPU backend, and int8 weights that can move between devices
-_BNB_PARAMS = ("Params4bit", "Int8Params")
 
 
 def missing(device_type: str) -> str | None:
@@ -53,17 +53,6 @@ def quantized_level(module: torch.nn.Module) -> str | None:
         if kind == "Int8Params":
             return "int8"
     return None
-
-
-def has_bnb_params(module: torch.nn.Module) -> bool:
-    return any(type(p).__name__ in _BNB_PARAMS for p in module.parameters())
-
-
-def _compute_dtype(module: torch.nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 def _bnb_layer(linear: torch.nn.Linear, level: str, compute_dtype: torch.dtype) -> torch.nn.Module:
@@ -105,7 +94,7 @@ def quantize_module(module: torch.nn.Module, level: str, device: torch.device) -
     and the error goes on up."""
     if level not in LEVELS:
         raise ValueError(f"unknown quantization level {level!r}; choose one of {LEVELS}")
-    compute_dtype = _compute_dtype(module)
+    dtype = compute_dtype(module)
     swaps = _Swaps()
     targets = [
         (name, sub) for name, sub in module.named_modules()
@@ -115,7 +104,7 @@ def quantize_module(module: torch.nn.Module, level: str, device: torch.device) -
         for name, linear in targets:
             owner, _, attr = name.rpartition(".")
             parent = module.get_submodule(owner) if owner else module
-            layer = _bnb_layer(linear, level, compute_dtype)
+            layer = _bnb_layer(linear, level, dtype)
             setattr(parent, attr, layer)
             swaps.done.append((parent, attr, linear))
             layer.to(device)  # bitsandbytes quantizes here
@@ -135,7 +124,7 @@ def apply_quantization(
     try:
         for name, module in module_components(pipe).items():
             c = footprint.components.get(name)
-            if c is None or not c.quant_ok or name in skip or has_bnb_params(module):
+            if c is None or not c.quant_ok or name in skip or quantized_level(module):
                 continue
             undos[name] = quantize_module(module, level, device)
     except BaseException:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from ..events import emit
+from .quantize import quantized_level
 
 
 def _slots(module: torch.nn.Module) -> Iterator[tuple[dict, str, torch.Tensor]]:
@@ -26,12 +27,6 @@ def _slots(module: torch.nn.Module) -> Iterator[tuple[dict, str, torch.Tensor]]:
                     continue
                 seen.add(id(t))
                 yield table, name, t
-
-
-def _quantized(module: torch.nn.Module) -> bool:
-    # bitsandbytes keeps quantization state (scales, absmax) beside the weight tensor, outside
-    # the parameter tables: only its own .to() moves both.
-    return any(type(p).__name__ in ("Params4bit", "Int8Params") for p in module.parameters())
 
 
 class HostShadows:
@@ -52,7 +47,9 @@ class HostShadows:
         return torch.empty(t.shape, dtype=t.dtype)
 
     def offload(self, module: torch.nn.Module) -> None:
-        if _quantized(module):
+        # bitsandbytes keeps its scales beside the weight tensor, outside the parameter tables:
+        # only its own .to() moves both.
+        if quantized_level(module):
             module.to("cpu")
             return
         store = self._buffers.setdefault(id(module), {})
@@ -75,7 +72,7 @@ class HostShadows:
                 table[name] = host
 
     def onload(self, module: torch.nn.Module) -> None:
-        if _quantized(module):
+        if quantized_level(module):
             module.to(self.device)
             return
         for table, name, t in _slots(module):
