@@ -18,10 +18,9 @@ def _clip(hidden: int, layers: int, heads: int, inter: int, proj: int):
     )
 
 
-def sdxl_sized(device: str = "cuda", dtype: torch.dtype = torch.float16):
-    """unet 2.57B params (4.78 GiB fp16), CLIP-L, CLIP-G, SDXL VAE."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+def sdxl_sized_unet(device: str = "cuda", dtype: torch.dtype = torch.float16):
+    """The SDXL UNet alone: 2.57B params (4.78 GiB fp16), in eval mode."""
+    from diffusers import UNet2DConditionModel
 
     with torch.device(device):
         unet = UNet2DConditionModel(
@@ -33,6 +32,16 @@ def sdxl_sized(device: str = "cuda", dtype: torch.dtype = torch.float16):
             cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
         )
+    return unet.to(dtype=dtype).eval()
+
+
+def sdxl_sized(device: str = "cuda", dtype: torch.dtype = torch.float16):
+    """unet 2.57B params (4.78 GiB fp16), CLIP-L, CLIP-G, SDXL VAE."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = sdxl_sized_unet(device, dtype)
+    with torch.device(device):
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, sample_size=1024, layers_per_block=2,
             block_out_channels=(128, 256, 512, 512),

@@ -242,3 +242,31 @@ def test_plans_store_weights_one_way_only():
     assert Plan(extras=frozenset({"fp8"})).with_strategy("nf4").extras == frozenset({"nf4"})
     assert Plan("model_offload", frozenset({"int8"})).names == ("int8", "model_offload")
     assert DENOISER["flux"] in TARGETS["flux"]
+
+
+def test_int8_state_follows_the_weight_when_a_parent_module_moves():
+    """A parent's .to() gives every int8 weight new storage through _apply (what model offload
+    does each call). bitsandbytes' own layer keeps its quantization state on the old storage (its
+    issue #1332: int8 weights never leave the GPU); autofit's layers point it at the moved weight."""
+    import bitsandbytes as bnb
+
+    from autofit.strategies.quantize import quantize_module
+
+    def moved(follow):
+        unet = tiny_sdxl().unet
+        quantize_module(unet, "int8", torch.device("cpu"))
+        layer = next(m for m in unet.modules() if isinstance(m, bnb.nn.Linear8bitLt))
+        if not follow:
+            layer.__class__ = bnb.nn.Linear8bitLt  # bitsandbytes' own class, as a user's loader makes it
+        x = torch.randn(2, layer.in_features, generator=torch.Generator().manual_seed(0))
+        before = layer(x)  # the first forward moves CB/SCB into layer.state
+        old = layer.state.CB.data_ptr()
+        unet._apply(lambda t: t.clone())  # new storage for every tensor, as a device move gives
+        return layer, old, before, x
+
+    stock, old, _, _ = moved(follow=False)
+    assert stock.state.CB.data_ptr() == old != stock.weight.data_ptr()  # the bug: old storage kept
+    layer, old, before, x = moved(follow=True)
+    assert layer.state.CB.data_ptr() == layer.weight.data_ptr() != old
+    assert layer.state.SCB is not None and layer.state.idx is None
+    torch.testing.assert_close(layer(x), before, rtol=0, atol=0)

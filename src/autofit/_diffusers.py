@@ -3,6 +3,7 @@ private pipeline attributes), so a library upgrade breaks in one place."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -108,3 +109,16 @@ def remove_fp8_casting(module: torch.nn.Module) -> None:
         if hook is not None:
             hook.deinitalize_hook = lambda m: m  # instance attribute: only this hook object
             registry.remove_hook(_LAYERWISE_CASTING_HOOK, recurse=False)
+
+
+def source_folder(module: torch.nn.Module) -> str | None:
+    """The folder ``from_pretrained`` loaded ``module`` from (diffusers and transformers both record
+    it as ``_name_or_path`` in the config), or None for a module built in memory."""
+    config = getattr(module, "config", None)
+    if isinstance(config, dict):
+        path = config.get("_name_or_path")
+    else:
+        path = getattr(config, "_name_or_path", None)
+    if isinstance(path, os.PathLike):  # from_pretrained(Path(...)) records the Path itself
+        path = os.fspath(path)
+    return path if isinstance(path, str) and path else None

@@ -82,6 +82,9 @@ class ComponentFootprint:
     quant_ok: bool = False
     nf4_bytes: int = 0
     int8_bytes: int = 0
+    # Loaded from a folder whose safetensors hold every tensor a one-way rung changes: undoing the
+    # rung reads them back from disk, so no copy is kept in host RAM (see checkpoint.py).
+    restorable: bool = False
 
     def stored_bytes(self, storage: str | None) -> int:
         """Size under a weight-storage rung (fp8 / int8 / nf4) that applies to this component."""
@@ -123,6 +126,32 @@ def _fp8_patterns(module: torch.nn.Module) -> tuple[str, ...]:
     return _SKIP_PATTERNS + tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ())
 
 
+def quant_targets(module: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
+    """The Linear layers bitsandbytes quantization swaps, by qualified name."""
+    return [(n, m) for n, m in module.named_modules()
+            if type(m) is torch.nn.Linear and m.weight.is_floating_point() and not skipped_layer(n)]
+
+
+def fp8_cast_params(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters fp8 layerwise casting stores in fp8 (state-dict keys), as diffusers selects them."""
+    skip = _fp8_patterns(module)
+    return [(f"{n}.{pn}" if n else pn, p)
+            for n, m in module.named_modules() if isinstance(m, _CASTABLE) and not skipped_layer(n, skip)
+            for pn, p in m.named_parameters(recurse=False) if p.is_floating_point() and p.element_size() > 1]
+
+
+def _restorable(module: torch.nn.Module) -> bool:
+    """Whether every tensor a one-way rung would change is in the checkpoint ``module`` came from
+    (headers only; the contents are compared when the rung is applied)."""
+    from .checkpoint import Checkpoint
+
+    source = Checkpoint.of(module)
+    if source is None:
+        return False
+    changed = [(f"{n}.weight", m.weight) for n, m in quant_targets(module)] + fp8_cast_params(module)
+    return bool(changed) and source.covers(changed)
+
+
 def _own_bytes(module: torch.nn.Module) -> int:
     return sum(_tensor_bytes(p) for p in module.parameters(recurse=False)) + sum(
         _tensor_bytes(b) for b in module.buffers(recurse=False)
@@ -133,7 +162,7 @@ def _module_bytes(module: torch.nn.Module) -> int:
     return sum(_tensor_bytes(p) for p in module.parameters()) + sum(_tensor_bytes(b) for b in module.buffers())
 
 
-def measure_component(name: str, module: torch.nn.Module) -> ComponentFootprint:
+def measure_component(name: str, module: torch.nn.Module, restorable: bool = False) -> ComponentFootprint:
     total = _module_bytes(module)
     leaf = max((_own_bytes(m) for m in module.modules()), default=0)
     blocks = [
@@ -142,18 +171,10 @@ def measure_component(name: str, module: torch.nn.Module) -> ComponentFootprint:
         if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))
         for block in child
     ]
-    saved = linear_bytes = linear_numel = 0
-    fp8_skip = _fp8_patterns(module)
-    for sub_name, sub in module.named_modules():
-        if not isinstance(sub, _CASTABLE):
-            continue
-        if not skipped_layer(sub_name, fp8_skip):
-            for p in sub.parameters(recurse=False):
-                if p.is_floating_point() and p.element_size() > 1:
-                    saved += p.numel() * (p.element_size() - 1)
-        if type(sub) is torch.nn.Linear and sub.weight.is_floating_point() and not skipped_layer(sub_name):
-            linear_bytes += _tensor_bytes(sub.weight)
-            linear_numel += sub.weight.numel()
+    saved = sum(p.numel() * (p.element_size() - 1) for _, p in fp8_cast_params(module))
+    linear = [m.weight for _, m in quant_targets(module)]
+    linear_bytes = sum(_tensor_bytes(w) for w in linear)
+    linear_numel = sum(w.numel() for w in linear)
     cls = type(module).__name__
     dtypes = [p.dtype for p in module.parameters()]
     dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
@@ -168,30 +189,19 @@ def measure_component(name: str, module: torch.nn.Module) -> ComponentFootprint:
         fp8_ok=_fp8_ok(name, cls, saved),
         leaf_count=sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False))),
         dtype=str(dtype).replace("torch.", ""),
+        restorable=restorable,
         **_quant_fields(name, cls, total, linear_bytes, linear_numel),
     )
 
 
 def measure(pipe: Any) -> Footprint:
-    return Footprint({n: measure_component(n, m) for n, m in module_components(pipe).items()})
+    return Footprint({n: measure_component(n, m, _restorable(m)) for n, m in module_components(pipe).items()})
 
 
 # ---- from a model folder, without loading weights ------------------------------------------
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                 "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-
-
-def read_safetensors_header(path: "str | Path") -> dict:
-    """The JSON header of a .safetensors file (names, dtypes, shapes), without reading weights."""
-    import json
-    import struct
-
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
 
 
 def _castable_name(name: str, shape: list[int], patterns: tuple[str, ...] = _SKIP_PATTERNS) -> bool:
@@ -267,6 +277,8 @@ def measure_folder(path: "str | Path", dtype: str | None = None) -> tuple[str, F
         files = sorted((root / name).glob("*.safetensors"))
         if not files:
             continue
+        from .checkpoint import read_safetensors_header
+
         header: dict = {}
         for f in files:
             header.update(read_safetensors_header(f))

@@ -193,9 +193,11 @@ def activation_factor(plan: Plan, stage: str, shape: CallShape) -> float:
 
 def host_bytes(plan: Plan, fp: Footprint) -> int:
     """Predicted extra host RAM the plan holds (weights kept off the device, pinned copies, and
-    the original weights of quantized components, kept to undo the rung)."""
+    the original weights of quantized components kept to undo the rung, unless the checkpoint
+    they were loaded from serves as that copy)."""
     pinned = kept_on_device(plan, fp)
-    originals = sum(c.bytes for c in fp.components.values() if plan.storage in ("int8", "nf4") and c.quant_ok)
+    originals = sum(c.bytes for c in fp.components.values()
+                    if plan.storage in ("int8", "nf4") and c.quant_ok and not c.restorable)
     total = sum(_size(fp, n, plan) for n in fp.components if n not in pinned)
     if plan.placement == "device":
         off = [n for n in fp.components if (

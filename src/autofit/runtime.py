@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from . import _diffusers
+from .checkpoint import CheckpointChanged
 from .errors import AutoFitExhausted
 from .events import emit
 from .footprint import Footprint, measure
@@ -28,7 +29,7 @@ from .cache import PlanCache
 from .stages import StageTracker, module_components, role_of
 from .strategies import VaeSettings, apply_fp8, configure_vae, place, teardown
 from .strategies import quantize
-from .strategies.casting import restore_original
+from .strategies.casting import held_bytes, restore_original
 from .strategies.placement import CPU, module_device, on_demand
 from .strategies.residency import HostShadows
 from .strategies.vae import can_slice, can_tile
@@ -357,11 +358,11 @@ class Runtime:
             tracker.uninstall()
         try:
             teardown(self.pipe)
-            undone = self._one_way.pop(name)
-            assert undone.undo is not None
-            undone.undo()
-            self._unvalidated.discard(name)
-            strategy = undone.strategy
+            strategy = self._one_way[name].strategy
+            try:
+                self._undo_one_way(name)
+            except CheckpointChanged as exc:
+                raise CheckpointChanged(f"{exc} It was being undone because {name} failed with {error}") from None
             self.unusable.setdefault(strategy, set()).add(name)
             still = any(w.strategy == strategy for w in self._one_way.values())
             target = self.plan if still else Plan(self.plan.placement, self.plan.extras - {strategy})
@@ -383,6 +384,18 @@ class Runtime:
         finally:
             if reinstall and tracker is not None:
                 tracker.install()
+
+    def _undo_one_way(self, name: str) -> None:
+        """Undo the one-way rung on ``name``; if its checkpoint changed on disk, it stays applied for good."""
+        way = self._one_way[name]
+        assert way.undo is not None
+        try:
+            way.undo()
+        except CheckpointChanged:
+            self._one_way[name] = OneWay(way.strategy, None)
+            raise
+        del self._one_way[name]
+        self._unvalidated.discard(name)
 
     def _persist_unusable(self) -> None:
         if self.cache is None or self._key is None:
@@ -550,8 +563,7 @@ class Runtime:
             self._shadows.drop()
             free_memory(self.device)
             for name in undo:
-                self._one_way.pop(name).undo()  # type: ignore[misc]
-                self._unvalidated.discard(name)
+                self._undo_one_way(name)
             if todo:
                 self._apply_storage(target.storage, todo)
             place(self.pipe, target, self.device)
@@ -599,13 +611,15 @@ class Runtime:
                 orig = originals.get(n)
                 self._one_way[n] = OneWay("fp8", (lambda m=comps[n], o=orig: restore_original(m, o)) if orig else None)
             self._unvalidated |= set(cast)
-            emit("fp8_cast", stage="load", action="fp8", components=",".join(cast), reversible=",".join(originals))
+            emit("fp8_cast", stage="load", action="fp8", components=",".join(cast), reversible=",".join(originals),
+                 undo_copy_gib=round(sum(held_bytes(o) for o in originals.values()) / 2**30, 3))
             return
         undos = quantize.apply_quantization(self.pipe, self.footprint, level, self.device, skip=skip)
         for n, u in undos.items():
             self._one_way[n] = OneWay(level, u)
         self._unvalidated |= set(undos)
         emit("quantized", stage="load", action=level, components=",".join(undos), reversible=",".join(undos),
+             undo_copy_gib=round(sum(u.held_bytes for u in undos.values()) / 2**30, 3),
              seconds=round(time.perf_counter() - t0, 3), **self.memory())
 
     # ---- preflight, plan cache, measured stage peaks ---------------------------------------

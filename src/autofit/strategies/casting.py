@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from .. import _diffusers
-from ..footprint import Footprint
+from ..checkpoint import Checkpoint
+from ..footprint import Footprint, fp8_cast_params
 from ..stages import module_components
 
 
@@ -19,12 +20,44 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-Originals = dict[str, torch.Tensor]
+class FromCheckpoint:
+    """The original tensors of a cast component, read back from the checkpoint they were compared with."""
+
+    def __init__(self, source: Checkpoint, dtypes: dict[str, torch.dtype]):
+        self.source, self.dtypes = source, dtypes
+
+    def items(self):
+        self.source.check_unchanged(self.dtypes)  # refuse before touching anything
+        with self.source.reading():
+            for key, dtype in self.dtypes.items():
+                yield key, self.source.load(key, dtype)
 
 
-def _snapshot(module: torch.nn.Module) -> Originals:
+Originals = dict[str, torch.Tensor] | FromCheckpoint
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A CPU copy of every parameter and buffer, to undo the cast if the component breaks."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict(keep_vars=True).items()}
+
+
+def _backed(module: torch.nn.Module) -> FromCheckpoint | None:
+    """The checkpoint as the undo copy, if every tensor the cast changes equals its file."""
+    source = Checkpoint.of(module)
+    params = fp8_cast_params(module)
+    if source is None or not params:
+        return None
+    with source.reading():
+        if all(source.same(k, p) for k, p in params):
+            return FromCheckpoint(source, {k: p.dtype for k, p in params})
+    return None
+
+
+def held_bytes(original: Originals | None) -> int:
+    """Host bytes an undo copy holds (none when it is read back from the checkpoint)."""
+    if not isinstance(original, dict):
+        return 0
+    return sum(t.numel() * t.element_size() for t in original.values())
 
 
 def apply_fp8(
@@ -32,18 +65,27 @@ def apply_fp8(
 ) -> tuple[list[str], dict[str, Originals]]:
     """Cast every fp8-safe component (the denoisers, see footprint._fp8_ok) not in ``skip``.
 
-    Returns the names cast and, where host RAM allows, a CPU copy of each one's original
-    weights: casting cannot be undone in place, the copy is what makes it reversible."""
-    cast, originals = [], {}
+    Returns the names cast and each one's undo copy: casting cannot be undone in place. The copy
+    is the checkpoint the component was loaded from where its weights equal it, else a CPU copy
+    where host RAM allows; a component with neither cannot be uncast."""
+    cast: list[str] = []
+    originals: dict[str, Originals] = {}
     budget = host_available
     for name, module in module_components(pipe).items():
         c = footprint.components.get(name)
         if c is None or not c.fp8_ok or name in skip or _diffusers.is_fp8_cast(module):
             continue
-        if c.bytes * 1.2 < budget:
+        backed = _backed(module) if c.restorable else None
+        if backed is not None:
+            originals[name] = backed
+        elif c.bytes * 1.2 < budget:
             originals[name] = _snapshot(module)
             budget -= c.bytes
         _diffusers.apply_fp8_casting(module, compute_dtype(module))
+        if backed is not None:
+            fp8 = {k for k, v in module.state_dict().items() if v.dtype == torch.float8_e4m3fn}
+            if not fp8 <= backed.dtypes.keys():  # diffusers cast more than it used to: no full copy
+                del originals[name]
         cast.append(name)
     return cast, originals
 

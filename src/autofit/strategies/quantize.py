@@ -4,8 +4,10 @@ Every ``nn.Linear`` of a target component (the denoiser, large text encoders) th
 would also treat (norms, embeddings and in/out projections are left alone) is swapped for a
 bitsandbytes layer built around the same weight tensor; bitsandbytes quantizes it when the layer
 is moved to its device, one layer at a time, so the full-precision component never has to fit on
-the device. The original ``nn.Linear`` modules are kept (on the CPU, where the weights already
-are after teardown): they are the copy that makes this one-way rung undoable, bit for bit.
+the device. The original ``nn.Linear`` modules are kept to make this one-way rung undoable, bit
+for bit. Their weights stay on the CPU (where they are after teardown) unless the component was
+loaded from a folder and the weight equals its file: then it is released and read back from the
+file on undo (``checkpoint.py``).
 
 Works on CUDA and, since bitsandbytes 0.48, on the CPU (its pure-torch backend), which is what the
 tests use. A pipeline loaded quantized by the user is left as it is.
@@ -13,13 +15,16 @@ tests use. A pipeline loaded quantized by the user is left as it is.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import functools
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..footprint import Footprint, skipped_layer
+from ..checkpoint import Checkpoint
+from ..footprint import Footprint, quant_targets
 from ..stages import module_components
 from .casting import compute_dtype
 
@@ -55,6 +60,45 @@ def quantized_level(module: torch.nn.Module) -> str | None:
     return None
 
 
+def follow_weight(layer: torch.nn.Module) -> None:
+    """Put an LLM.int8 layer's quantization state where its weight is.
+
+    bitsandbytes keeps the int8 weight and its scales twice, on the parameter (``CB``/``SCB``) and,
+    after the first forward, in ``layer.state``; only ``Linear8bitLt.to()`` moves them. A parent's
+    ``.to()`` (model offload, ``pipe.to``) reaches layers through ``_apply``, which moves the
+    parameter's data alone: the old references keep the int8 weights on the GPU after the module
+    went to the CPU (bitsandbytes issue #1332, open; the 6.5 GiB int8 + model offload peaks on the
+    H100, run 4)."""
+    w = layer.weight
+    if w.dtype != torch.int8:
+        return
+    state = layer.state
+    if getattr(w, "CB", None) is not None:
+        w.CB = w.data
+    if getattr(w, "SCB", None) is not None:
+        w.SCB = w.SCB.to(w.device)
+    if state.CB is not None:
+        state.CB = w.data
+    if state.SCB is not None:
+        state.SCB = state.SCB.to(w.device)
+    state.idx = None  # last call's outlier columns, rewritten by the next forward
+
+
+@functools.cache
+def _int8_linear() -> type:
+    import bitsandbytes as bnb
+
+    class Linear8bitLtFollowing(bnb.nn.Linear8bitLt):
+        """Linear8bitLt whose quantization state moves with its weight, whoever moves it."""
+
+        def _apply(self, fn, recurse=True):
+            super()._apply(fn, recurse)
+            follow_weight(self)
+            return self
+
+    return Linear8bitLtFollowing
+
+
 def _bnb_layer(linear: torch.nn.Linear, level: str, compute_dtype: torch.dtype) -> torch.nn.Module:
     import bitsandbytes as bnb
 
@@ -67,8 +111,8 @@ def _bnb_layer(linear: torch.nn.Linear, level: str, compute_dtype: torch.dtype) 
                                          quant_type="nf4")
     else:
         # threshold 6.0: LLM.int8's outlier split, the default of transformers' BitsAndBytesConfig.
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
-                                    threshold=6.0, device="meta")
+        layer = _int8_linear()(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+                               threshold=6.0, device="meta")
         layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
     if bias:
         layer.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
@@ -76,57 +120,108 @@ def _bnb_layer(linear: torch.nn.Linear, level: str, compute_dtype: torch.dtype) 
 
 
 @dataclass(slots=True)
-class _Swaps:
-    """The layers swapped in one component: (parent, attribute, original nn.Linear)."""
-
-    done: list[tuple[torch.nn.Module, str, torch.nn.Module]] = field(default_factory=list)
-
-    def undo(self) -> None:
-        for parent, attr, original in reversed(self.done):
-            setattr(parent, attr, original)
-        self.done.clear()
+class _Swap:
+    parent: torch.nn.Module
+    attr: str
+    original: torch.nn.Linear
+    key: str | None = None  # set once the original weight was released: it comes back from the file
+    dtype: torch.dtype | None = None
 
 
-def quantize_module(module: torch.nn.Module, level: str, device: torch.device) -> Callable[[], None]:
+class Restore:
+    """The undo of one quantized component: the original Linear layers go back in, their weights
+    from the CPU copy kept for them or, where the checkpoint on disk matched, from that file."""
+
+    def __init__(self, source: Checkpoint | None):
+        self.source = source
+        self.done: list[_Swap] = []
+
+    @property
+    def held_bytes(self) -> int:
+        """Host bytes held to undo (the original weights not backed by the checkpoint)."""
+        return sum(s.original.weight.numel() * s.original.weight.element_size() for s in self.done if s.key is None)
+
+    def __call__(self) -> None:
+        from_disk = [s.key for s in self.done if s.key is not None]
+        if from_disk:
+            assert self.source is not None
+            self.source.check_unchanged(from_disk)  # refuse before touching anything
+        with self.source.reading() if from_disk and self.source else nullcontext():
+            while self.done:  # pop as we go: an I/O error leaves a working mix, and a retry resumes
+                swap = self.done[-1]
+                if swap.key is not None:
+                    swap.original.weight.data = self.source.load(swap.key, swap.dtype)  # type: ignore[union-attr,arg-type]
+                setattr(swap.parent, swap.attr, swap.original)
+                self.done.pop()
+
+
+def _same(source: Checkpoint, key: str, weight: torch.Tensor) -> bool:
+    try:
+        return source.same(key, weight)
+    except (OSError, ValueError, RuntimeError):  # unreadable: keep the copy instead
+        return False
+
+
+def quantize_module(
+    module: torch.nn.Module, level: str, device: torch.device, source: Checkpoint | None = None
+) -> Restore:
     """Quantize ``module``'s Linear layers in place, each on ``device``; returns the undo.
 
+    With ``source`` (the checkpoint the module was loaded from), each original weight that equals
+    its file is released once its layer is quantized, instead of being kept in host RAM.
     Transactional: if a layer fails (an OOM included), the layers already swapped are put back
     and the error goes on up."""
     if level not in LEVELS:
         raise ValueError(f"unknown quantization level {level!r}; choose one of {LEVELS}")
     dtype = compute_dtype(module)
-    swaps = _Swaps()
-    targets = [
-        (name, sub) for name, sub in module.named_modules()
-        if type(sub) is torch.nn.Linear and sub.weight.is_floating_point() and not skipped_layer(name)
-    ]
+    restore = Restore(source)
+    targets = quant_targets(module)
+    verified: list[tuple[_Swap, str, Future[bool]]] = []
+    # The comparison with the checkpoint (CPU and disk bound) runs in a thread beside the
+    # quantization (device bound): together they take little more than the quantization alone.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="autofit-verify") if source is not None else None
+    finished = False
     try:
-        for name, linear in targets:
-            owner, _, attr = name.rpartition(".")
-            parent = module.get_submodule(owner) if owner else module
-            layer = _bnb_layer(linear, level, dtype)
-            setattr(parent, attr, layer)
-            swaps.done.append((parent, attr, linear))
-            layer.to(device)  # bitsandbytes quantizes here
+        with source.reading() if source is not None else nullcontext():
+            try:
+                for name, linear in targets:
+                    owner, _, attr = name.rpartition(".")
+                    parent = module.get_submodule(owner) if owner else module
+                    layer = _bnb_layer(linear, level, dtype)
+                    setattr(parent, attr, layer)
+                    swap = _Swap(parent, attr, linear)
+                    restore.done.append(swap)
+                    if pool is not None:
+                        key = f"{name}.weight"
+                        verified.append((swap, key, pool.submit(_same, source, key, linear.weight)))
+                    layer.to(device)  # bitsandbytes quantizes here
+                finished = True
+            finally:
+                if pool is not None:  # before the files are unmapped; on failure, skip the rest
+                    pool.shutdown(wait=True, cancel_futures=not finished)
     except BaseException:
-        swaps.undo()
+        restore()
         raise
-    return swaps.undo
+    for swap, key, same in verified:
+        if same.result():
+            swap.key, swap.dtype = key, swap.original.weight.dtype
+            swap.original.weight.data = swap.original.weight.new_empty(0)  # same Parameter, storage freed
+    return restore
 
 
 def apply_quantization(
     pipe: Any, footprint: Footprint, level: str, device: torch.device, *, skip: frozenset[str] = frozenset()
-) -> dict[str, Callable[[], None]]:
+) -> dict[str, Restore]:
     """Quantize every target component (``quant_ok`` in the footprint) not in ``skip`` and not
     quantized already. Returns component -> undo. All or nothing: on failure the components done
     so far are restored before the error goes on up."""
-    undos: dict[str, Callable[[], None]] = {}
+    undos: dict[str, Restore] = {}
     try:
         for name, module in module_components(pipe).items():
             c = footprint.components.get(name)
             if c is None or not c.quant_ok or name in skip or quantized_level(module):
                 continue
-            undos[name] = quantize_module(module, level, device)
+            undos[name] = quantize_module(module, level, device, Checkpoint.of(module))
     except BaseException:
         for undo in undos.values():
             undo()

@@ -1,0 +1,170 @@
+"""The safetensors files a component was loaded from, as the copy that makes a one-way rung
+(fp8 casting, nf4/int8 quantization) undoable without keeping the original weights in host RAM.
+
+A tensor is only ever restored from disk after it was compared, bit for bit, with the file
+(after the dtype cast ``from_pretrained`` applied). A weight the user changed after loading (a
+fused LoRA, an edited layer) fails that comparison and is kept in RAM instead, so nothing they
+had is lost. A file that changes on disk afterwards is refused at restore time, before anything
+is touched.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import _diffusers
+
+
+# safetensors dtype names -> torch dtypes (those a diffusers or transformers checkpoint holds).
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+           "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_header(path: "str | Path") -> tuple[dict, int]:
+    """(header, offset of the data section) of a .safetensors file."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_safetensors_header(path: "str | Path") -> dict:
+    """The JSON header of a .safetensors file (names, dtypes, shapes), without reading weights."""
+    return _read_header(path)[0]
+
+
+class CheckpointChanged(RuntimeError):
+    """A checkpoint file changed on disk after autofit compared a component's weights with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # in the file
+    numel: int
+
+
+class Checkpoint:
+    """Read-only view of a component folder's ``*.safetensors`` files (every variant and shard),
+    read through memory maps: comparing a weight with its file copies nothing."""
+
+    def __init__(self, folder: Path, files: list[Path]):
+        self.folder = folder
+        # key -> entries, several when the folder holds variants (fp16 and fp32 files).
+        self._where: dict[str, list[_Entry]] = {}
+        for f in files:
+            header, base = _read_header(f)
+            for key, meta in header.items():
+                dtype = _DTYPES.get(meta["dtype"])
+                if dtype is None:
+                    continue
+                shape = tuple(meta["shape"])
+                self._where.setdefault(key, []).append(
+                    _Entry(f, dtype, shape, base + meta["data_offsets"][0], math.prod(shape)))
+        self._matched: dict[str, _Entry] = {}  # key -> the entry its live tensor equalled
+        self._stamps: dict[Path, tuple[int, int]] = {}
+        self._maps: dict[Path, mmap.mmap] | None = None
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> Checkpoint | None:
+        """The local folder ``module`` was loaded from, if it holds safetensors files."""
+        path = _diffusers.source_folder(module)
+        if not path:
+            return None
+        folder = Path(path)
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        try:
+            return cls(folder, files) if files else None
+        except (OSError, ValueError, KeyError):  # unreadable or not a safetensors header
+            return None
+
+    def covers(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> bool:
+        """Whether every (key, tensor) has an entry of the same shape (headers only, no reads)."""
+        for key, t in tensors:
+            if not any(e.shape == tuple(t.shape) for e in self._where.get(key, ())):
+                return False
+        return True
+
+    @contextmanager
+    def reading(self) -> Iterator[Checkpoint]:
+        """Map the files for a run of same()/load() calls; unmapped at the end."""
+        if self._maps is not None:
+            yield self
+            return
+        self._maps = {}
+        try:
+            yield self
+        finally:
+            maps, self._maps = self._maps, None
+            for m in maps.values():
+                try:
+                    m.close()
+                except BufferError:  # a view still referenced (an exception's frame): the GC unmaps it
+                    pass
+
+    def _view(self, e: _Entry) -> torch.Tensor:
+        assert self._maps is not None, "use Checkpoint.reading()"
+        m = self._maps.get(e.path)
+        if m is None:
+            with open(e.path, "rb") as f:
+                # A private mapping: writable for torch.frombuffer, never written, nothing copied.
+                m = self._maps[e.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if e.numel == 0:
+            return torch.empty(e.shape, dtype=e.dtype)
+        return torch.frombuffer(m, dtype=e.dtype, count=e.numel, offset=e.offset).view(e.shape)
+
+    def same(self, key: str, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` equals the file's ``key`` cast to its dtype; remembers that entry."""
+        for e in self._where.get(key, ()):
+            if e.shape != tuple(tensor.shape):
+                continue
+            with self.reading():
+                stored = self._view(e)
+                if stored.dtype != tensor.dtype or stored.device != tensor.device:
+                    stored = stored.to(device=tensor.device, dtype=tensor.dtype)
+                equal = torch.equal(stored, tensor.detach())
+                del stored
+            if equal:
+                self._matched[key] = e
+                self._stamps.setdefault(e.path, _stamp(e.path))
+                return True
+        return False
+
+    def check_unchanged(self, keys: Iterable[str]) -> None:
+        """Raise CheckpointChanged unless the files holding ``keys`` are as they were compared."""
+        for key in keys:
+            path = self._matched[key].path
+            if _stamp(path) != self._stamps[path]:
+                raise CheckpointChanged(
+                    f"{path} changed on disk after autofit checked {self.folder.name}'s weights against it, so "
+                    "the original weights cannot be restored from it; the component keeps its current weights. "
+                    "Reload the pipeline to get the originals back."
+                )
+
+    def load(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """A fresh CPU tensor of ``key`` as it was compared (same file, same dtype cast)."""
+        with self.reading():
+            stored = self._view(self._matched[key])
+            out = stored.to(dtype) if stored.dtype != dtype else stored.clone()
+            del stored
+        return out
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns

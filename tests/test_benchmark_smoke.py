@@ -1,0 +1,43 @@
+"""The benchmarks' CPU smoke paths (tiny pipelines): each script runs end to end and writes the
+fields the GPU runs report. No figures are claimed from these runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]),
+               AUTOFIT_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_budget_sweep_tiny(tmp_path):
+    out = tmp_path / "sweep.json"
+    _run("budget_sweep.py", "--tiny", "--device", "cpu", "--budgets", "4", "--steps", "2",
+         "--strategies", ";vae_tiling", "--out", str(out), tmp_path=tmp_path)
+    result = json.loads(out.read_text())
+    assert [s["plan"] for s in result["strategies"]] == [[], ["vae_tiling"]]
+    (row,) = result["budgets"]
+    assert row["oracle"] in ([], ["vae_tiling"])
+    assert row["first_s"] > 0 and row["steady_s"] > 0 and row["oracle_first_s"] > 0
+    assert "first_ratio" not in row  # ratios are for the GPU only
+
+
+def test_undo_copy_check_tiny(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    rows = _run("undo_copy_check.py", "--tiny", tmp_path=tmp_path)
+    copy, checkpoint, summary = rows
+    assert copy["mode"] == "copy in RAM" and copy["held_gib"] > 0
+    assert checkpoint["held_gib"] == 0.0
+    assert copy["restored_bit_for_bit"] and checkpoint["restored_bit_for_bit"]
+    assert summary["level"] == "nf4"

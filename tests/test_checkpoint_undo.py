@@ -1,0 +1,149 @@
+"""One-way rungs on a pipeline loaded from a folder: the checkpoint is the undo copy.
+
+Real tiny pipelines written with save_pretrained and read back with from_pretrained; no copy of
+the original weights is kept in host RAM where the files hold them, and a weight the user
+changed after loading is never replaced by the file's."""
+
+import os
+
+import pytest
+import structlog
+import torch
+from diffusers import DiffusionPipeline
+
+from autofit import autofit
+from autofit.checkpoint import Checkpoint, CheckpointChanged
+from autofit.footprint import measure
+from autofit.ladder import host_bytes
+from autofit.plan import Plan
+from autofit.strategies.casting import FromCheckpoint, apply_fp8, restore_original
+from autofit.strategies.quantize import quantize_module, quantized_level
+
+from conftest import BUILDERS, DENOISER, run
+
+pytest.importorskip("bitsandbytes")
+
+
+def _from_disk(kind, folder, **load):
+    BUILDERS[kind]().save_pretrained(folder)
+    return DiffusionPipeline.from_pretrained(folder, **load)
+
+
+def _states(pipe):
+    return {n: {k: v.clone() for k, v in m.state_dict().items()}
+            for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+
+
+def _assert_same(pipe, states):
+    for name, state in states.items():
+        now = getattr(pipe, name).state_dict()
+        assert now.keys() == state.keys(), name
+        for key, value in state.items():
+            assert now[key].dtype == value.dtype and torch.equal(now[key], value), (name, key)
+
+
+@pytest.mark.parametrize("level", ["nf4", "int8"])
+def test_quantized_from_disk_keeps_no_copy_and_restores_bit_for_bit(kind, level, tmp_path):
+    pipe = _from_disk(kind, tmp_path / "model")
+    states = _states(pipe)
+    proxy = autofit(pipe, plan=(level,), policy="balanced", cache=False)
+    with structlog.testing.capture_logs() as logs:
+        run(proxy, kind)
+    event = next(e for e in logs if e["event"] == "autofit.quantized")
+    assert event["undo_copy_gib"] == 0.0
+    rt = proxy.autofit._rt
+    assert DENOISER[kind] in rt._one_way
+    assert all(w.undo.held_bytes == 0 for w in rt._one_way.values())
+    assert quantized_level(getattr(pipe, DENOISER[kind])) == level
+    rt._switch(Plan())
+    assert all(quantized_level(m) is None for m in rt._comps.values())
+    _assert_same(pipe, states)
+
+
+def test_a_weight_changed_after_loading_is_kept_in_ram_not_read_from_disk(tmp_path):
+    """A fused LoRA changes weights in memory: those layers keep their in-RAM copy and come back as
+    the user had them, the untouched layers come back from the file."""
+    pipe = _from_disk("flux", tmp_path / "model")
+    changed = pipe.transformer.transformer_blocks[0].attn.to_q
+    with torch.no_grad():
+        changed.weight.add_(0.25)  # what fuse_lora does to a layer
+    states = _states(pipe)
+    undo = quantize_module(pipe.transformer, "nf4", torch.device("cpu"), Checkpoint.of(pipe.transformer))
+    assert undo.held_bytes == changed.weight.numel() * changed.weight.element_size()
+    assert sum(s.key is not None for s in undo.done) == len(undo.done) - 1
+    undo()
+    _assert_same(pipe, {"transformer": states["transformer"]})
+
+
+def test_fp8_from_disk_is_undoable_without_host_ram(tmp_path):
+    """With no host RAM to spare for a snapshot, a built-in-memory denoiser cannot be uncast, one
+    loaded from a folder can: its checkpoint is the copy."""
+    pipe = _from_disk("sdxl", tmp_path / "model")
+    states = _states(pipe)
+    fp = measure(pipe)
+    assert fp.components["unet"].restorable
+    cast, originals = apply_fp8(pipe, fp, host_available=0)
+    assert cast == ["unet"] and isinstance(originals["unet"], FromCheckpoint)
+    assert any(v.dtype == torch.float8_e4m3fn for v in pipe.unet.state_dict().values())
+    restore_original(pipe.unet, originals["unet"])
+    _assert_same(pipe, {"unet": states["unet"]})
+
+    built = BUILDERS["sdxl"]()
+    cast, originals = apply_fp8(built, measure(built), host_available=0)
+    assert cast == ["unet"] and originals == {}
+
+
+def test_variants_restore_from_the_file_that_matched(tmp_path):
+    """A folder with an fp32 file and a different fp16 variant: the loaded fp16 weights equal the
+    variant, and undo reads the variant back, not the fp32 file."""
+    folder = tmp_path / "model"
+    pipe = BUILDERS["flux"]()
+    pipe.save_pretrained(folder)
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            p.mul_(0.5)
+    pipe.transformer.to(torch.float16).save_pretrained(folder / "transformer", variant="fp16")
+    loaded = DiffusionPipeline.from_pretrained(folder, variant="fp16", torch_dtype=torch.float16)
+    assert len(list((folder / "transformer").glob("*.safetensors"))) == 2
+    state = {k: v.clone() for k, v in loaded.transformer.state_dict().items()}
+    undo = quantize_module(loaded.transformer, "nf4", torch.device("cpu"), Checkpoint.of(loaded.transformer))
+    assert undo.held_bytes == 0
+    undo()
+    _assert_same(loaded, {"transformer": state})
+
+
+def test_a_checkpoint_changed_on_disk_is_refused_and_the_pipeline_keeps_working(tmp_path):
+    pipe = _from_disk("flux", tmp_path / "model")
+    proxy = autofit(pipe, plan=("nf4",), policy="balanced", cache=False)
+    before = run(proxy, "flux")
+    weights = tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors"
+    st = os.stat(weights)
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    rt = proxy.autofit._rt
+    with pytest.raises(CheckpointChanged, match="changed on disk.*Reload the pipeline"):
+        rt._switch(Plan())
+    assert quantized_level(pipe.transformer) == "nf4"
+    assert rt._storage_locked() == "nf4" and rt.plan.storage == "nf4"
+    torch.testing.assert_close(run(proxy, "flux"), before)
+
+
+def test_a_restorable_footprint_predicts_no_undo_copy(tmp_path):
+    """The planner's host RAM for an nf4 plan drops by the full-precision size of the targets when
+    the checkpoint is the copy; a pipeline built in memory is not restorable."""
+    disk = measure(_from_disk("flux", tmp_path / "model"))
+    memory = measure(BUILDERS["flux"]())
+    assert all(c.restorable for c in disk.components.values() if c.quant_ok)
+    assert not any(c.restorable for c in memory.components.values())
+    plan = Plan(extras=frozenset({"nf4"}))
+    targets = sum(c.bytes for c in memory.components.values() if c.quant_ok)
+    assert host_bytes(plan, memory) - host_bytes(plan, disk) == targets
+
+
+def test_a_component_loaded_from_a_path_object_finds_its_checkpoint(tmp_path):
+    """from_pretrained(Path(...)) records the Path itself as _name_or_path."""
+    from diffusers import UNet2DConditionModel
+
+    BUILDERS["sdxl"]().unet.save_pretrained(tmp_path / "unet")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+    undo = quantize_module(unet, "nf4", torch.device("cpu"), Checkpoint.of(unet))
+    assert undo.done and undo.held_bytes == 0
