@@ -147,3 +147,139 @@ def test_a_component_loaded_from_a_path_object_finds_its_checkpoint(tmp_path):
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     undo = quantize_module(unet, "nf4", torch.device("cpu"), Checkpoint.of(unet))
     assert undo.done and undo.held_bytes == 0
+
+
+# ---- what the review found ------------------------------------------------------------------
+def _touch(path):
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+@pytest.mark.parametrize("how", ["touched", "deleted"])
+def test_an_fp8_undo_that_cannot_read_its_checkpoint_leaves_the_component_cast_and_working(tmp_path, how):
+    pipe = _from_disk("sdxl", tmp_path / "model")
+    proxy = autofit(pipe, plan=("fp8",), policy="balanced", cache=False)
+    before = run(proxy, "sdxl")
+    weights = tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    _touch(weights) if how == "touched" else weights.unlink()
+    rt = proxy.autofit._rt
+    with pytest.raises(CheckpointChanged):
+        rt._switch(Plan())
+    assert rt._storage_locked() == "fp8"
+    torch.testing.assert_close(run(proxy, "sdxl"), before)
+
+
+def test_a_failed_roll_back_leaves_the_pipeline_placed_again_at_the_next_call(tmp_path):
+    from test_quantization import _break_when_quantized
+
+    pipe = _from_disk("flux", tmp_path / "model")
+    handle = _break_when_quantized(pipe.transformer.transformer_blocks[0])
+    proxy = autofit(pipe, plan=("nf4",), policy="balanced", cache=False)
+    rt = proxy.autofit._rt
+    rt._switch(rt.plan)  # quantize now, then make the checkpoint unusable before the first call
+    _touch(tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointChanged, match="It was being undone because transformer failed"):
+        run(proxy, "flux")
+    assert rt._applied is None
+    handle.remove()
+    assert run(proxy, "flux").isfinite().all()
+    assert rt._applied == rt.plan
+
+
+def test_tied_and_sign_flipped_weights_are_kept_in_ram(tmp_path):
+    """A weight sharing its storage with another parameter is never released (releasing it would
+    empty its twin); -0.0 where the file has 0.0 is a change (bit for bit, not torch.equal)."""
+    built = BUILDERS["flux"]()
+    with torch.no_grad():
+        built.transformer.transformer_blocks[0].ff.net[2].weight[0, 0] = 0.0
+    built.save_pretrained(tmp_path / "model")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "model")
+    attn = pipe.transformer.transformer_blocks[0].attn
+    attn.to_k.weight = attn.to_q.weight  # tied after loading
+    ff = pipe.transformer.transformer_blocks[0].ff.net[2]
+    with torch.no_grad():
+        ff.weight[0, 0] = -0.0
+    states = _states(pipe)
+    originals = {id(attn.to_q), id(attn.to_k), id(ff)}
+    undo = quantize_module(pipe.transformer, "nf4", torch.device("cpu"), Checkpoint.of(pipe.transformer))
+    kept = {id(s.original) for s in undo.done if s.key is None}
+    assert kept == originals  # every other layer equals its file and was released
+    assert quantized_level(attn.to_q) == quantized_level(attn.to_k) == "nf4"
+    undo()
+    assert attn.to_k.weight is attn.to_q.weight
+    _assert_same(pipe, {"transformer": states["transformer"]})
+
+
+def test_an_unreadable_checkpoint_falls_back_to_a_ram_copy(tmp_path):
+    """A truncated file: quantization keeps the weights in RAM, fp8 takes a RAM snapshot, and an
+    empty *.safetensors beside it does not stop autofit() from wrapping the pipeline."""
+    pipe = _from_disk("sdxl", tmp_path / "model")
+    states = _states(pipe)
+    folder = tmp_path / "model" / "unet"
+    (folder / "empty.safetensors").write_bytes(b"")
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    # Replaced by a truncated file (a new inode: the loaded weights may be mapped from the old one).
+    (folder / "partial").write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    os.replace(folder / "partial", weights)
+    fp = measure(pipe)
+    undo = quantize_module(pipe.unet, "nf4", torch.device("cpu"), Checkpoint.of(pipe.unet))
+    assert undo.held_bytes > 0 and all(s.key is None for s in undo.done)
+    undo()
+    cast, originals = apply_fp8(pipe, fp, host_available=64 * 2**30)
+    assert cast == ["unet"] and isinstance(originals["unet"], dict)
+    restore_original(pipe.unet, originals["unet"])
+    _assert_same(pipe, {"unet": states["unet"]})
+    assert autofit(pipe, cache=False)  # wraps despite the broken files
+
+
+def test_fp8_undo_from_the_checkpoint_keeps_channels_last(tmp_path):
+    pipe = _from_disk("sdxl", tmp_path / "model")
+    pipe.unet.to(memory_format=torch.channels_last)
+    convs = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[-1] > 1]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    states = _states(pipe)
+    cast, originals = apply_fp8(pipe, measure(pipe), host_available=0)
+    assert isinstance(originals["unet"], FromCheckpoint)
+    restore_original(pipe.unet, originals["unet"])
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    _assert_same(pipe, {"unet": states["unet"]})
+
+
+def test_an_interrupted_quantization_restores_the_layers_and_stops_reading(tmp_path, monkeypatch):
+    """Ctrl-C in the middle: every layer goes back, and the comparison thread ends with it."""
+    import threading
+
+    from autofit.strategies import quantize
+
+    pipe = _from_disk("flux", tmp_path / "model")
+    states = _states(pipe)
+    real, calls = quantize._bnb_layer, []
+
+    def interrupted(linear, level, dtype):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real(linear, level, dtype)
+
+    monkeypatch.setattr(quantize, "_bnb_layer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_module(pipe.transformer, "nf4", torch.device("cpu"), Checkpoint.of(pipe.transformer))
+    for t in [t for t in threading.enumerate() if t.name.startswith("autofit-verify")]:
+        t.join(timeout=30)
+        assert not t.is_alive()
+    assert quantized_level(pipe.transformer) is None
+    _assert_same(pipe, {"transformer": states["transformer"]})
+
+
+def test_autofits_int8_layers_pickle():
+    import pickle
+
+    import bitsandbytes as bnb
+
+    from conftest import BUILDERS as B
+
+    unet = B["sdxl"]().unet
+    quantize_module(unet, "int8", torch.device("cpu"))
+    layer = next(m for m in unet.modules() if isinstance(m, bnb.nn.Linear8bitLt))
+    copy = pickle.loads(pickle.dumps(layer))
+    assert type(copy) is type(layer) and torch.equal(copy.weight, layer.weight)

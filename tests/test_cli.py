@@ -25,6 +25,13 @@ def test_footprint_from_headers_matches_loaded_modules(sdxl_dir):
     for name, c in loaded.components.items():
         assert from_disk.components[name].bytes == pytest.approx(c.bytes, rel=0.01)
         assert from_disk.components[name].leaf_bytes == c.leaf_bytes
+    # Loaded from that folder, the components' files are the undo copy: the planner's host RAM
+    # for one-way rungs agrees between `autofit plan MODEL_DIR` and the loaded pipeline.
+    from diffusers import DiffusionPipeline
+
+    reloaded = measure(DiffusionPipeline.from_pretrained(sdxl_dir))
+    assert all(from_disk.components[n].restorable and c.restorable for n, c in reloaded.components.items())
+    assert not any(c.restorable for c in loaded.components.values())
 
 
 def test_plan_json_lists_strategies_and_a_pick(sdxl_dir, capsys):

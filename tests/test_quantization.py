@@ -270,3 +270,29 @@ def test_int8_state_follows_the_weight_when_a_parent_module_moves():
     assert layer.state.CB.data_ptr() == layer.weight.data_ptr() != old
     assert layer.state.SCB is not None and layer.state.idx is None
     torch.testing.assert_close(layer(x), before, rtol=0, atol=0)
+
+
+def test_a_users_int8_layers_get_the_same_fix():
+    """int8 layers of bitsandbytes' own class (as diffusers' loader makes them) are adopted with the
+    fix, and a state an earlier move left behind is pointed at the weight."""
+    import bitsandbytes as bnb
+    import structlog
+
+    from autofit.strategies.quantize import quantize_module
+
+    pipe = tiny_sdxl()
+    quantize_module(pipe.unet, "int8", torch.device("cpu"))
+    layers = [m for m in pipe.unet.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    for m in layers:
+        m.__class__ = bnb.nn.Linear8bitLt
+    first = layers[0]
+    first(torch.randn(1, first.in_features))
+    pipe.unet._apply(lambda t: t.clone())  # the user's earlier move: the state stays behind
+    assert first.state.CB.data_ptr() != first.weight.data_ptr()
+    with structlog.testing.capture_logs() as logs:
+        proxy = autofit(pipe, cache=False, device="cpu")
+    (event,) = [e for e in logs if e["event"] == "autofit.int8_state_follows_weight"]
+    assert (event["component"], event["layers"]) == ("unet", len(layers))
+    assert not any(type(m) is bnb.nn.Linear8bitLt for m in layers)
+    assert first.state.CB.data_ptr() == first.weight.data_ptr()
+    assert run(proxy, "sdxl").isfinite().all()

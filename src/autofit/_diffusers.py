@@ -122,3 +122,13 @@ def source_folder(module: torch.nn.Module) -> str | None:
     if isinstance(path, os.PathLike):  # from_pretrained(Path(...)) records the Path itself
         path = os.fspath(path)
     return path if isinstance(path, str) and path else None
+
+
+def dtype_kwargs(dtype: Any) -> dict[str, Any]:
+    """The from_pretrained keyword for a dtype: ``dtype`` where diffusers has it (``torch_dtype``
+    warns there), ``torch_dtype`` on releases before it."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}

@@ -90,7 +90,7 @@ class Checkpoint:
         files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
         try:
             return cls(folder, files) if files else None
-        except (OSError, ValueError, KeyError):  # unreadable or not a safetensors header
+        except Exception:  # unreadable, truncated or not a safetensors header: no checkpoint
             return None
 
     def covers(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> bool:
@@ -111,7 +111,7 @@ class Checkpoint:
             yield self
         finally:
             maps, self._maps = self._maps, None
-            for m in maps.values():
+            for m in list(maps.values()):
                 try:
                     m.close()
                 except BufferError:  # a view still referenced (an exception's frame): the GC unmaps it
@@ -129,19 +129,24 @@ class Checkpoint:
         return torch.frombuffer(m, dtype=e.dtype, count=e.numel, offset=e.offset).view(e.shape)
 
     def same(self, key: str, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` equals the file's ``key`` cast to its dtype; remembers that entry."""
+        """Whether ``tensor`` equals the file's ``key`` cast to its dtype, bit for bit (-0.0 is not
+        0.0); remembers that entry. An entry that cannot be read counts as different."""
         for e in self._where.get(key, ()):
             if e.shape != tuple(tensor.shape):
                 continue
-            with self.reading():
-                stored = self._view(e)
-                if stored.dtype != tensor.dtype or stored.device != tensor.device:
-                    stored = stored.to(device=tensor.device, dtype=tensor.dtype)
-                equal = torch.equal(stored, tensor.detach())
-                del stored
+            try:
+                with self.reading():
+                    stored = self._view(e)
+                    if stored.dtype != tensor.dtype or stored.device != tensor.device:
+                        stored = stored.to(device=tensor.device, dtype=tensor.dtype)
+                    equal = _bitwise_equal(stored, tensor.detach())
+                    del stored
+                stamp = _stamp(e.path)
+            except Exception:  # truncated, unreadable, vanished: try the next entry
+                continue
             if equal:
                 self._matched[key] = e
-                self._stamps.setdefault(e.path, _stamp(e.path))
+                self._stamps.setdefault(e.path, stamp)
                 return True
         return False
 
@@ -149,20 +154,39 @@ class Checkpoint:
         """Raise CheckpointChanged unless the files holding ``keys`` are as they were compared."""
         for key in keys:
             path = self._matched[key].path
-            if _stamp(path) != self._stamps[path]:
+            try:
+                same = _stamp(path) == self._stamps[path]
+            except OSError:  # deleted or moved away
+                same = False
+            if not same:
                 raise CheckpointChanged(
-                    f"{path} changed on disk after autofit checked {self.folder.name}'s weights against it, so "
-                    "the original weights cannot be restored from it; the component keeps its current weights. "
-                    "Reload the pipeline to get the originals back."
+                    f"{path} changed on disk (or is gone) after autofit checked {self.folder.name}'s weights "
+                    "against it, so the original weights cannot be restored from it; the component keeps its "
+                    "current weights. Reload the pipeline to get the originals back."
                 )
 
-    def load(self, key: str, dtype: torch.dtype) -> torch.Tensor:
-        """A fresh CPU tensor of ``key`` as it was compared (same file, same dtype cast)."""
+    def load(self, key: str, dtype: torch.dtype, stride: tuple[int, ...] | None = None) -> torch.Tensor:
+        """A fresh CPU tensor of ``key`` as it was compared (same file, same dtype cast), laid out
+        with ``stride`` when given (channels_last weights stay channels_last)."""
         with self.reading():
             stored = self._view(self._matched[key])
-            out = stored.to(dtype) if stored.dtype != dtype else stored.clone()
+            if stride is not None and stride != stored.stride():
+                out = torch.empty_strided(stored.shape, stride, dtype=dtype).copy_(stored)
+            else:
+                out = stored.to(dtype) if stored.dtype != dtype else stored.clone()
             del stored
         return out
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal on the bits: -0.0 and 0.0 differ, a NaN equals the same NaN."""
+    as_int = _SAME_SIZE_INT.get(a.element_size())
+    if a.dtype != b.dtype or as_int is None or a.dtype == torch.bool:
+        return torch.equal(a, b)
+    return torch.equal(a.view(as_int), b.view(as_int))
 
 
 def _stamp(path: Path) -> tuple[int, int]:

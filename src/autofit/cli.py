@@ -156,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import torch
     from diffusers import DiffusionPipeline
 
-    from . import AutoFitExhausted, autofit
+    from . import AutoFitExhausted, _diffusers, autofit
 
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="%H:%M:%S"),
@@ -165,7 +165,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
     )
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
-    pipe = DiffusionPipeline.from_pretrained(args.model_dir, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(args.model_dir, **_diffusers.dtype_kwargs(dtype))
     pipe.set_progress_bar_config(disable=False)
     proxy = autofit(pipe, device=args.device, policy=args.policy, max_vram=args.vram, max_ram=args.ram,
                     cache=args.cache_dir or True)
@@ -203,7 +203,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     import torch
     from diffusers import DiffusionPipeline
 
-    from . import autofit
+    from . import _diffusers, autofit
     from .batch import load_items, run_batch
     from .errors import AutoFitUsageError
 
@@ -213,7 +213,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"autofit batch: {exc}", file=sys.stderr)
         return 2
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
-    pipe = DiffusionPipeline.from_pretrained(args.model_dir, torch_dtype=dtype)
+    pipe = DiffusionPipeline.from_pretrained(args.model_dir, **_diffusers.dtype_kwargs(dtype))
     pipe.set_progress_bar_config(disable=True)
     options = dict(policy=args.policy, max_vram=args.vram, max_ram=args.ram, cache=args.cache_dir or True)
     if not args.distributed:

@@ -211,7 +211,9 @@ def _castable_name(name: str, shape: list[int], patterns: tuple[str, ...] = _SKI
     return not skipped_layer(module, patterns) and "embed" not in module
 
 
-def footprint_from_header(name: str, header: dict, class_name: str, dtype_override: str | None = None) -> ComponentFootprint:
+def footprint_from_header(
+    name: str, header: dict, class_name: str, dtype_override: str | None = None, restorable: bool = False
+) -> ComponentFootprint:
     """S, S_leaf, S_block and S_lc of one component from its safetensors header (approximate: layer
     types are inferred from names and shapes, not from modules)."""
     total = leaf_max = saved = linear_bytes = linear_numel = 0
@@ -253,6 +255,7 @@ def footprint_from_header(name: str, header: dict, class_name: str, dtype_overri
         fp8_ok=_fp8_ok(name, class_name, saved),
         leaf_count=len(leaves),
         dtype=dtype_override or _DTYPE_NAMES.get(main, main.lower()),
+        restorable=restorable,
         **_quant_fields(name, class_name, total, linear_bytes, linear_numel),
     )
 
@@ -282,5 +285,8 @@ def measure_folder(path: "str | Path", dtype: str | None = None) -> tuple[str, F
         header: dict = {}
         for f in files:
             header.update(read_safetensors_header(f))
-        comps[name] = footprint_from_header(name, header, spec[1], dtype)
+        # Loaded from this folder, the components' own files are the undo copy of one-way rungs
+        # (a prediction: the loaded pipeline checks its modules' keys against them, and autofit
+        # compares the contents before releasing anything).
+        comps[name] = footprint_from_header(name, header, spec[1], dtype, restorable=True)
     return index.get("_class_name", "DiffusionPipeline"), Footprint(comps)

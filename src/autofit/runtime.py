@@ -160,6 +160,11 @@ class Runtime:
         self.unusable: dict[str, set[str]] = {}
         self.last_call: dict[str, Any] = {}
         comps = module_components(pipe)
+        for name, module in comps.items():
+            if quantize.quantized_level(module) == "int8":
+                fixed = quantize.adopt_int8(module)
+                if fixed:
+                    emit("int8_state_follows_weight", stage="load", action="adopt", component=name, layers=fixed)
         self._vaes = {n: m for n, m in comps.items() if role_of(n) == "decode"}
         self._vae_original = {n: VaeSettings.read(m) for n, m in self._vaes.items()}
 
@@ -362,6 +367,7 @@ class Runtime:
             try:
                 self._undo_one_way(name)
             except CheckpointChanged as exc:
+                self._applied = None  # torn down above: the next call places the pipeline again
                 raise CheckpointChanged(f"{exc} It was being undone because {name} failed with {error}") from None
             self.unusable.setdefault(strategy, set()).add(name)
             still = any(w.strategy == strategy for w in self._one_way.values())

@@ -23,14 +23,14 @@ def compute_dtype(module: torch.nn.Module) -> torch.dtype:
 class FromCheckpoint:
     """The original tensors of a cast component, read back from the checkpoint they were compared with."""
 
-    def __init__(self, source: Checkpoint, dtypes: dict[str, torch.dtype]):
-        self.source, self.dtypes = source, dtypes
+    def __init__(self, source: Checkpoint, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
+        self.source, self.layout = source, layout  # key -> (dtype, stride) before the cast
 
     def items(self):
-        self.source.check_unchanged(self.dtypes)  # refuse before touching anything
+        self.source.check_unchanged(self.layout)  # refuse before reading anything
         with self.source.reading():
-            for key, dtype in self.dtypes.items():
-                yield key, self.source.load(key, dtype)
+            for key, (dtype, stride) in self.layout.items():
+                yield key, self.source.load(key, dtype, stride)
 
 
 Originals = dict[str, torch.Tensor] | FromCheckpoint
@@ -47,9 +47,12 @@ def _backed(module: torch.nn.Module) -> FromCheckpoint | None:
     params = fp8_cast_params(module)
     if source is None or not params:
         return None
-    with source.reading():
-        if all(source.same(k, p) for k, p in params):
-            return FromCheckpoint(source, {k: p.dtype for k, p in params})
+    try:
+        with source.reading():
+            if all(source.same(k, p) for k, p in params):
+                return FromCheckpoint(source, {k: (p.dtype, p.stride()) for k, p in params})
+    except Exception:  # an unreadable file only means: use a RAM copy instead
+        return None
     return None
 
 
@@ -84,17 +87,20 @@ def apply_fp8(
         _diffusers.apply_fp8_casting(module, compute_dtype(module))
         if backed is not None:
             fp8 = {k for k, v in module.state_dict().items() if v.dtype == torch.float8_e4m3fn}
-            if not fp8 <= backed.dtypes.keys():  # diffusers cast more than it used to: no full copy
+            if not fp8 <= backed.layout.keys():  # diffusers cast more than it used to: no full copy
                 del originals[name]
         cast.append(name)
     return cast, originals
 
 
 def restore_original(module: torch.nn.Module, original: Originals) -> None:
-    """Undo fp8 storage: drop the casting hooks and put the original tensors back."""
+    """Undo fp8 storage: drop the casting hooks and put the original tensors back. Every tensor is
+    read first: a copy that cannot be read (a checkpoint changed on disk) leaves the component
+    cast and working."""
+    tensors = dict(original.items())
     _diffusers.remove_fp8_casting(module)
     live = module.state_dict(keep_vars=True)
-    for key, tensor in original.items():
+    for key, tensor in tensors.items():
         target = live.get(key)
         if target is None:
             continue

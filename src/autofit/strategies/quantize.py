@@ -15,7 +15,7 @@ tests use. A pipeline loaded quantized by the user is left as it is.
 
 from __future__ import annotations
 
-import functools
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -60,43 +60,28 @@ def quantized_level(module: torch.nn.Module) -> str | None:
     return None
 
 
-def follow_weight(layer: torch.nn.Module) -> None:
-    """Put an LLM.int8 layer's quantization state where its weight is.
-
-    bitsandbytes keeps the int8 weight and its scales twice, on the parameter (``CB``/``SCB``) and,
-    after the first forward, in ``layer.state``; only ``Linear8bitLt.to()`` moves them. A parent's
-    ``.to()`` (model offload, ``pipe.to``) reaches layers through ``_apply``, which moves the
-    parameter's data alone: the old references keep the int8 weights on the GPU after the module
-    went to the CPU (bitsandbytes issue #1332, open; the 6.5 GiB int8 + model offload peaks on the
-    H100, run 4)."""
-    w = layer.weight
-    if w.dtype != torch.int8:
-        return
-    state = layer.state
-    if getattr(w, "CB", None) is not None:
-        w.CB = w.data
-    if getattr(w, "SCB", None) is not None:
-        w.SCB = w.SCB.to(w.device)
-    if state.CB is not None:
-        state.CB = w.data
-    if state.SCB is not None:
-        state.SCB = state.SCB.to(w.device)
-    state.idx = None  # last call's outlier columns, rewritten by the next forward
-
-
-@functools.cache
 def _int8_linear() -> type:
-    import bitsandbytes as bnb
-
-    class Linear8bitLtFollowing(bnb.nn.Linear8bitLt):
-        """Linear8bitLt whose quantization state moves with its weight, whoever moves it."""
-
-        def _apply(self, fn, recurse=True):
-            super()._apply(fn, recurse)
-            follow_weight(self)
-            return self
+    from .int8_layer import Linear8bitLtFollowing  # imports bitsandbytes
 
     return Linear8bitLtFollowing
+
+
+def adopt_int8(module: torch.nn.Module) -> int:
+    """Give the LLM.int8 layers of a pipeline quantized by the user's own loader (bitsandbytes'
+    class) the same fix: their class becomes the subclass above (same forward, same state dict),
+    and a state already left behind by an earlier move is pointed at the weight. Returns how many."""
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # not installed or broken: there are no such layers to fix
+        return 0
+    following = _int8_linear()
+    count = 0
+    for sub in module.modules():
+        if type(sub) is bnb.nn.Linear8bitLt:
+            sub.__class__ = following
+            sub.follow_weight()
+            count += 1
+    return count
 
 
 def _bnb_layer(linear: torch.nn.Linear, level: str, compute_dtype: torch.dtype) -> torch.nn.Module:
@@ -126,6 +111,7 @@ class _Swap:
     original: torch.nn.Linear
     key: str | None = None  # set once the original weight was released: it comes back from the file
     dtype: torch.dtype | None = None
+    stride: tuple[int, ...] | None = None
 
 
 class Restore:
@@ -150,16 +136,31 @@ class Restore:
             while self.done:  # pop as we go: an I/O error leaves a working mix, and a retry resumes
                 swap = self.done[-1]
                 if swap.key is not None:
-                    swap.original.weight.data = self.source.load(swap.key, swap.dtype)  # type: ignore[union-attr,arg-type]
+                    swap.original.weight.data = self.source.load(  # type: ignore[union-attr]
+                        swap.key, swap.dtype, swap.stride)  # type: ignore[arg-type]
                 setattr(swap.parent, swap.attr, swap.original)
                 self.done.pop()
 
 
-def _same(source: Checkpoint, key: str, weight: torch.Tensor) -> bool:
+def _same(source: Checkpoint, key: str, weight: torch.Tensor, cancel: threading.Event) -> bool:
+    if cancel.is_set():  # the quantization failed or was interrupted: stop reading the files
+        return False
     try:
         return source.same(key, weight)
-    except (OSError, ValueError, RuntimeError):  # unreadable: keep the copy instead
+    except Exception:  # whatever goes wrong here only means: keep the copy in RAM
         return False
+
+
+def _shared_storages(module: torch.nn.Module) -> set[int]:
+    """Storages held by more than one parameter or buffer (tied weights): never released."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    tensors = [p for _, p in module.named_parameters(remove_duplicate=False)]
+    tensors += [b for _, b in module.named_buffers(remove_duplicate=False)]
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        (shared if ptr in seen else seen).add(ptr)
+    return shared
 
 
 def quantize_module(
@@ -168,19 +169,21 @@ def quantize_module(
     """Quantize ``module``'s Linear layers in place, each on ``device``; returns the undo.
 
     With ``source`` (the checkpoint the module was loaded from), each original weight that equals
-    its file is released once its layer is quantized, instead of being kept in host RAM.
-    Transactional: if a layer fails (an OOM included), the layers already swapped are put back
-    and the error goes on up."""
+    its file, and is not tied to another tensor, is released once every layer is quantized instead
+    of being kept in host RAM. Transactional: if a layer fails (an OOM included) or the call is
+    interrupted, the layers already swapped are put back and the error goes on up."""
     if level not in LEVELS:
         raise ValueError(f"unknown quantization level {level!r}; choose one of {LEVELS}")
     dtype = compute_dtype(module)
     restore = Restore(source)
     targets = quant_targets(module)
-    verified: list[tuple[_Swap, str, Future[bool]]] = []
+    tied = _shared_storages(module) if source is not None else set()
+    pending: list[tuple[_Swap, str, Future[bool]]] = []
+    released: list[tuple[_Swap, str]] = []
     # The comparison with the checkpoint (CPU and disk bound) runs in a thread beside the
     # quantization (device bound): together they take little more than the quantization alone.
     pool = ThreadPoolExecutor(1, thread_name_prefix="autofit-verify") if source is not None else None
-    finished = False
+    cancel = threading.Event()
     try:
         with source.reading() if source is not None else nullcontext():
             try:
@@ -191,21 +194,25 @@ def quantize_module(
                     setattr(parent, attr, layer)
                     swap = _Swap(parent, attr, linear)
                     restore.done.append(swap)
-                    if pool is not None:
+                    if pool is not None and linear.weight.untyped_storage().data_ptr() not in tied:
                         key = f"{name}.weight"
-                        verified.append((swap, key, pool.submit(_same, source, key, linear.weight)))
+                        pending.append((swap, key, pool.submit(_same, source, key, linear.weight, cancel)))
                     layer.to(device)  # bitsandbytes quantizes here
-                finished = True
-            finally:
-                if pool is not None:  # before the files are unmapped; on failure, skip the rest
-                    pool.shutdown(wait=True, cancel_futures=not finished)
+                if pool is not None:
+                    pool.shutdown(wait=True)  # before the files are unmapped
+                released = [(swap, key) for swap, key, same in pending if same.result()]
+            except BaseException:
+                cancel.set()
+                if pool is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                raise
     except BaseException:
         restore()
         raise
-    for swap, key, same in verified:
-        if same.result():
-            swap.key, swap.dtype = key, swap.original.weight.dtype
-            swap.original.weight.data = swap.original.weight.new_empty(0)  # same Parameter, storage freed
+    for swap, key in released:
+        w = swap.original.weight
+        swap.key, swap.dtype, swap.stride = key, w.dtype, w.stride()
+        w.data = w.new_empty(0)  # same Parameter, storage freed
     return restore
 
 
