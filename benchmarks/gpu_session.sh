@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device session's checks (issues 3, 4), in priority order, each under its own timeout so
 # one hang cannot eat the rest. Logs and JSON land in $OUT. On the CPU: TINY=1 OUT=/tmp/x bash ...
-#   GPU: carry .whl (wheels for diffusers/structlog, bitsandbytes unpacked in .whl/bnb_site).
+#   GPU: carry .whl (wheels for diffusers/structlog/torchao, bitsandbytes unpacked in .whl/bnb_site).
 set -u
 OUT=${OUT:-/tmp/gpu_session}; mkdir -p "$OUT"
 if [ -z "${TINY:-}" ]; then
@@ -28,4 +28,6 @@ timeout "${T3:-170}" $PY benchmarks/budget_sweep.py --model sdxl $DEV $T --budge
   --strategies ";vae_tiling;offload_for_decode;model_offload;group_leaf_stream" --out "$OUT/sweep_sdxl.json" > "$OUT/sweep_sdxl.log" 2>&1; echo "sweep sdxl rc=$?"
 # 4. Issue 4: the checkpoint as the undo copy, quantizing on the GPU (verification hidden?).
 timeout "${T4:-110}" $PY benchmarks/undo_copy_check.py $DEV $T --folder /tmp/undo_check > "$OUT/undo_copy.log" 2>&1; echo "undo copy rc=$?"
-for f in quant_flux quant_sdxl sweep_sdxl undo_copy; do echo "== $f"; grep -v '^\s*$' "$OUT/$f.log" | grep -v "autofit\.\|kernels-community\|torchvision" | tail -25; done
+# 5. Issue 4: torchao int8 weight-only against bnb int8 / nf4 and fp8 (torchao 0.18 wheel in .whl).
+timeout "${T5:-120}" $PY benchmarks/torchao_check.py $DEV $T --out "$OUT/torchao.json" > "$OUT/torchao.log" 2>&1; echo "torchao rc=$?"
+for f in quant_flux quant_sdxl sweep_sdxl undo_copy torchao; do echo "== $f"; grep -v '^\s*$' "$OUT/$f.log" | grep -v "autofit\.\|kernels-community\|torchvision" | tail -25; done

@@ -41,3 +41,16 @@ def test_undo_copy_check_tiny(tmp_path):
     assert checkpoint["held_gib"] == 0.0
     assert copy["restored_bit_for_bit"] and checkpoint["restored_bit_for_bit"]
     assert summary["level"] == "nf4"
+
+
+def test_torchao_check_tiny(tmp_path):
+    """Runs with or without torchao installed (a missing library is an error row, not a crash);
+    LLM.int8 rounds less than nf4 and fp8."""
+    pytest.importorskip("bitsandbytes")
+    rows = _run("torchao_check.py", "--tiny", "--device", "cpu", "--repeat", "1", tmp_path=tmp_path)
+    by = {r["variant"]: r for r in rows if "variant" in r}
+    assert list(by) == ["unquantized", "fp8 (layerwise casting)", "bnb nf4", "bnb int8", "torchao int8 weight-only"]
+    assert "error" not in by["unquantized"] and "rel_error" not in by["unquantized"]
+    assert by["bnb int8"]["rel_error"] < by["bnb nf4"]["rel_error"]
+    assert by["bnb int8"]["rel_error"] < by["fp8 (layerwise casting)"]["rel_error"]
+    assert by["bnb nf4"]["weight_gib"] <= by["unquantized"]["weight_gib"]
