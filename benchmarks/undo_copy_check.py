@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--level", default="nf4", choices=("nf4", "int8"))
     ap.add_argument("--tiny", action="store_true", help="tiny UNet (smoke test, no figures claimed)")
     ap.add_argument("--folder", default=None, help="where to write the checkpoint (default: a temp dir)")
+    ap.add_argument("--checkpoint-first", action="store_true", help="measure the checkpoint mode first (order check)")
     args = ap.parse_args()
 
     from diffusers import UNet2DConditionModel
@@ -70,7 +71,8 @@ def main() -> None:
     del unet
     print(f"built and saved in {time.perf_counter() - t:.1f} s to {folder}", file=sys.stderr)
     rows = []
-    for mode in ("copy in RAM", "checkpoint"):
+    modes = ("copy in RAM", "checkpoint")
+    for mode in reversed(modes) if args.checkpoint_first else modes:
         unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float16).eval()
         with torch.no_grad():  # weights in anonymous memory, as after a teardown from the GPU
             for p in unet.parameters():
@@ -100,7 +102,7 @@ def main() -> None:
         gc.collect()
     for r in rows:
         print(json.dumps(r))
-    a, b = rows
+    a, b = sorted(rows, key=lambda r: r["mode"] != "copy in RAM")
     print(json.dumps({"level": args.level, "device": str(device), "torch": torch.__version__,
                       "rss_after_quantize_checkpoint_vs_copy_gib": round(b["rss_after_quantize_gib"]
                                                                          - a["rss_after_quantize_gib"], 3),

@@ -5,6 +5,7 @@ the original weights is kept in host RAM where the files hold them, and a weight
 changed after loading is never replaced by the file's."""
 
 import os
+import threading
 
 import pytest
 import structlog
@@ -246,29 +247,66 @@ def test_fp8_undo_from_the_checkpoint_keeps_channels_last(tmp_path):
 
 
 def test_an_interrupted_quantization_restores_the_layers_and_stops_reading(tmp_path, monkeypatch):
-    """Ctrl-C in the middle: every layer goes back, and the comparison thread ends with it."""
-    import threading
-
+    """An OOM (or Ctrl-C) in the middle: every layer goes back, the queued comparisons are dropped,
+    and the one in flight has finished before quantize_module lets the error go."""
     from autofit.strategies import quantize
 
     pipe = _from_disk("flux", tmp_path / "model")
     states = _states(pipe)
-    real, calls = quantize._bnb_layer, []
+    gate, compared, real_same = threading.Event(), [], Checkpoint.same
 
-    def interrupted(linear, level, dtype):
-        calls.append(1)
-        if len(calls) == 10:
-            raise KeyboardInterrupt
-        return real(linear, level, dtype)
+    def slow_same(self, key, tensor):  # comparisons slower than quantizing: a queue builds up
+        assert gate.wait(timeout=60)
+        compared.append(key)
+        return real_same(self, key, tensor)
 
-    monkeypatch.setattr(quantize, "_bnb_layer", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    real_layer, built = quantize._bnb_layer, []
+
+    def failing_layer(linear, level, dtype):
+        built.append(1)
+        if len(built) == 10:
+            gate.set()  # let the comparison in flight finish
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB.")
+        return real_layer(linear, level, dtype)
+
+    monkeypatch.setattr(Checkpoint, "same", slow_same)
+    monkeypatch.setattr(quantize, "_bnb_layer", failing_layer)
+    with pytest.raises(torch.OutOfMemoryError):
         quantize_module(pipe.transformer, "nf4", torch.device("cpu"), Checkpoint.of(pipe.transformer))
-    for t in [t for t in threading.enumerate() if t.name.startswith("autofit-verify")]:
-        t.join(timeout=30)
-        assert not t.is_alive()
+    done = len(compared)
+    assert 1 <= done < 9  # the one in flight, not the 8 queued behind it
+    assert not [t for t in threading.enumerate() if t.name.startswith("autofit-verify")]
+    assert len(compared) == done  # nothing read after the error went up
     assert quantized_level(pipe.transformer) is None
     _assert_same(pipe, {"transformer": states["transformer"]})
+
+
+def test_a_checkpoint_truncated_in_place_is_a_mismatch_not_a_crash(tmp_path):
+    """Read with plain reads, not memory maps: a file cut short under autofit gives a short read
+    (weights kept in RAM) instead of a SIGBUS."""
+    pipe = _from_disk("flux", tmp_path / "model")
+    with torch.no_grad():  # in anonymous memory, as after a teardown from the GPU
+        for p in pipe.transformer.parameters():
+            p.data = p.data.clone()
+    source = Checkpoint.of(pipe.transformer)
+    weights = tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    undo = quantize_module(pipe.transformer, "nf4", torch.device("cpu"), source)
+    released = sum(s.key is not None for s in undo.done)
+    assert 0 < released < len(undo.done)  # the entries in the first half still matched
+    undo()
+    assert quantized_level(pipe.transformer) is None
+
+
+def test_restore_layouts():
+    """Only dense layouts are reproduced; an expanded or gapped stride restores contiguous."""
+    from autofit.checkpoint import _dense
+
+    assert _dense(torch.Size([4, 3, 2, 2]), torch.empty(4, 3, 2, 2).to(memory_format=torch.channels_last).stride())
+    assert _dense(torch.Size([3, 5]), (1, 3))  # transposed
+    assert not _dense(torch.Size([4, 4]), (0, 1))  # expanded
+    assert not _dense(torch.Size([4, 4]), (8, 1))  # a slice of a wider tensor
 
 
 def test_autofits_int8_layers_pickle():

@@ -6,15 +6,18 @@ A tensor is only ever restored from disk after it was compared, bit for bit, wit
 fused LoRA, an edited layer) fails that comparison and is kept in RAM instead, so nothing they
 had is lost. A file that changes on disk afterwards is refused at restore time, before anything
 is touched.
+
+Files are read with plain reads into a reusable buffer, not memory-mapped: a checkpoint
+rewritten in place while autofit reads it (a training job saving into the folder) gives a short
+read, counted as a mismatch, instead of a SIGBUS that would kill the process.
 """
 
 from __future__ import annotations
 
 import math
-import mmap
 import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,12 +59,11 @@ class _Entry:
     dtype: torch.dtype
     shape: tuple[int, ...]
     offset: int  # in the file
-    numel: int
+    nbytes: int
 
 
 class Checkpoint:
-    """Read-only view of a component folder's ``*.safetensors`` files (every variant and shard),
-    read through memory maps: comparing a weight with its file copies nothing."""
+    """Read-only view of a component folder's ``*.safetensors`` files (every variant and shard)."""
 
     def __init__(self, folder: Path, files: list[Path]):
         self.folder = folder
@@ -74,11 +76,13 @@ class Checkpoint:
                 if dtype is None:
                     continue
                 shape = tuple(meta["shape"])
-                self._where.setdefault(key, []).append(
-                    _Entry(f, dtype, shape, base + meta["data_offsets"][0], math.prod(shape)))
+                begin, end = meta["data_offsets"]
+                if end - begin != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
+                    continue  # inconsistent header entry: never matched
+                self._where.setdefault(key, []).append(_Entry(f, dtype, shape, base + begin, end - begin))
         self._matched: dict[str, _Entry] = {}  # key -> the entry its live tensor equalled
         self._stamps: dict[Path, tuple[int, int]] = {}
-        self._maps: dict[Path, mmap.mmap] | None = None
+        self._scratch = threading.local()  # per thread: the comparison runs in a worker
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> Checkpoint | None:
@@ -100,33 +104,25 @@ class Checkpoint:
                 return False
         return True
 
-    @contextmanager
-    def reading(self) -> Iterator[Checkpoint]:
-        """Map the files for a run of same()/load() calls; unmapped at the end."""
-        if self._maps is not None:
-            yield self
-            return
-        self._maps = {}
-        try:
-            yield self
-        finally:
-            maps, self._maps = self._maps, None
-            for m in list(maps.values()):
-                try:
-                    m.close()
-                except BufferError:  # a view still referenced (an exception's frame): the GC unmaps it
-                    pass
-
-    def _view(self, e: _Entry) -> torch.Tensor:
-        assert self._maps is not None, "use Checkpoint.reading()"
-        m = self._maps.get(e.path)
-        if m is None:
-            with open(e.path, "rb") as f:
-                # A private mapping: writable for torch.frombuffer, never written, nothing copied.
-                m = self._maps[e.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        if e.numel == 0:
-            return torch.empty(e.shape, dtype=e.dtype)
-        return torch.frombuffer(m, dtype=e.dtype, count=e.numel, offset=e.offset).view(e.shape)
+    def _read(self, e: _Entry, scratch: bool) -> torch.Tensor:
+        """The entry's tensor, read from disk (into this thread's reusable buffer if ``scratch``)."""
+        if scratch:
+            buf = getattr(self._scratch, "buf", None)
+            if buf is None or buf.numel() < e.nbytes:
+                buf = self._scratch.buf = torch.empty(max(e.nbytes, 1), dtype=torch.uint8)
+            buf = buf[: e.nbytes]
+        else:
+            buf = torch.empty(e.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy()).cast("B")
+        with open(e.path, "rb", buffering=0) as f:
+            f.seek(e.offset)
+            got = 0
+            while got < e.nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise EOFError(f"{e.path} ends before {e.offset + e.nbytes} bytes (truncated?)")
+                got += n
+        return buf.view(e.dtype).view(e.shape)
 
     def same(self, key: str, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` equals the file's ``key`` cast to its dtype, bit for bit (-0.0 is not
@@ -135,13 +131,11 @@ class Checkpoint:
             if e.shape != tuple(tensor.shape):
                 continue
             try:
-                with self.reading():
-                    stored = self._view(e)
-                    if stored.dtype != tensor.dtype or stored.device != tensor.device:
-                        stored = stored.to(device=tensor.device, dtype=tensor.dtype)
-                    equal = _bitwise_equal(stored, tensor.detach())
-                    del stored
                 stamp = _stamp(e.path)
+                stored = self._read(e, scratch=True)
+                if stored.dtype != tensor.dtype or stored.device != tensor.device:
+                    stored = stored.to(device=tensor.device, dtype=tensor.dtype)
+                equal = _bitwise_equal(stored, tensor.detach())
             except Exception:  # truncated, unreadable, vanished: try the next entry
                 continue
             if equal:
@@ -167,15 +161,21 @@ class Checkpoint:
 
     def load(self, key: str, dtype: torch.dtype, stride: tuple[int, ...] | None = None) -> torch.Tensor:
         """A fresh CPU tensor of ``key`` as it was compared (same file, same dtype cast), laid out
-        with ``stride`` when given (channels_last weights stay channels_last)."""
-        with self.reading():
-            stored = self._view(self._matched[key])
-            if stride is not None and stride != stored.stride():
-                out = torch.empty_strided(stored.shape, stride, dtype=dtype).copy_(stored)
-            else:
-                out = stored.to(dtype) if stored.dtype != dtype else stored.clone()
-            del stored
-        return out
+        with ``stride`` when that is a dense layout (channels_last weights stay channels_last)."""
+        stored = self._read(self._matched[key], scratch=False)
+        if stride is not None and stride != stored.stride() and _dense(stored.shape, stride):
+            return torch.empty_strided(stored.shape, stride, dtype=dtype).copy_(stored)
+        return stored.to(dtype) if stored.dtype != dtype else stored  # a fresh buffer already
+
+
+def _dense(shape: torch.Size, stride: tuple[int, ...]) -> bool:
+    """A permutation of a contiguous layout: no gaps, no overlap (expanded or sliced strides are not)."""
+    expected = 1
+    for st, size in sorted((st, size) for size, st in zip(shape, stride) if size != 1):
+        if st != expected:
+            return False
+        expected *= size
+    return True
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -363,11 +363,11 @@ class Runtime:
             tracker.uninstall()
         try:
             teardown(self.pipe)
+            self._applied = None  # torn down: if the undo fails, the next call places it again
             strategy = self._one_way[name].strategy
             try:
                 self._undo_one_way(name)
             except CheckpointChanged as exc:
-                self._applied = None  # torn down above: the next call places the pipeline again
                 raise CheckpointChanged(f"{exc} It was being undone because {name} failed with {error}") from None
             self.unusable.setdefault(strategy, set()).add(name)
             still = any(w.strategy == strategy for w in self._one_way.values())

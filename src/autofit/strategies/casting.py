@@ -26,11 +26,14 @@ class FromCheckpoint:
     def __init__(self, source: Checkpoint, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]]):
         self.source, self.layout = source, layout  # key -> (dtype, stride) before the cast
 
+    def check(self) -> None:
+        """Raise CheckpointChanged if a file changed or vanished since the comparison."""
+        self.source.check_unchanged(self.layout)
+
     def items(self):
-        self.source.check_unchanged(self.layout)  # refuse before reading anything
-        with self.source.reading():
-            for key, (dtype, stride) in self.layout.items():
-                yield key, self.source.load(key, dtype, stride)
+        self.check()
+        for key, (dtype, stride) in self.layout.items():
+            yield key, self.source.load(key, dtype, stride)
 
 
 Originals = dict[str, torch.Tensor] | FromCheckpoint
@@ -47,12 +50,8 @@ def _backed(module: torch.nn.Module) -> FromCheckpoint | None:
     params = fp8_cast_params(module)
     if source is None or not params:
         return None
-    try:
-        with source.reading():
-            if all(source.same(k, p) for k, p in params):
-                return FromCheckpoint(source, {k: (p.dtype, p.stride()) for k, p in params})
-    except Exception:  # an unreadable file only means: use a RAM copy instead
-        return None
+    if all(source.same(k, p) for k, p in params):  # same() counts an unreadable entry as different
+        return FromCheckpoint(source, {k: (p.dtype, p.stride()) for k, p in params})
     return None
 
 
@@ -94,13 +93,14 @@ def apply_fp8(
 
 
 def restore_original(module: torch.nn.Module, original: Originals) -> None:
-    """Undo fp8 storage: drop the casting hooks and put the original tensors back. Every tensor is
-    read first: a copy that cannot be read (a checkpoint changed on disk) leaves the component
-    cast and working."""
-    tensors = dict(original.items())
+    """Undo fp8 storage: drop the casting hooks and put the original tensors back. A checkpoint
+    changed or gone since the comparison is refused first, leaving the component cast and
+    working; then the tensors are read one at a time (never all of them beside the fp8 copy)."""
+    if isinstance(original, FromCheckpoint):
+        original.check()
     _diffusers.remove_fp8_casting(module)
     live = module.state_dict(keep_vars=True)
-    for key, tensor in tensors.items():
+    for key, tensor in original.items():
         target = live.get(key)
         if target is None:
             continue

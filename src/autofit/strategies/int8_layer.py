@@ -8,13 +8,14 @@ import bitsandbytes as bnb
 import torch
 
 
-class Linear8bitLtFollowing(bnb.nn.Linear8bitLt):
+class Linear8bitLt(bnb.nn.Linear8bitLt):
     """bitsandbytes keeps an LLM.int8 layer's weight and scales twice, on the parameter
     (``CB``/``SCB``) and, after the first forward, in ``self.state``; only ``Linear8bitLt.to()``
     moves them. A parent's ``.to()`` (model offload, ``pipe.to``) reaches layers through
     ``_apply``, which moves the parameter's data alone: the old references kept the int8 weights
     on the GPU after the module went to the CPU (bitsandbytes issue #1332, open; the 6.5 GiB
-    int8 + model offload peaks on the H100, run 4). Same forward, same state dict."""
+    int8 + model offload peaks on the H100, run 4). Same forward, same state dict, and the same
+    class name: accelerate's offload hooks recognise 8-bit layers by it."""
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

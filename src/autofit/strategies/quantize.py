@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,9 +60,9 @@ def quantized_level(module: torch.nn.Module) -> str | None:
 
 
 def _int8_linear() -> type:
-    from .int8_layer import Linear8bitLtFollowing  # imports bitsandbytes
+    from .int8_layer import Linear8bitLt  # imports bitsandbytes
 
-    return Linear8bitLtFollowing
+    return Linear8bitLt
 
 
 def adopt_int8(module: torch.nn.Module) -> int:
@@ -132,14 +131,13 @@ class Restore:
         if from_disk:
             assert self.source is not None
             self.source.check_unchanged(from_disk)  # refuse before touching anything
-        with self.source.reading() if from_disk and self.source else nullcontext():
-            while self.done:  # pop as we go: an I/O error leaves a working mix, and a retry resumes
-                swap = self.done[-1]
-                if swap.key is not None:
-                    swap.original.weight.data = self.source.load(  # type: ignore[union-attr]
-                        swap.key, swap.dtype, swap.stride)  # type: ignore[arg-type]
-                setattr(swap.parent, swap.attr, swap.original)
-                self.done.pop()
+        while self.done:  # pop as we go: an I/O error leaves a working mix, and a retry resumes
+            swap = self.done[-1]
+            if swap.key is not None:
+                swap.original.weight.data = self.source.load(  # type: ignore[union-attr]
+                    swap.key, swap.dtype, swap.stride)  # type: ignore[arg-type]
+            setattr(swap.parent, swap.attr, swap.original)
+            self.done.pop()
 
 
 def _same(source: Checkpoint, key: str, weight: torch.Tensor, cancel: threading.Event) -> bool:
@@ -151,6 +149,13 @@ def _same(source: Checkpoint, key: str, weight: torch.Tensor, cancel: threading.
         return False
 
 
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except RuntimeError:  # a wrapper tensor subclass without a storage of its own
+        return None
+
+
 def _shared_storages(module: torch.nn.Module) -> set[int]:
     """Storages held by more than one parameter or buffer (tied weights): never released."""
     seen: set[int] = set()
@@ -158,8 +163,9 @@ def _shared_storages(module: torch.nn.Module) -> set[int]:
     tensors = [p for _, p in module.named_parameters(remove_duplicate=False)]
     tensors += [b for _, b in module.named_buffers(remove_duplicate=False)]
     for t in tensors:
-        ptr = t.untyped_storage().data_ptr()
-        (shared if ptr in seen else seen).add(ptr)
+        ptr = _storage_ptr(t)
+        if ptr is not None:
+            (shared if ptr in seen else seen).add(ptr)
     return shared
 
 
@@ -185,27 +191,29 @@ def quantize_module(
     pool = ThreadPoolExecutor(1, thread_name_prefix="autofit-verify") if source is not None else None
     cancel = threading.Event()
     try:
-        with source.reading() if source is not None else nullcontext():
-            try:
-                for name, linear in targets:
-                    owner, _, attr = name.rpartition(".")
-                    parent = module.get_submodule(owner) if owner else module
-                    layer = _bnb_layer(linear, level, dtype)
-                    setattr(parent, attr, layer)
-                    swap = _Swap(parent, attr, linear)
-                    restore.done.append(swap)
-                    if pool is not None and linear.weight.untyped_storage().data_ptr() not in tied:
-                        key = f"{name}.weight"
-                        pending.append((swap, key, pool.submit(_same, source, key, linear.weight, cancel)))
-                    layer.to(device)  # bitsandbytes quantizes here
-                if pool is not None:
-                    pool.shutdown(wait=True)  # before the files are unmapped
-                released = [(swap, key) for swap, key, same in pending if same.result()]
-            except BaseException:
-                cancel.set()
-                if pool is not None:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        try:
+            for name, linear in targets:
+                owner, _, attr = name.rpartition(".")
+                parent = module.get_submodule(owner) if owner else module
+                layer = _bnb_layer(linear, level, dtype)
+                setattr(parent, attr, layer)
+                swap = _Swap(parent, attr, linear)
+                restore.done.append(swap)
+                ptr = _storage_ptr(linear.weight)
+                if pool is not None and ptr is not None and ptr not in tied:
+                    key = f"{name}.weight"
+                    pending.append((swap, key, pool.submit(_same, source, key, linear.weight, cancel)))
+                layer.to(device)  # bitsandbytes quantizes here
+            if pool is not None:
+                pool.shutdown(wait=True)
+            released = [(swap, key) for swap, key, same in pending if same.result()]
+        except BaseException:
+            # Stop the comparisons, and wait for the one in flight (one layer) before the layers
+            # it reads are handed back.
+            cancel.set()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            raise
     except BaseException:
         restore()
         raise
