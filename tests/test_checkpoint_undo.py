@@ -13,7 +13,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 from autofit import autofit
-from autofit.checkpoint import Checkpoint, CheckpointChanged
+from autofit import CheckpointChanged
+from autofit.checkpoint import Checkpoint
 from autofit.footprint import measure
 from autofit.ladder import host_bytes
 from autofit.plan import Plan

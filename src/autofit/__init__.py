@@ -1,6 +1,6 @@
 """autofit: diffusers pipelines that recover from out-of-memory at the stage that failed."""
 
-from .errors import AutoFitExhausted, AutoFitUsageError
+from .errors import AutoFitExhausted, AutoFitUsageError, CheckpointChanged
 from .plan import Plan
 from .proxy import AutoFitControl, AutoFitPipeline, autofit
 from .runtime import EscalationRecord
@@ -10,6 +10,7 @@ __all__ = [
     "AutoFitExhausted",
     "AutoFitPipeline",
     "AutoFitUsageError",
+    "CheckpointChanged",
     "EscalationRecord",
     "Plan",
     "autofit",

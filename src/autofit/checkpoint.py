@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from . import _diffusers
+from .errors import CheckpointChanged
 
 
 # safetensors dtype names -> torch dtypes (those a diffusers or transformers checkpoint holds).
@@ -47,10 +48,6 @@ def _read_header(path: "str | Path") -> tuple[dict, int]:
 def read_safetensors_header(path: "str | Path") -> dict:
     """The JSON header of a .safetensors file (names, dtypes, shapes), without reading weights."""
     return _read_header(path)[0]
-
-
-class CheckpointChanged(RuntimeError):
-    """A checkpoint file changed on disk after autofit compared a component's weights with it."""
 
 
 @dataclass(frozen=True, slots=True)

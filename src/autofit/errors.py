@@ -26,3 +26,9 @@ class AutoFitExhausted(torch.OutOfMemoryError):
 
 class AutoFitUsageError(ValueError):
     """autofit was called with something it cannot work with; the message says what to do."""
+
+
+class CheckpointChanged(RuntimeError):
+    """A one-way rung (fp8, nf4, int8) could not be undone: the checkpoint file autofit compared the
+    original weights with changed or vanished since. The component keeps its current, working
+    weights and the rung stays applied; reload the pipeline to get the originals back."""

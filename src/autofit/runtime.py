@@ -17,8 +17,7 @@ from typing import Any
 import torch
 
 from . import _diffusers
-from .checkpoint import CheckpointChanged
-from .errors import AutoFitExhausted
+from .errors import AutoFitExhausted, CheckpointChanged
 from .events import emit
 from .footprint import Footprint, measure
 from .ladder import SPECS, Facts, next_plan
