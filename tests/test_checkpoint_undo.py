@@ -86,6 +86,7 @@ def test_fp8_from_disk_is_undoable_without_host_ram(tmp_path):
     assert fp.components["unet"].restorable
     cast, originals = apply_fp8(pipe, fp, host_available=0)
     assert cast == ["unet"] and isinstance(originals["unet"], FromCheckpoint)
+    assert "buf" not in originals["unet"].source._scratch.__dict__  # no read buffer kept with the copy
     assert any(v.dtype == torch.float8_e4m3fn for v in pipe.unet.state_dict().values())
     restore_original(pipe.unet, originals["unet"])
     _assert_same(pipe, {"unet": states["unet"]})

@@ -121,6 +121,10 @@ class Checkpoint:
                 got += n
         return buf.view(e.dtype).view(e.shape)
 
+    def drop_scratch(self) -> None:
+        """Free this thread's read buffer (the worker's goes with its thread)."""
+        self._scratch.__dict__.pop("buf", None)
+
     def same(self, key: str, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` equals the file's ``key`` cast to its dtype, bit for bit (-0.0 is not
         0.0); remembers that entry. An entry that cannot be read counts as different."""

@@ -50,9 +50,12 @@ def _backed(module: torch.nn.Module) -> FromCheckpoint | None:
     params = fp8_cast_params(module)
     if source is None or not params:
         return None
-    if all(source.same(k, p) for k, p in params):  # same() counts an unreadable entry as different
-        return FromCheckpoint(source, {k: (p.dtype, p.stride()) for k, p in params})
-    return None
+    try:
+        if all(source.same(k, p) for k, p in params):  # same() counts an unreadable entry as different
+            return FromCheckpoint(source, {k: (p.dtype, p.stride()) for k, p in params})
+        return None
+    finally:
+        source.drop_scratch()  # kept with the undo copy otherwise
 
 
 def held_bytes(original: Originals | None) -> int:
