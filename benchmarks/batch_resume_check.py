@@ -201,7 +201,9 @@ def read_manifest(out_dir: Path) -> tuple[list[dict[str, Any]], int]:
 
 
 def finished_ids(out_dir: Path) -> set[str]:
-    """What run_batch counts as finished: an ``ok`` record whose files exist, unless failed later."""
+    """What run_batch counts as finished: an ``ok`` record whose files exist, unless failed later.
+    Written out again on purpose (autofit.batch._finished): the parent stays torch-free and checks
+    run_batch against its own reading of the manifest."""
     done: set[str] = set()
     for rec in read_manifest(out_dir)[0]:
         if rec.get("status") == "ok" and all((out_dir / f).is_file() for f in rec.get("files", [])):

@@ -74,7 +74,7 @@ class Checkpoint:
                     continue
                 shape = tuple(meta["shape"])
                 begin, end = meta["data_offsets"]
-                if end - begin != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
+                if end - begin != math.prod(shape) * dtype.itemsize:
                     continue  # inconsistent header entry: never matched
                 self._where.setdefault(key, []).append(_Entry(f, dtype, shape, base + begin, end - begin))
         self._matched: dict[str, _Entry] = {}  # key -> the entry its live tensor equalled

@@ -151,12 +151,22 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    import structlog
+def _load_pipeline(args: argparse.Namespace) -> Any:
+    """The pipeline in MODEL_DIR, in --dtype (the checkpoint's own dtypes when not given)."""
     import torch
     from diffusers import DiffusionPipeline
 
-    from . import AutoFitExhausted, _diffusers, autofit
+    from . import _diffusers
+
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
+    return DiffusionPipeline.from_pretrained(args.model_dir, **_diffusers.dtype_kwargs(dtype))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import structlog
+    import torch
+
+    from . import AutoFitExhausted, autofit
 
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="%H:%M:%S"),
@@ -164,8 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
     )
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
-    pipe = DiffusionPipeline.from_pretrained(args.model_dir, **_diffusers.dtype_kwargs(dtype))
+    pipe = _load_pipeline(args)
     pipe.set_progress_bar_config(disable=False)
     proxy = autofit(pipe, device=args.device, policy=args.policy, max_vram=args.vram, max_ram=args.ram,
                     cache=args.cache_dir or True)
@@ -200,10 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    import torch
-    from diffusers import DiffusionPipeline
-
-    from . import _diffusers, autofit
+    from . import autofit
     from .batch import load_items, run_batch
     from .errors import AutoFitUsageError
 
@@ -212,8 +218,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     except (AutoFitUsageError, OSError) as exc:
         print(f"autofit batch: {exc}", file=sys.stderr)
         return 2
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
-    pipe = DiffusionPipeline.from_pretrained(args.model_dir, **_diffusers.dtype_kwargs(dtype))
+    pipe = _load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
     options = dict(policy=args.policy, max_vram=args.vram, max_ram=args.ram, cache=args.cache_dir or True)
     if not args.distributed:

@@ -140,18 +140,6 @@ def fp8_cast_params(module: torch.nn.Module) -> list[tuple[str, torch.nn.Paramet
             for pn, p in m.named_parameters(recurse=False) if p.is_floating_point() and p.element_size() > 1]
 
 
-def _restorable(module: torch.nn.Module) -> bool:
-    """Whether every tensor a one-way rung would change is in the checkpoint ``module`` came from
-    (headers only; the contents are compared when the rung is applied)."""
-    from .checkpoint import Checkpoint
-
-    source = Checkpoint.of(module)
-    if source is None:
-        return False
-    changed = [(f"{n}.weight", m.weight) for n, m in quant_targets(module)] + fp8_cast_params(module)
-    return bool(changed) and source.covers(changed)
-
-
 def _own_bytes(module: torch.nn.Module) -> int:
     return sum(_tensor_bytes(p) for p in module.parameters(recurse=False)) + sum(
         _tensor_bytes(b) for b in module.buffers(recurse=False)
@@ -162,7 +150,7 @@ def _module_bytes(module: torch.nn.Module) -> int:
     return sum(_tensor_bytes(p) for p in module.parameters()) + sum(_tensor_bytes(b) for b in module.buffers())
 
 
-def measure_component(name: str, module: torch.nn.Module, restorable: bool = False) -> ComponentFootprint:
+def measure_component(name: str, module: torch.nn.Module) -> ComponentFootprint:
     total = _module_bytes(module)
     leaf = max((_own_bytes(m) for m in module.modules()), default=0)
     blocks = [
@@ -171,10 +159,17 @@ def measure_component(name: str, module: torch.nn.Module, restorable: bool = Fal
         if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential))
         for block in child
     ]
-    saved = sum(p.numel() * (p.element_size() - 1) for _, p in fp8_cast_params(module))
-    linear = [m.weight for _, m in quant_targets(module)]
-    linear_bytes = sum(_tensor_bytes(w) for w in linear)
-    linear_numel = sum(w.numel() for w in linear)
+    cast = fp8_cast_params(module)
+    linear = [(f"{n}.weight", m.weight) for n, m in quant_targets(module)]
+    saved = sum(p.numel() * (p.element_size() - 1) for _, p in cast)
+    linear_bytes = sum(_tensor_bytes(w) for _, w in linear)
+    linear_numel = sum(w.numel() for _, w in linear)
+    # Whether the checkpoint the module came from holds every tensor a one-way rung would change
+    # (headers only; the contents are compared when the rung is applied).
+    from .checkpoint import Checkpoint
+
+    source = Checkpoint.of(module)
+    restorable = source is not None and bool(cast or linear) and source.covers(cast + linear)
     cls = type(module).__name__
     dtypes = [p.dtype for p in module.parameters()]
     dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
@@ -195,7 +190,7 @@ def measure_component(name: str, module: torch.nn.Module, restorable: bool = Fal
 
 
 def measure(pipe: Any) -> Footprint:
-    return Footprint({n: measure_component(n, m, _restorable(m)) for n, m in module_components(pipe).items()})
+    return Footprint({n: measure_component(n, m) for n, m in module_components(pipe).items()})
 
 
 # ---- from a model folder, without loading weights ------------------------------------------

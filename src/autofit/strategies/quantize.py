@@ -109,8 +109,7 @@ class _Swap:
     attr: str
     original: torch.nn.Linear
     key: str | None = None  # set once the original weight was released: it comes back from the file
-    dtype: torch.dtype | None = None
-    stride: tuple[int, ...] | None = None
+    stride: tuple[int, ...] | None = None  # its layout (the emptied weight keeps only its dtype)
 
 
 class Restore:
@@ -134,8 +133,8 @@ class Restore:
         while self.done:  # pop as we go: an I/O error leaves a working mix, and a retry resumes
             swap = self.done[-1]
             if swap.key is not None:
-                swap.original.weight.data = self.source.load(  # type: ignore[union-attr]
-                    swap.key, swap.dtype, swap.stride)  # type: ignore[arg-type]
+                w = swap.original.weight
+                w.data = self.source.load(swap.key, w.dtype, swap.stride)  # type: ignore[union-attr]
             setattr(swap.parent, swap.attr, swap.original)
             self.done.pop()
 
@@ -185,42 +184,38 @@ def quantize_module(
     targets = quant_targets(module)
     tied = _shared_storages(module) if source is not None else set()
     pending: list[tuple[_Swap, str, Future[bool]]] = []
-    released: list[tuple[_Swap, str]] = []
     # The comparison with the checkpoint (CPU and disk bound) runs in a thread beside the
     # quantization (device bound): together they take little more than the quantization alone.
     pool = ThreadPoolExecutor(1, thread_name_prefix="autofit-verify") if source is not None else None
     cancel = threading.Event()
     try:
-        try:
-            for name, linear in targets:
-                owner, _, attr = name.rpartition(".")
-                parent = module.get_submodule(owner) if owner else module
-                layer = _bnb_layer(linear, level, dtype)
-                setattr(parent, attr, layer)
-                swap = _Swap(parent, attr, linear)
-                restore.done.append(swap)
-                ptr = _storage_ptr(linear.weight)
-                if pool is not None and ptr is not None and ptr not in tied:
-                    key = f"{name}.weight"
-                    pending.append((swap, key, pool.submit(_same, source, key, linear.weight, cancel)))
-                layer.to(device)  # bitsandbytes quantizes here
-            if pool is not None:
-                pool.shutdown(wait=True)
-            released = [(swap, key) for swap, key, same in pending if same.result()]
-        except BaseException:
-            # Stop the comparisons, and wait for the one in flight (one layer) before the layers
-            # it reads are handed back.
-            cancel.set()
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        for name, linear in targets:
+            owner, _, attr = name.rpartition(".")
+            parent = module.get_submodule(owner) if owner else module
+            layer = _bnb_layer(linear, level, dtype)
+            setattr(parent, attr, layer)
+            swap = _Swap(parent, attr, linear)
+            restore.done.append(swap)
+            ptr = _storage_ptr(linear.weight)
+            if pool is not None and ptr is not None and ptr not in tied:
+                key = f"{name}.weight"
+                pending.append((swap, key, pool.submit(_same, source, key, linear.weight, cancel)))
+            layer.to(device)  # bitsandbytes quantizes here
+        if pool is not None:
+            pool.shutdown(wait=True)
+        released = [(swap, key) for swap, key, same in pending if same.result()]
     except BaseException:
+        # Stop the comparisons and wait for the one in flight (one layer) before the layers it
+        # reads are handed back.
+        cancel.set()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         restore()
         raise
     for swap, key in released:
         w = swap.original.weight
-        swap.key, swap.dtype, swap.stride = key, w.dtype, w.stride()
-        w.data = w.new_empty(0)  # same Parameter, storage freed
+        swap.key, swap.stride = key, w.stride()
+        w.data = w.new_empty(0)  # same Parameter (and dtype), storage freed
     return restore
 
 
