@@ -37,6 +37,7 @@ def _cuda() -> bool:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .footprint import measure_folder
+    from .ladder import pinned_bytes
     from .planner import Machine, Workload, rank
     from .strategies.quantize import missing
 
@@ -49,7 +50,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     budget = args.vram if args.vram is not None else hw.budget_bytes
     host = args.ram if args.ram is not None else hw.host_available_bytes
     device_type = hw.device_type if args.vram is None else "cuda"
-    machine = Machine(budget, host, device_type, hw.pinned_gbps, hw.pageable_gbps, quant_missing=missing(device_type))
+    # What can be page-locked: --pinned, else this machine's (unless --ram describes another one).
+    pinned = args.pinned if args.pinned is not None else (hw.pinned_available_bytes if args.ram is None else None)
+    machine = Machine(budget, host, device_type, hw.pinned_gbps, hw.pageable_gbps, quant_missing=missing(device_type),
+                      pinned_available_bytes=pinned)
     cfg = "Flux" not in pipeline
     wl = Workload(height=args.height, width=args.width, frames=args.frames, batch=args.batch, steps=args.steps, cfg=cfg)
     # Rank under the permissive policy so lossy rows show too; the pick honours --policy.
@@ -62,6 +66,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "fits": c.fits,
             "vram_gib": round(c.vram / GIB, 2),
             "ram_gib": round(c.ram / GIB, 2),
+            "pinned_gib": round(pinned_bytes(c.plan, fp) / GIB, 2),
             "seconds": round(c.seconds, 2),
             "relative_speed": round(fastest / c.seconds, 2) if fastest else None,
             "quality": c.quality,
@@ -78,6 +83,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "S_max_gib": round(fp.largest / GIB, 3),
         "vram_budget_gib": round(budget / GIB, 2),
         "ram_available_gib": round(host / GIB, 2),
+        "pinned_available_gib": round(machine.pinned_room / GIB, 2),
         "workload": {"height": args.height, "width": args.width, "frames": args.frames, "batch": args.batch,
                      "steps": args.steps},
         "policy": args.policy,
@@ -88,14 +94,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0 if pick else 1
     print(f"{pipeline}: {summary['S_total_gib']} GiB of weights; budget {summary['vram_budget_gib']} GiB VRAM, "
-          f"{summary['ram_available_gib']} GiB RAM; {args.width}x{args.height}, batch {args.batch}, {args.steps} steps")
-    print(f"{'plan':<48} {'fits':<5} {'VRAM':>7} {'RAM':>7} {'sec':>7} {'speed':>6}  quality")
+          f"{summary['ram_available_gib']} GiB RAM ({summary['pinned_available_gib']} GiB can be pinned); "
+          f"{args.width}x{args.height}, batch {args.batch}, {args.steps} steps")
+    print(f"{'plan':<48} {'fits':<5} {'VRAM':>7} {'RAM':>7} {'pinned':>7} {'sec':>7} {'speed':>6}  quality")
     for row in table:
         name = "+".join(row["plan"])
         mark = "*" if pick and row["plan"] == (list(pick.names) or ["device"]) else " "
         note = f"  ({row['why_not']})" if args.all and row["why_not"] else ""
         print(f"{mark}{name:<47} {str(row['fits']):<5} {row['vram_gib']:>7.2f} {row['ram_gib']:>7.2f} "
-              f"{row['seconds']:>7.2f} {row['relative_speed'] or 0:>6.2f}  {row['quality']}{note}")
+              f"{row['pinned_gib']:>7.2f} {row['seconds']:>7.2f} {row['relative_speed'] or 0:>6.2f}  {row['quality']}{note}")
     print(f"\nautofit would pick: {'+'.join(summary['pick']) if pick else 'nothing fits'} (policy {args.policy})")
     return 0 if pick else 1
 
@@ -106,7 +113,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .memory import host_available_bytes
+    from .memory import host_available_bytes, pinned_in_use
 
     def ver(name: str) -> str | None:
         try:
@@ -122,6 +129,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "device": hw.as_dict(),
         "cuda_available": torch.cuda.is_available(),
         "host_available_gib": round(host_available_bytes() / GIB, 2),
+        "pinned_in_use_gib": round(pinned_in_use() / GIB, 2),
     }
     missing = {}
     if not torch.cuda.is_available():
@@ -146,6 +154,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
           + (f", other processes {d['other_processes_bytes'] / GIB:.2f} GiB" if d["other_processes_bytes"] else ""))
     print(f"host RAM: {d['host_total_bytes'] / GIB:.2f} GiB total, {report['host_available_gib']} GiB available "
           f"(cgroup limits honoured)")
+    print(f"pinned host RAM: {d['pinned_available_bytes'] / GIB:.2f} GiB can be pinned now, "
+          f"{d['pinned_limit_bytes'] / GIB:.2f} GiB at most ({d['pinned_limit_reason']}); "
+          f"{report['pinned_in_use_gib']} GiB held by torch's pinned allocator")
     for what, need in missing.items():
         print(f"  unavailable: {what}: needs {need}")
     return 0
@@ -259,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="the dtype the pipeline will be loaded in (default: as stored)")
     p.add_argument("--policy", choices=["quality", "balanced", "speed", "memory"], default="quality")
+    p.add_argument("--pinned", type=_size, default=None,
+                   help="host RAM that can be page-locked (default: this machine's; Windows/WSL2 cap it)")
     p.add_argument("--all", action="store_true", help="also list strategies that do not fit")
     p.set_defaults(fn=cmd_plan)
 

@@ -88,7 +88,10 @@ class Facts:
 
     footprint: Footprint
     device_type: str = "cpu"
+    # Host RAM a plan may hold: available now plus what the pipeline's weights already hold on the
+    # host (a switch releases or reuses it), capped by max_ram. See runtime.host_room.
     host_available: int = 0
+    pinned_available: int | None = None  # of that, what can be page-locked (None: all of it)
     has_offload_seq: bool = True
     vae_can_tile: bool = True
     vae_can_slice: bool = True
@@ -99,6 +102,12 @@ class Facts:
     # A storage rung applied with no copy of the original weights: it cannot be swapped for another.
     storage_locked: str | None = None
     has_bnb: bool = False  # bitsandbytes weights present (autofit's or the user's)
+
+    @property
+    def pinned_room(self) -> int:
+        if self.pinned_available is None:
+            return self.host_available
+        return min(self.pinned_available, self.host_available)
 
 
 def _size(fp: Footprint, name: str, plan: Plan) -> int:
@@ -191,24 +200,51 @@ def activation_factor(plan: Plan, stage: str, shape: CallShape) -> float:
     return f
 
 
+def _moved_each_call(plan: Plan, fp: Footprint) -> list[str]:
+    """Components the ``device`` placement moves on and off the device through autofit's reusable
+    host buffers (strategies/residency.py), pinned on CUDA."""
+    if plan.placement != "device":
+        return []
+    out = set()
+    if "offload_encoders" in plan.extras:
+        out |= set(_role_names(fp, "encode"))
+    if "offload_for_decode" in plan.extras:
+        out |= {n for n, c in fp.components.items() if c.role != "decode"}
+    return sorted(out)
+
+
+def _through_buffers(plan: Plan, fp: Footprint, name: str) -> bool:
+    # bitsandbytes components move with their own .to() (pageable), not through the buffers.
+    return not (plan.storage in ("int8", "nf4") and fp.components[name].stored_by(plan.storage))
+
+
+def pinned_bytes(plan: Plan, fp: Footprint) -> int:
+    """Page-locked host RAM the plan holds: the pinned copies leaf-level group offload with streams
+    makes of every offloaded tensor, or the reusable buffers of per-call moves. Each tensor is
+    rounded up to a power of two by torch's pinned allocator (footprint.pinned_size)."""
+    if plan.placement == "group_leaf_stream":
+        kept = kept_on_device(plan, fp)
+        return sum(c.pinned_stored(plan.storage) for c in fp.components.values() if c.name not in kept)
+    return sum(fp.components[n].pinned_stored(plan.storage)
+               for n in _moved_each_call(plan, fp) if _through_buffers(plan, fp, n))
+
+
 def host_bytes(plan: Plan, fp: Footprint) -> int:
-    """Predicted extra host RAM the plan holds (weights kept off the device, pinned copies, and
-    the original weights of quantized components kept to undo the rung, unless the checkpoint
-    they were loaded from serves as that copy)."""
+    """Predicted host RAM the plan holds for the pipeline (weights kept off the device, pinned
+    copies, and the original weights of quantized components kept to undo the rung, unless the
+    checkpoint they were loaded from serves as that copy)."""
     pinned = kept_on_device(plan, fp)
     originals = sum(c.bytes for c in fp.components.values()
                     if plan.storage in ("int8", "nf4") and c.quant_ok and not c.restorable)
-    total = sum(_size(fp, n, plan) for n in fp.components if n not in pinned)
     if plan.placement == "device":
-        off = [n for n in fp.components if (
-            ("offload_encoders" in plan.extras and fp.components[n].role == "encode")
-            or ("vae_cpu" in plan.extras and fp.components[n].role == "decode"))]
-        return originals + sum(_size(fp, n, plan) for n in off)
+        pageable = [n for n in _moved_each_call(plan, fp) if not _through_buffers(plan, fp, n)]
+        if "vae_cpu" in plan.extras:
+            pageable += _role_names(fp, "decode")
+        return originals + pinned_bytes(plan, fp) + sum(_size(fp, n, plan) for n in pageable)
     if plan.placement == "group_leaf_stream":
-        # Pinned copies: measured +8.6 GiB for 6.46 GiB of SDXL weights, +26.9 for 31.4 of Flux
-        # (the guide's 2.5-3x counts the original weights too); 1.5x keeps a margin.
-        return originals + int(1.5 * total)
-    return originals + total
+        # The pinned copies replace the pageable weights group by group as they are made.
+        return originals + pinned_bytes(plan, fp)
+    return originals + sum(_size(fp, n, plan) for n in fp.components if n not in pinned)
 
 
 def stage_peak(plan: Plan, stage: str, fp: Footprint, shape: CallShape) -> tuple[int, float]:
@@ -233,9 +269,14 @@ def unavailable(name: str, plan: Plan, facts: Facts, shape: CallShape, policy: s
     if name in STREAM_PLACEMENTS:
         if facts.device_type not in ("cuda", "xpu"):
             return f"needs CUDA/XPU streams; device is {facts.device_type}"
-        need = (1.5 if name == "group_leaf_stream" else 1.1) * facts.footprint.total
-        if facts.host_available < need:
-            return f"needs {need / 2**30:.1f} GiB host RAM, {facts.host_available / 2**30:.1f} GiB available"
+        if name == "group_leaf_stream":
+            need = pinned_bytes(plan.with_strategy(name), facts.footprint)
+            room = facts.pinned_room
+            if room < need:
+                return f"needs {need / 2**30:.1f} GiB of pinned host RAM, {room / 2**30:.1f} GiB can be pinned"
+        elif facts.host_available < 1.1 * facts.footprint.total:
+            return (f"needs {1.1 * facts.footprint.total / 2**30:.1f} GiB host RAM, "
+                    f"{facts.host_available / 2**30:.1f} GiB available")
     if name == "sequential" and facts.has_bnb:
         return "bitsandbytes weights are not combined with sequential offload"
     if name == "sequential" and facts.device_type == "cpu":

@@ -75,3 +75,104 @@ def host_available_bytes() -> int:
         except (OSError, ValueError):
             continue
     return available
+
+
+# Page-locked (pinned) host memory. NVIDIA's driver caps it at about half the RAM under Windows
+# (WDDM) and WSL2, where pinning more fails or stalls (microsoft/WSL#8447; ComfyUI budgets 40%
+# there). On Linux the only cap is the RAM itself: pinned pages cannot be swapped out, so the RAM
+# available without swap (which is what host_available_bytes reports) is also what can be pinned.
+PINNED_FRACTION_WINDOWS = 0.4
+
+
+def pinned_ceiling(host_total: int, *, system: str | None = None, release: str | None = None) -> tuple[int, str]:
+    """(bytes of host RAM that can be page-locked in all, why)."""
+    import platform
+
+    system = platform.system() if system is None else system
+    release = platform.release() if release is None else release
+    if system == "Windows" or "microsoft" in release.lower():
+        where = "Windows" if system == "Windows" else "WSL2"
+        return int(PINNED_FRACTION_WINDOWS * host_total), f"{where}: the driver pins about half the RAM at most"
+    return host_total, "no driver limit; pinned pages cannot be swapped"
+
+
+def pinned_in_use() -> int:
+    """Bytes torch's pinned (host) allocator holds, blocks in use and cached alike."""
+    if not torch.cuda.is_available():
+        return 0
+    try:
+        return int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
+    except Exception:  # older builds without host allocator statistics
+        return 0
+
+
+def release_pinned_cache() -> None:
+    """Return the pinned blocks torch's host allocator caches to the OS. Without this, the pinned
+    copies of a plan switched away from (group offload with streams, per-call buffers) stay
+    page-locked for the life of the process, out of reach of anything but later pinned copies."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if empty is None:
+        empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()
+
+
+def _file_backed_ranges() -> list[tuple[int, int]] | None:
+    """Address ranges of this process mapped from files (sorted), or None where /proc is missing."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    out = []
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[4] != "0" and parts[5].startswith("/"):
+            lo, hi = parts[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return sorted(out)
+
+
+def held_on_host(modules, extra=()) -> tuple[int, int]:
+    """(bytes, pinned bytes) of the given modules' tensors (and ``extra`` tensors) that sit in
+    anonymous host RAM: a plan switch releases or reuses them. Pinned tensors count at their
+    allocator size. Tensors memory-mapped from a checkpoint (diffusers loads safetensors in their
+    stored dtype that way) do not count: their pages are page cache, which the RAM available
+    already includes. Without /proc (not Linux) nothing counts: the plan is checked against the
+    RAM available alone, as if the weights were not on the host."""
+    import bisect
+
+    from .footprint import pinned_size
+
+    ranges = _file_backed_ranges()
+    if ranges is None:
+        return 0, 0
+    starts = [lo for lo, _ in ranges]
+    seen: set[int] = set()
+    total = pinned = 0
+
+    def visit(t: torch.Tensor) -> None:
+        nonlocal total, pinned
+        if t.device.type != "cpu" or t.is_meta:
+            return
+        try:
+            key = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # wrapper subclasses without storage
+            key = id(t)
+        if key in seen:
+            return
+        seen.add(key)
+        i = bisect.bisect_right(starts, key) - 1
+        if i >= 0 and key < ranges[i][1]:
+            return  # mapped from a file: page cache
+        nbytes = t.numel() * t.element_size()
+        total += nbytes
+        if t.is_pinned():
+            pinned += pinned_size(nbytes)
+
+    for module in modules:
+        for t in (*module.parameters(), *module.buffers()):
+            visit(t)
+    for t in extra:
+        visit(t)
+    return total, pinned

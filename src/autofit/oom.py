@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .memory import release_pinned_cache
+
 __all__ = ["OOMKind", "OOMInfo", "classify", "free_memory"]
 
 
@@ -124,6 +126,7 @@ def free_memory(device: torch.device) -> None:
     if device.type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
+        release_pinned_cache()
     elif device.type == "mps" and hasattr(torch, "mps"):
         torch.mps.empty_cache()
     elif device.type == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from itertools import product
 
 from .footprint import Footprint
-from .ladder import POLICIES, SPECS, activation_factor, kept_on_device, resident_bytes
+from .ladder import POLICIES, SPECS, activation_factor, kept_on_device, pinned_bytes, resident_bytes
 from .plan import CallShape, Plan
 
 GB = 1e9
@@ -58,6 +58,13 @@ class Machine:
     pinned_gbps: float = 55.5
     pageable_gbps: float = 8.9
     quant_missing: str | None = None  # why bitsandbytes cannot quantize here (see quantize.missing)
+    pinned_available_bytes: int | None = None  # what can be page-locked (None: all of host_available)
+
+    @property
+    def pinned_room(self) -> int:
+        if self.pinned_available_bytes is None:
+            return self.host_available_bytes
+        return min(self.pinned_available_bytes, self.host_available_bytes)
 
     @property
     def streams(self) -> bool:
@@ -106,20 +113,22 @@ def activation_bytes(stage: str, fp: Footprint, wl: Workload, measured: dict[str
 def _bytes(fp: Footprint, role: str, plan: Plan) -> int:
     """Weight bytes of a role's components that an offloading placement moves (quantized
     components kept on the device move nothing)."""
-    pinned = kept_on_device(plan, fp)
-    return sum(c.stored_bytes(plan.storage) for c in fp.by_role(role) if c.name not in pinned)
+    kept = kept_on_device(plan, fp)
+    return sum(c.stored_bytes(plan.storage) for c in fp.by_role(role) if c.name not in kept)
 
 
 def predict_seconds(plan: Plan, fp: Footprint, m: Machine, wl: Workload) -> float:
     den, enc = _bytes(fp, "denoise", plan) / GB, _bytes(fp, "encode", plan) / GB
     total = sum(_bytes(fp, r, plan) for r in ("denoise", "encode", "decode")) / GB
-    pinned = kept_on_device(plan, fp)
-    leaves = sum(c.leaf_count for c in fp.by_role("denoise") if c.name not in pinned)
+    kept = kept_on_device(plan, fp)
+    leaves = sum(c.leaf_count for c in fp.by_role("denoise") if c.name not in kept)
     eff_batch = wl.batch * (2 if wl.cfg else 1)
     full_den = sum(c.bytes for c in fp.by_role("denoise")) / GB
     compute = COMPUTE_S_PER_GB_MP * full_den * max(wl.megapixels, 0.01) * eff_batch  # per step
     pin, page = m.pinned_gbps, m.pageable_gbps
     steps = wl.steps
+    if pinned_bytes(plan, fp) > m.pinned_room:
+        pin = page  # the per-call buffers fall back to pageable memory (strategies/residency.py)
     t = steps * compute + DECODE_S_PER_MP * wl.megapixels * wl.batch
     p = plan.placement
     if p == "device":
@@ -199,6 +208,9 @@ def predict(plan: Plan, fp: Footprint, m: Machine, wl: Workload, *, measured: di
                f"of the {m.budget_bytes / GIB:.2f} GiB budget")
     elif ram > 0.9 * m.host_available_bytes:
         why = f"needs {ram / GIB:.1f} GiB host RAM, {m.host_available_bytes / GIB:.1f} GiB available"
+    elif plan.placement == "group_leaf_stream" and pinned_bytes(plan, fp) > 0.9 * m.pinned_room:
+        why = (f"needs {pinned_bytes(plan, fp) / GIB:.1f} GiB of pinned host RAM, "
+               f"{m.pinned_room / GIB:.1f} GiB can be pinned")
     return Candidate(plan, peaks, vram, ram, predict_seconds(plan, fp, m, wl), quality, why is None, why)
 
 

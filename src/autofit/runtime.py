@@ -21,7 +21,7 @@ from .errors import AutoFitExhausted, CheckpointChanged
 from .events import emit
 from .footprint import Footprint, measure
 from .ladder import SPECS, Facts, next_plan
-from .memory import host_available_bytes, snapshot
+from .memory import held_on_host, host_available_bytes, pinned_ceiling, pinned_in_use, snapshot
 from .oom import OOMInfo, OOMKind, classify, free_memory
 from .plan import CallShape, Plan
 from .cache import PlanCache
@@ -168,12 +168,29 @@ class Runtime:
         self._vae_original = {n: VaeSettings.read(m) for n, m in self._vaes.items()}
 
     # ---- facts for the ladder -------------------------------------------------------------
+    def host_room(self) -> tuple[int, int]:
+        """(host RAM, pinned host RAM) a plan may hold. The pipeline's weights already in host RAM
+        count as room: a plan switch releases or reuses them (a pipeline loaded on the CPU that
+        then goes to model offload needs no RAM beyond what it has). Capped by ``max_ram``."""
+        import psutil
+
+        held, held_pinned = held_on_host(self._comps.values(), self._shadows.tensors())
+        room = host_available_bytes() + held
+        if self.max_ram is not None:
+            room = min(room, self.max_ram)
+        # Pinned blocks held by others (not the pipeline's own copies) count against the ceiling.
+        ceiling, _ = pinned_ceiling(psutil.virtual_memory().total)
+        others = max(pinned_in_use() - held_pinned, 0)
+        return room, max(min(room, ceiling - others), 0)
+
     def facts(self) -> Facts:
         vaes = list(self._vaes.values())
+        room, pinned = self.host_room()
         return Facts(
             footprint=self.footprint,
             device_type=self.device.type,
-            host_available=host_available_bytes(),
+            host_available=room,
+            pinned_available=pinned,
             has_offload_seq=getattr(self.pipe, "model_cpu_offload_seq", None) is not None,
             vae_can_tile=bool(vaes) and all(can_tile(v) for v in vaes),
             vae_can_slice=bool(vaes) and all(can_slice(v) for v in vaes),
@@ -610,7 +627,8 @@ class Runtime:
         t0 = time.perf_counter()
         skip = frozenset(n for n in self.footprint.components if n not in names)
         if level == "fp8":
-            cast, originals = apply_fp8(self.pipe, self.footprint, skip=skip, host_available=host_available_bytes())
+            spare = host_available_bytes() if self.max_ram is None else min(host_available_bytes(), self.max_ram)
+            cast, originals = apply_fp8(self.pipe, self.footprint, skip=skip, host_available=spare)
             comps = module_components(self.pipe)
             for n in cast:
                 orig = originals.get(n)
@@ -668,8 +686,9 @@ class Runtime:
         if key == self._key:
             return
         self._key, self._fields, self._wl = key, fields, wl
-        machine = Machine(hw.budget_bytes, hw.host_available_bytes, hw.device_type, hw.pinned_gbps, hw.pageable_gbps,
-                          quant_missing=quantize.missing(self.device.type))
+        room, pinned = self.host_room()
+        machine = Machine(hw.budget_bytes, room, hw.device_type, hw.pinned_gbps, hw.pageable_gbps,
+                          quant_missing=quantize.missing(self.device.type), pinned_available_bytes=pinned)
         record = self.cache.get(key) if self.cache is not None else None
         source = "planner"
         if record is not None:

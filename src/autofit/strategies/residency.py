@@ -84,5 +84,9 @@ class HostShadows:
             else:
                 table[name] = moved
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The host buffers (a plan switch drops them)."""
+        return [t for store in self._buffers.values() for t in store.values()]
+
     def drop(self) -> None:
         self._buffers.clear()

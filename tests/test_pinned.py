@@ -1,0 +1,136 @@
+"""Pinned (page-locked) host memory and the host RAM a plan may use: measured pinned sizes, the
+driver's cap on Windows/WSL2, and credit for the weights a pipeline already holds in host RAM."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from autofit import autofit
+from autofit.footprint import footprint_from_header, measure_component, pinned_size
+from autofit.ladder import Facts, host_bytes, pinned_bytes, unavailable
+from autofit.memory import held_on_host, pinned_ceiling
+from autofit.plan import CallShape, Plan
+from autofit.planner import Machine, Workload, choose, predict
+from autofit.testing import tiny_sdxl
+from footprints import FLUX, SDXL
+
+GIB = 2**30
+STREAM = Plan("group_leaf_stream")
+
+
+def test_pinned_size_rounds_each_tensor_up_to_a_power_of_two():
+    """torch's pinned allocator hands out power-of-two blocks: a Linear(3, 5) in float32 pins
+    64 + 32 bytes for its 60 + 20, from the module and from a safetensors header alike."""
+    assert [pinned_size(n) for n in (0, 1, 60, 64, 65, 20)] == [0, 1, 64, 64, 128, 32]
+    layer = torch.nn.Linear(3, 5)
+    assert measure_component("unet", layer).pinned_bytes == 96
+    header = {"weight": {"dtype": "F32", "shape": [5, 3]}, "bias": {"dtype": "F32", "shape": [5]}}
+    assert footprint_from_header("unet", header, "Linear").pinned_bytes == 96
+
+
+def test_pinned_copies_of_the_sdxl_sized_pipeline_match_the_h200():
+    """Streamed leaf-level group offload pins a copy of every tensor. For the SDXL-sized pipeline
+    (benchmarks/sized.py, built on the meta device) that predicts the +8.6 GiB measured on an H200."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sized
+    from autofit.footprint import measure
+
+    fp = measure(sized.sdxl_sized(device="meta"))
+    assert fp.total / GIB == pytest.approx(6.46, rel=0.01)
+    assert pinned_bytes(STREAM, fp) / GIB == pytest.approx(8.6, rel=0.03)
+    # The same figure is what the plan holds in host RAM: the pinned copies replace the weights.
+    assert host_bytes(STREAM, fp) == pinned_bytes(STREAM, fp)
+
+
+@pytest.mark.parametrize("system,release,fraction", [
+    ("Windows", "10", 0.4),
+    ("Linux", "5.15.167.4-microsoft-standard-WSL2", 0.4),
+    ("Linux", "6.8.0-45-generic", 1.0),
+])
+def test_pinned_ceiling_follows_the_driver(system, release, fraction):
+    ceiling, why = pinned_ceiling(64 * GIB, system=system, release=release)
+    assert ceiling == int(fraction * 64 * GIB)
+    assert why
+
+
+def machine(vram_gib, ram_gib=256, pinned_gib=None):
+    return Machine(int(vram_gib * GIB), int(ram_gib * GIB), "cuda",
+                   pinned_available_bytes=None if pinned_gib is None else int(pinned_gib * GIB))
+
+
+FLUX_4 = Workload(steps=4, cfg=False)
+
+
+def test_streams_are_not_planned_beyond_what_can_be_pinned():
+    """Flux at 16 GiB with plenty of RAM picks streamed group offload; on a machine that can pin
+    only 40% of 64 GiB (Windows, WSL2) the same plan would pin ~48 GiB: the planner says why and
+    picks the low-memory stream variant, which pins one group at a time."""
+    fast = choose(FLUX, machine(16), FLUX_4)
+    assert fast is not None and fast.plan.placement == "group_leaf_stream"
+    capped = predict(fast.plan, FLUX, machine(16, ram_gib=64, pinned_gib=25.6), FLUX_4)
+    assert not capped.fits and "pinned" in capped.why_not
+    best = choose(FLUX, machine(16, ram_gib=64, pinned_gib=25.6), FLUX_4)
+    assert best is not None and best.plan.placement == "group_leaf_lowmem"
+
+
+def test_per_call_moves_slow_down_when_their_buffers_cannot_be_pinned():
+    """offload_for_decode moves the UNet and encoders through reusable host buffers, pinned when
+    they can be (55.5 GB/s), pageable otherwise (8.9 GB/s): the prediction follows."""
+    plan = Plan("device", frozenset({"offload_for_decode"}))
+    assert pinned_bytes(plan, SDXL) / GIB == pytest.approx(1.31 * 4.78 + 1.26 * 1.29 + 1.77 * 0.23, rel=0.01)
+    wl = Workload()
+    roomy = predict(plan, SDXL, machine(8), wl)
+    tight = predict(plan, SDXL, machine(8, pinned_gib=1), wl)
+    assert tight.fits and tight.seconds > roomy.seconds + 1.0
+    assert host_bytes(plan, SDXL) == pinned_bytes(plan, SDXL)
+
+
+def test_the_ladder_skips_streams_it_cannot_pin():
+    facts = Facts(footprint=FLUX, device_type="cuda", host_available=64 * GIB, pinned_available=25 * GIB)
+    shape = CallShape()
+    why = unavailable("group_leaf_stream", Plan("model_offload"), facts, shape, "quality")
+    assert why is not None and "pinned" in why
+    assert unavailable("group_leaf_lowmem", Plan("model_offload"), facts, shape, "quality") is None
+
+
+def test_host_room_counts_the_weights_the_pipeline_already_holds():
+    """A pipeline loaded on the CPU already holds its weights in host RAM: offloading them needs
+    no RAM beyond that, so it is room a plan may use. max_ram caps it."""
+    pipe = tiny_sdxl()
+    held, pinned = held_on_host(m for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+    rt = autofit(pipe, device="cpu", cache=False)._self_runtime
+    assert held == rt.footprint.total and pinned == 0
+    room, pinnable = rt.host_room()
+    assert room >= held and pinnable <= room
+    assert rt.facts().host_available >= held
+    capped = autofit(tiny_sdxl(), device="cpu", cache=False, max_ram="1MiB")._self_runtime
+    assert capped.host_room()[0] == 2**20
+    assert capped.facts().host_available == 2**20
+
+
+def test_held_on_host_counts_shared_storage_once():
+    w = torch.zeros(256)
+    a, b = torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 16, bias=False)
+    a.weight.data = w.view(16, 16)
+    b.weight.data = w.view(16, 16)
+    assert held_on_host([a, b]) == (1024, 0)
+    assert held_on_host([a], [torch.ones(8)]) == (1024 + 32, 0)
+
+
+def test_weights_mapped_from_the_checkpoint_are_not_counted_twice(tmp_path):
+    """Loaded in its stored dtype, a pipeline's weights are memory-mapped from the safetensors
+    files: page cache, already part of the RAM available. Only a copy (a dtype cast) is credited."""
+    from diffusers import DiffusionPipeline
+
+    tiny_sdxl().save_pretrained(tmp_path)
+
+    def modules(p):
+        return [m for m in p.components.values() if isinstance(m, torch.nn.Module)]
+
+    mapped = DiffusionPipeline.from_pretrained(tmp_path)
+    total = sum(p.numel() * p.element_size() for m in modules(mapped) for p in m.parameters())
+    assert held_on_host(modules(mapped))[0] < 0.01 * total
+    cast = DiffusionPipeline.from_pretrained(tmp_path, torch_dtype=torch.float16)
+    assert held_on_host(modules(cast))[0] >= 0.99 * total / 2
