@@ -7,6 +7,7 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
 import structlog
 import torch
 
@@ -104,3 +105,89 @@ def test_explicit_plan_turns_preflight_off():
     proxy = autofit(tiny_sdxl(), plan=("vae_tiling",), max_vram="9MiB", cache=False)
     run(proxy, "sdxl")
     assert proxy.autofit.plan == ("vae_tiling",)
+
+
+def test_a_stored_plan_that_no_longer_fits_is_planned_again(tmp_path):
+    """The key holds the configured budget, not the memory this process has: a stored
+    model-offload plan is checked against this process's machine. With 1 MiB of host RAM allowed
+    (on the CPU that is the device's memory too) it is predicted not to fit, so the planner
+    decides instead, and the refusal is logged with its reason."""
+    first = autofit(tiny_sdxl(), cache=tmp_path)
+    with inject_oom(first, stage="denoise", times=2):
+        run(first, "sdxl")
+    assert first.autofit.plan == ("model_offload",)
+    second = autofit(tiny_sdxl(), cache=tmp_path, max_ram="1MiB")
+    with structlog.testing.capture_logs() as logs:
+        run(second, "sdxl")
+    refused = [e for e in logs if e["event"] == "autofit.cache_plan_refused"]
+    assert len(refused) == 1 and "0.00 GiB budget" in refused[0]["reason"]
+    assert second.autofit.plan != ("model_offload",) and second.autofit.history == ()
+
+
+def test_guidance_is_part_of_the_key(tmp_path):
+    """Classifier-free guidance doubles the denoiser's batch: runs with and without it are
+    planned and stored apart."""
+    proxy = autofit(tiny_sdxl(), cache=tmp_path)
+    run(proxy, "sdxl", guidance_scale=5.0)
+    run(proxy, "sdxl", guidance_scale=1.0)
+    records = [json.loads(p.read_text()) for p in (tmp_path / "plans").glob("*.json")]
+    assert sorted(r["key"]["cfg"] for r in records) == [False, True]
+
+
+def test_measured_activations_are_stored_without_the_plan_factor():
+    """A decode peak measured under tiling is stored as the untiled activation (divided by the
+    tiling factor), so predicting the tiled plan again gives the measured peak back, not a
+    peak shrunk twice."""
+    from autofit.ladder import activation_factor, resident_bytes
+    from autofit.plan import CallShape, Plan
+    from autofit.planner import predict
+
+    proxy = autofit(tiny_sdxl(), cache=False, max_vram="8GiB")
+    run(proxy, "sdxl")
+    rt = proxy._self_runtime
+    plan = Plan(extras=frozenset({"vae_tiling"}))
+    rt.plan = plan
+    rt._call = None
+    resident = resident_bytes(plan, "decode", rt.footprint)
+    measured_peak = resident + 300 * 2**20
+    rt._stage_peaks = {"decode": measured_peak}
+    rt._remember(1.0)
+    factor = activation_factor(plan, "decode", CallShape())
+    assert 0 < factor < 1
+    assert rt.measured[rt._key]["decode"] == int(300 * 2**20 / factor)
+    again = predict(plan, rt.footprint, rt._machine, rt._wl, measured=rt.measured[rt._key])
+    assert again.peaks["decode"] == pytest.approx(measured_peak, rel=0.001)
+
+
+def test_updates_from_many_writers_are_merged_not_lost(tmp_path):
+    """update() reads, changes and writes under the key's lock: 4 writers x 50 increments
+    leave exactly 200."""
+    cache = PlanCache(tmp_path)
+
+    def writer():
+        for _ in range(50):
+            cache.update("k", lambda r: {"n": (r or {}).get("n", 0) + 1})
+
+    threads = [threading.Thread(target=writer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert cache.get("k")["n"] == 200
+
+
+def test_a_success_keeps_what_another_process_found_broken(tmp_path):
+    """Process B stores the plan that worked for it; the rung process A marked unusable
+    meanwhile stays marked, so the next process does not repeat A's failure."""
+    proxy = autofit(tiny_sdxl(), cache=tmp_path)
+    run(proxy, "sdxl")
+    (path,) = (tmp_path / "plans").glob("*.json")
+    record = json.loads(path.read_text())
+    record["unusable"] = {"fp8": ["unet"]}  # what another process learned
+    record["activations"] = {"decode": 1}
+    path.write_text(json.dumps(record))
+    with inject_oom(proxy, stage="denoise", times=1):
+        run(proxy, "sdxl")
+    stored = json.loads(path.read_text())
+    assert stored["unusable"]["fp8"] == ["unet"]
+    assert stored["plan"] == list(proxy.autofit.plan) and proxy.autofit.plan != ()

@@ -34,6 +34,22 @@ def test_footprint_from_headers_matches_loaded_modules(sdxl_dir):
     assert not any(c.restorable for c in loaded.components.values())
 
 
+def test_footprint_from_pickled_checkpoints_matches_safetensors(sdxl_dir, tmp_path):
+    """A pipeline saved as PyTorch .bin files is measured too (shapes and dtypes on the meta
+    device, no weights read); before, its components were silently left out of the plan."""
+    tiny_sdxl().save_pretrained(tmp_path, safe_serialization=False)
+    # diffusers writes .bin for the UNet and VAE (transformers 5 writes safetensors regardless).
+    assert not list(tmp_path.glob("unet/*.safetensors")) and list(tmp_path.glob("unet/*.bin"))
+    _, from_bin = measure_folder(tmp_path)
+    _, from_st = measure_folder(sdxl_dir)
+    assert set(from_bin.components) == set(from_st.components)
+    for name, c in from_st.components.items():
+        assert from_bin.components[name].bytes == c.bytes
+        assert from_bin.components[name].cast_bytes == c.cast_bytes
+        if name in ("unet", "vae"):
+            assert not from_bin.components[name].restorable  # autofit's undo reads safetensors only
+
+
 def test_plan_json_lists_strategies_and_a_pick(sdxl_dir, capsys):
     """The table has every fitting strategy with VRAM, RAM, speed and quality, and a pick."""
     code = main(["plan", str(sdxl_dir), "--vram", "12MiB", "--ram", "8GiB", "--height", "64", "--width", "64", "--json"])

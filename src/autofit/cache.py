@@ -2,7 +2,8 @@
 
 One file per key; writes go to a temporary file in the same folder and are renamed into place
 (``os.replace`` is atomic), so many processes of a batch job can write at once: a reader sees a
-whole old record or a whole new one, never a torn one.
+whole old record or a whole new one, never a torn one. Updates hold a per-key file lock while
+they read, merge and write (``PlanCache.update``), so concurrent findings are merged, not lost.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ def default_dir() -> Path:
 @functools.lru_cache(maxsize=1)
 def _versions() -> dict[str, str]:
     out = {}
-    for name in ("torch", "diffusers", "accelerate", "transformers"):
+    for name in ("torch", "diffusers", "accelerate", "transformers", "bitsandbytes"):
         try:
             from importlib.metadata import version
 
@@ -56,6 +58,7 @@ def key_fields(
     device_name: str,
     budget_bytes: int,
     policy: str,
+    cfg: bool = True,
 ) -> dict[str, Any]:
     """What a plan depends on. Resolution is bucketed to 64K pixels and the budget to 512 MiB, so a
     grown budget gives a new key and the planner tries the lighter plan again. The budget is the
@@ -69,6 +72,7 @@ def key_fields(
         "pixels_bucket": round(pixels / 65536),
         "frames": frames,
         "batch": batch,
+        "cfg": cfg,  # guidance doubles the denoiser's batch, and its activations
         "device": device_name,
         "budget_bucket": budget_bytes // (512 << 20),
         "policy": policy,
@@ -93,6 +97,25 @@ class PlanCache:
         except (OSError, ValueError):
             return None
         return record if record.get("schema") == SCHEMA else None
+
+    def update(self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]) -> None:
+        """Read, change and write one record while holding the key's lock, so two processes that
+        learn something at once (a rung that broke, a plan that worked) merge instead of one
+        overwriting the other. Where file locks are missing (not POSIX) the last writer wins."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "a") as lock:
+            try:
+                import fcntl
+            except ImportError:
+                fcntl = None  # type: ignore[assignment]
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                self.put(key, change(self.get(key)))
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def put(self, key: str, record: dict[str, Any]) -> None:
         path = self._path(key)

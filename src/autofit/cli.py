@@ -113,7 +113,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .memory import host_available_bytes, pinned_in_use
+    from .memory import cgroup_memory, host_available_bytes, pinned_in_use
+    from .strategies.quantize import missing as quant_missing
 
     def ver(name: str) -> str | None:
         try:
@@ -130,6 +131,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "cuda_available": torch.cuda.is_available(),
         "host_available_gib": round(host_available_bytes() / GIB, 2),
         "pinned_in_use_gib": round(pinned_in_use() / GIB, 2),
+        "cgroup": cgroup_memory(),  # the tightest memory limit on this process's cgroup, or None
     }
     missing = {}
     if not torch.cuda.is_available():
@@ -139,8 +141,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         missing["fp8"] = "a torch build with float8_e4m3fn"
     if importlib.util.find_spec("pynvml") is None:
         missing["nvml"] = "nvidia-ml-py for device memory used by other processes (pip install nvidia-ml-py)"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing["quantization (nf4/int8)"] = "bitsandbytes (pip install bitsandbytes)"
+    quant_reason = quant_missing(hw.device_type)  # absent, too old, broken, or no backend for the device
+    if quant_reason is not None:
+        missing["quantization (nf4/int8)"] = quant_reason
     report["missing"] = missing
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -154,11 +157,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
           + (f", other processes {d['other_processes_bytes'] / GIB:.2f} GiB" if d["other_processes_bytes"] else ""))
     print(f"host RAM: {d['host_total_bytes'] / GIB:.2f} GiB total, {report['host_available_gib']} GiB available "
           f"(cgroup limits honoured)")
+    cg = report["cgroup"]
+    if cg is not None:
+        print(f"cgroup v{cg['version']} memory limit: {cg['limit'] / GIB:.2f} GiB at {cg['path']}, "
+              f"{cg['usage'] / GIB:.2f} GiB used of which {cg['inactive_file'] / GIB:.2f} GiB reclaimable page cache, "
+              f"{cg['available'] / GIB:.2f} GiB available")
+    else:
+        print("cgroup memory limit: none")
     print(f"pinned host RAM: {d['pinned_available_bytes'] / GIB:.2f} GiB can be pinned now, "
           f"{d['pinned_limit_bytes'] / GIB:.2f} GiB at most ({d['pinned_limit_reason']}); "
           f"{report['pinned_in_use_gib']} GiB held by torch's pinned allocator")
-    for what, need in missing.items():
-        print(f"  unavailable: {what}: needs {need}")
+    for what, need in missing.items():  # quantize.missing's reason is a whole sentence
+        print(f"  unavailable: {what}: " + (need if what == "quantization (nf4/int8)" else f"needs {need}"))
     return 0
 
 

@@ -139,9 +139,21 @@ def skipped_layer(qualified_name: str, patterns: tuple[str, ...] = QUANT_SKIP_PA
     return any(re.search(p, qualified_name) for p in patterns)
 
 
-def _fp8_patterns(module: torch.nn.Module) -> tuple[str, ...]:
-    # diffusers' enable_layerwise_casting: its default patterns plus the model class's own.
-    return _SKIP_PATTERNS + tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ())
+def _fp8_patterns(module: "torch.nn.Module | type | None") -> tuple[str, ...]:
+    """diffusers' enable_layerwise_casting: its default patterns plus the model class's own and
+    the modules it keeps in fp32. Takes a module or a model class (for a folder's headers)."""
+    return (_SKIP_PATTERNS + tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
+            + tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ()))
+
+
+def _model_class(class_name: str) -> type | None:
+    """The diffusers model class named in model_index.json, without building it."""
+    try:
+        import diffusers
+
+        return getattr(diffusers, class_name, None)
+    except Exception:  # a broken diffusers install must not break `autofit plan`
+        return None
 
 
 def quant_targets(module: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
@@ -233,6 +245,7 @@ def footprint_from_header(
     """S, S_leaf, S_block and S_lc of one component from its safetensors header (approximate: layer
     types are inferred from names and shapes, not from modules)."""
     total = leaf_max = saved = linear_bytes = linear_numel = pinned = 0
+    fp8_skip = _fp8_patterns(_model_class(class_name))
     leaves: dict[str, int] = {}
     blocks: dict[str, int] = {}
     dtypes: dict[str, int] = {}
@@ -254,7 +267,7 @@ def footprint_from_header(
         if len(parts) > 2 and parts[1].isdigit():
             key = ".".join(parts[:2])
             blocks[key] = blocks.get(key, 0) + nbytes
-        if _castable_name(tname, shape) and per > 1:
+        if _castable_name(tname, shape, fp8_skip) and per > 1:
             saved += numel * (per - 1)
         if len(shape) == 2 and per > 1 and _castable_name(tname, shape, QUANT_SKIP_PATTERNS):
             linear_bytes += nbytes  # a Linear weight (conv weights have 3+ dims)
@@ -278,6 +291,23 @@ def footprint_from_header(
     )
 
 
+_TORCH_TO_SAFETENSORS = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                         torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                         torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _pickled_header(files: list[Path]) -> dict:
+    """A safetensors-like header of PyTorch .bin checkpoints: loaded onto the meta device, so
+    only shapes and dtypes are read, not the weights (weights_only: no code runs)."""
+    header: dict = {}
+    for f in files:
+        state = torch.load(f, map_location="meta", weights_only=True, mmap=True)
+        for key, t in state.items():
+            if isinstance(t, torch.Tensor):
+                header[key] = {"dtype": _TORCH_TO_SAFETENSORS.get(t.dtype, "F16"), "shape": list(t.shape)}
+    return header
+
+
 def measure_folder(path: "str | Path", dtype: str | None = None) -> tuple[str, Footprint]:
     """(pipeline class name, footprint) of a diffusers model folder, from headers only."""
     import json
@@ -296,15 +326,18 @@ def measure_folder(path: "str | Path", dtype: str | None = None) -> tuple[str, F
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
             continue
         files = sorted((root / name).glob("*.safetensors"))
-        if not files:
-            continue
-        from .checkpoint import read_safetensors_header
+        if files:
+            from .checkpoint import read_safetensors_header
 
-        header: dict = {}
-        for f in files:
-            header.update(read_safetensors_header(f))
-        # Loaded from this folder, the components' own files are the undo copy of one-way rungs
-        # (a prediction: the loaded pipeline checks its modules' keys against them, and autofit
-        # compares the contents before releasing anything).
-        comps[name] = footprint_from_header(name, header, spec[1], dtype, restorable=True)
+            header: dict = {}
+            for f in files:
+                header.update(read_safetensors_header(f))
+            # Loaded from this folder, the components' own files are the undo copy of one-way
+            # rungs (a prediction: the loaded pipeline checks its modules' keys against them, and
+            # autofit compares the contents before releasing anything).
+            comps[name] = footprint_from_header(name, header, spec[1], dtype, restorable=True)
+            continue
+        pickled = sorted((root / name).glob("*.bin"))
+        if pickled:  # older checkpoints; autofit's undo reads only safetensors
+            comps[name] = footprint_from_header(name, _pickled_header(pickled), spec[1], dtype)
     return index.get("_class_name", "DiffusionPipeline"), Footprint(comps)

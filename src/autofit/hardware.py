@@ -39,30 +39,112 @@ class Hardware:
         return asdict(self)
 
 
+def _uuid_text(raw) -> str | None:
+    """A device UUID as text ("GPU-...", "MIG-..." or torch's bare hex), or None when unknown."""
+    if raw is None:
+        return None
+    text = raw.decode(errors="replace") if isinstance(raw, (bytes, bytearray)) else str(raw)
+    text = text.strip().strip("\0")
+    if not text.replace("-", "").strip("0"):  # empty or all zeros: the build does not fill it in
+        return None
+    return text
+
+
+def _pci_bus_id(props) -> str | None:
+    """torch's device properties as NVML's PCI bus id ("00000000:3b:00.0"), or None without them."""
+    domain, bus, dev = (getattr(props, k, None) for k in ("pci_domain_id", "pci_bus_id", "pci_device_id"))
+    if not all(isinstance(v, int) for v in (domain, bus, dev)) or not (domain or bus or dev):
+        return None
+    return f"{domain:08x}:{bus:02x}:{dev:02x}.0"
+
+
+def _nvml_lookup(fn, key: str):
+    """Call an NVML lookup with ``key`` as str, then as bytes (older pynvml takes only bytes)."""
+    try:
+        return fn(key)
+    except Exception:
+        return fn(key.encode())
+
+
+def _mig_enabled(nvml, handle) -> bool:
+    get = getattr(nvml, "nvmlDeviceGetMigMode", None)
+    if get is None:
+        return False
+    try:
+        current = get(handle)[0]
+    except Exception:  # NVMLError_NotSupported: a GPU without MIG
+        return False
+    return current == getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1)
+
+
+def _nvml_handle(nvml, uuid: str | None, pci_bus_id: str | None):
+    """NVML's handle for torch's device, found by UUID, else PCI bus id, never by index: NVML ignores
+    CUDA_VISIBLE_DEVICES, so its index 0 is another GPU than torch's cuda:0 when that is set. None for
+    a MIG slice (NVML's memory figures are the whole GPU's) or when neither finds it."""
+    import os
+
+    if "MIG-" in os.environ.get("CUDA_VISIBLE_DEVICES", "") or (uuid and uuid.startswith("MIG-")):
+        return None
+    handle = None
+    if uuid:
+        if not uuid.startswith("GPU-"):  # torch prints the bare hex; NVML spells it GPU-... or MIG-...
+            try:
+                _nvml_lookup(nvml.nvmlDeviceGetHandleByUUID, "MIG-" + uuid)
+                return None
+            except Exception:
+                uuid = "GPU-" + uuid
+        try:
+            handle = _nvml_lookup(nvml.nvmlDeviceGetHandleByUUID, uuid)
+        except Exception:
+            handle = None
+    if handle is None and pci_bus_id:
+        try:
+            handle = _nvml_lookup(nvml.nvmlDeviceGetHandleByPciBusId, pci_bus_id)
+        except Exception:
+            handle = None
+    if handle is None or _mig_enabled(nvml, handle):  # a MIG slice shares its parent's PCI bus id
+        return None
+    return handle
+
+
+def _nvml_read(nvml, uuid: str | None, pci_bus_id: str | None) -> tuple[int, int, int | None, str] | None:
+    """(total, free, used by other processes, name) of the device NVML knows by ``uuid`` or
+    ``pci_bus_id``; None when it cannot say (see _nvml_handle)."""
+    import os
+
+    try:
+        nvml.nvmlInit()
+        try:
+            handle = _nvml_handle(nvml, uuid, pci_bus_id)
+            if handle is None:
+                return None
+            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+            name = nvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else name
+            others = 0
+            for proc in nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid != os.getpid() and proc.usedGpuMemory:
+                    others += int(proc.usedGpuMemory)
+            return int(mem.total), int(mem.free), others, name
+        finally:
+            nvml.nvmlShutdown()
+    except Exception:  # NVML present but unusable (containers without the driver lib...)
+        return None
+
+
 def _nvml(index: int) -> tuple[int, int, int | None, str] | None:
-    """(total, free, used by other processes, name) from NVML, or None without it."""
+    """(total, free, used by other processes, name) of torch's cuda:index from NVML, or None
+    without it (probe then uses torch's mem_get_info, which honours CUDA_VISIBLE_DEVICES)."""
     try:
         import pynvml
     except ImportError:
         return None
     try:
-        pynvml.nvmlInit()
-        try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            name = name.decode() if isinstance(name, bytes) else name
-            import os
-
-            others = 0
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid != os.getpid() and proc.usedGpuMemory:
-                    others += int(proc.usedGpuMemory)
-            return int(mem.total), int(mem.free), others, name
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # NVML present but unusable (containers without the driver lib, MIG...)
+        props = torch.cuda.get_device_properties(index)
+        uuid, bus_id = _uuid_text(getattr(props, "uuid", None)), _pci_bus_id(props)
+    except Exception:
         return None
+    return _nvml_read(pynvml, uuid, bus_id)
 
 
 def probe(

@@ -55,25 +55,113 @@ def snapshot(device: torch.device, max_vram: int | None = None) -> dict[str, flo
     }
 
 
-def host_available_bytes() -> int:
-    """Host RAM available to this process, honouring a cgroup (container) limit when one is set."""
-    available = psutil.virtual_memory().available
-    for path, usage_path in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            with open(path) as f:
-                raw = f.read().strip()
-            if raw == "max":
-                continue
-            limit = int(raw)
-            with open(usage_path) as f:
-                used = int(f.read().strip())
-            if limit < (1 << 60):
-                available = min(available, max(limit - used, 0))
-        except (OSError, ValueError):
+_NO_LIMIT = 1 << 60  # memory.max "max", v1's 2**63 - page: no limit
+
+
+def _read_int(path: object) -> int | None:
+    """The integer in a cgroup file, or None (missing, unreadable, "max")."""
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_stat(path: object, keys: tuple[str, ...]) -> int:
+    """The first of ``keys`` found in a memory.stat file, 0 when none is."""
+    found: dict[str, int] = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 2 and parts[0] in keys:
+                    found[parts[0]] = int(parts[1])
+    except (OSError, ValueError):
+        return 0
+    return next((found[k] for k in keys if k in found), 0)
+
+
+def _cgroup_paths(proc_cgroup: str) -> dict[int, str]:
+    """{version: this process's cgroup path} from /proc/self/cgroup: the v2 line "0::/path", and
+    the v1 line whose controllers include "memory"."""
+    paths: dict[int, str] = {}
+    for line in proc_cgroup.splitlines():
+        hier, sep, rest = line.partition(":")
+        controllers, sep2, path = rest.partition(":")
+        if not (sep and sep2):
             continue
+        if hier == "0" and controllers == "":
+            paths.setdefault(2, path)
+        elif "memory" in controllers.split(","):
+            paths.setdefault(1, path)
+    return paths
+
+
+def _cgroup_levels(mount: object, path: str) -> list[tuple[object, str]]:
+    """(directory, cgroup path) from the process's cgroup up to the mount's root. Where the nested
+    directory is not there (a cgroup namespace shows the container's own cgroup as the root, or
+    /proc/self/cgroup was unreadable), the root alone."""
+    from pathlib import Path, PurePosixPath
+
+    mount = Path(mount)
+    rel = PurePosixPath("/", path or "/")
+    levels = []
+    if (mount / str(rel).lstrip("/")).is_dir():
+        for p in (rel, *rel.parents):
+            levels.append((mount / str(p).lstrip("/"), str(p)))
+    if not levels or levels[-1][1] != "/":
+        levels.append((mount, "/"))
+    return levels
+
+
+def cgroup_memory(*, _root: object = "/sys/fs/cgroup", _proc_cgroup: str | None = None) -> dict[str, int | str] | None:
+    """The tightest cgroup memory limit on this process, or None where there is none: ``limit``,
+    ``usage`` (bytes, page cache included), ``inactive_file`` (page cache the kernel reclaims before
+    an OOM kill), ``available`` (limit - (usage - inactive_file), at least 0), ``path`` (the
+    cgroup's path, "/" for the root or a namespaced container), ``version`` (1 or 2).
+
+    Every level from the process's own cgroup (/proc/self/cgroup) up to the root is read, since a
+    parent's limit applies to its children too; the level leaving the least available wins.
+    ``_root`` and ``_proc_cgroup`` (the text of /proc/self/cgroup) are for tests."""
+    from pathlib import Path
+
+    root = Path(_root)
+    if _proc_cgroup is None:
+        try:
+            _proc_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            _proc_cgroup = ""
+    paths = _cgroup_paths(_proc_cgroup)
+    # (version, mount, limit file, usage file, memory.stat keys for the inactive page cache)
+    layouts = (
+        (2, root, "memory.max", "memory.current", ("inactive_file",)),
+        (1, root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", ("total_inactive_file", "inactive_file")),
+    )
+    best: dict[str, int | str] | None = None
+    for version, mount, limit_file, usage_file, keys in layouts:
+        for directory, path in _cgroup_levels(mount, paths.get(version, "/")):
+            limit = _read_int(directory / limit_file)
+            if limit is None or limit >= _NO_LIMIT:
+                continue
+            usage = _read_int(directory / usage_file)
+            if usage is None:
+                continue
+            inactive = min(_read_stat(directory / "memory.stat", keys), usage)
+            available = max(limit - (usage - inactive), 0)
+            if best is None or available < best["available"]:
+                best = dict(limit=limit, usage=usage, inactive_file=inactive, available=available, path=path,
+                            version=version)
+    return best
+
+
+def host_available_bytes(*, _root: object = "/sys/fs/cgroup", _proc_cgroup: str | None = None) -> int:
+    """Host RAM available to this process, honouring a cgroup (container, Slurm job, systemd slice)
+    limit when one is set: the process's own cgroup and its parents, page cache the kernel would
+    reclaim counted as available (see ``cgroup_memory``)."""
+    available = psutil.virtual_memory().available
+    cgroup = cgroup_memory(_root=_root, _proc_cgroup=_proc_cgroup)
+    if cgroup is not None:
+        available = min(available, cgroup["available"])
     return available
 
 

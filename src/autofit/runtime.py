@@ -144,6 +144,9 @@ class Runtime:
         self._key: str | None = None  # plan-cache key of the workload the plan was chosen for
         self._fixed_plan = not preflight  # an explicit start plan or adopted offloading is kept
         self.predicted: dict[str, int] = {}
+        self._predicted_plan: Plan | None = None
+        self._machine: Any = None  # the planner's Machine and Workload of the current workload
+        self._wl: Any = None
         self.measured: dict[str, dict[str, int]] = {}  # key -> stage -> measured activation bytes
         self._stage: str | None = None
         self._stage_peaks: dict[str, int] = {}
@@ -207,7 +210,7 @@ class Runtime:
         return next((w.strategy for w in self._one_way.values() if w.undo is None), None)
 
     def memory(self) -> dict[str, float | None]:
-        return snapshot(self.device)
+        return snapshot(self.device, self.max_vram)
 
     # ---- one call -------------------------------------------------------------------------
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -419,14 +422,22 @@ class Runtime:
         del self._one_way[name]
         self._unvalidated.discard(name)
 
+    def _merged_unusable(self, record: dict | None) -> dict[str, list[str]]:
+        """This process's broken rungs together with those another process stored."""
+        out = {k: set(v) for k, v in (record or {}).get("unusable", {}).items()}
+        for k, v in self.unusable.items():
+            out.setdefault(k, set()).update(v)
+        return {k: sorted(v) for k, v in out.items()}
+
     def _persist_unusable(self) -> None:
         if self.cache is None or self._key is None:
             return
-        record = self.cache.get(self._key) or {"plan": list(self.plan.names), "key": getattr(self, "_fields", {})}
-        record["unusable"] = {k: sorted(v) for k, v in self.unusable.items()}
-        record["plan"] = list(self.plan.names)
+        def change(record: dict | None) -> dict:
+            record = record or {"key": getattr(self, "_fields", {})}
+            return {**record, "plan": list(self.plan.names), "unusable": self._merged_unusable(record)}
+
         try:
-            self.cache.put(self._key, record)
+            self.cache.update(self._key, change)
         except OSError as exc:
             emit("cache_write_failed", level="warning", stage="load", action="none", error=str(exc)[:200])
 
@@ -493,6 +504,7 @@ class Runtime:
                     raise
             if new_failure is None:
                 cs.seconds_lost += time.perf_counter() - t0
+                self._restart_peaks()
                 emit("retry", stage=stage, attempt=cs.attempts, scope=scope, **self.memory())
                 return
             # The new plan ran out while its weights were being placed: a load-stage OOM.
@@ -672,7 +684,7 @@ class Runtime:
         from .planner import Machine, choose, predict
 
         wl = self._workload(args, kwargs)
-        signature = (wl.height, wl.width, wl.frames, wl.batch)
+        signature = (wl.height, wl.width, wl.frames, wl.batch, wl.cfg)
         if signature == self._signature:
             return  # same workload as the last call: keep the plan that works (no probe per call)
         self._signature = signature
@@ -680,7 +692,7 @@ class Runtime:
         fields = cache_mod.key_fields(
             pipeline=type(self.pipe).__name__, footprint=self.footprint, height=wl.height, width=wl.width,
             frames=wl.frames, batch=wl.batch, device_name=hw.device_name, budget_bytes=hw.configured_budget_bytes,
-            policy=self.policy,
+            policy=self.policy, cfg=wl.cfg,
         )
         key = cache_mod.make_key(fields)
         if key == self._key:
@@ -689,6 +701,7 @@ class Runtime:
         room, pinned = self.host_room()
         machine = Machine(hw.budget_bytes, room, hw.device_type, hw.pinned_gbps, hw.pageable_gbps,
                           quant_missing=quantize.missing(self.device.type), pinned_available_bytes=pinned)
+        self._machine = machine
         record = self.cache.get(key) if self.cache is not None else None
         source = "planner"
         if record is not None:
@@ -702,6 +715,17 @@ class Runtime:
                 self.measured[key] = {k: int(v) for k, v in record.get("activations", {}).items()}
                 source = "cache"
             except (KeyError, ValueError):
+                record = None
+        if record is not None and self.preflight:
+            # The key holds the configured budget, not what is free now nor the host RAM: a plan
+            # stored by a process on a roomier machine (or before another process took memory)
+            # is checked with the measured activations before it is trusted. It ran within the
+            # whole budget, so no working reserve is asked of it.
+            stale = predict(chosen, self.footprint, machine, wl, measured=self.measured.get(key), policy=self.policy,
+                            margin=1.0)
+            if not stale.fits:
+                emit("cache_plan_refused", stage="load", action=",".join(chosen.names) or "device",
+                     reason=stale.why_not)
                 record = None
         if record is None:
             if not self.preflight:
@@ -721,7 +745,7 @@ class Runtime:
             # Weights changed one way with no copy to undo it: the plan says so rather than pretend.
             chosen = chosen.with_strategy(locked)
         cand = predict(chosen, self.footprint, machine, wl, measured=self.measured.get(key), policy=self.policy)
-        self.predicted = cand.peaks
+        self.predicted, self._predicted_plan = cand.peaks, chosen
         self._dirty = True
         emit("preflight", stage="load", action=",".join(chosen.names) or "device", attempt=0, source=source,
              predicted_seconds=round(cand.seconds, 3), predicted_vram_gib=round(cand.vram / 2**30, 3),
@@ -739,15 +763,35 @@ class Runtime:
                 torch.cuda.reset_peak_memory_stats(self.device)
         self._stage = stage
 
+    def _restart_peaks(self) -> None:
+        """After a plan switch: the peaks so far belong to the plan that failed (the failed
+        attempt's own peak sits near the budget), so measurement starts again."""
+        self._stage_peaks = {}
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats(self.device)
+
     def _remember(self, seconds: float) -> None:
         """Store the plan that worked (and the measured activations) under the workload's key."""
-        from .ladder import resident_bytes
+        from .ladder import activation_factor, resident_bytes
+        from .planner import predict
 
         peaks, self._stage_peaks = self._stage_peaks, {}
         self._dirty = False
-        activations = {
-            stage: max(peak - resident_bytes(self.plan, stage, self.footprint), 0) for stage, peak in peaks.items()
-        }
+        before = dict(self.measured.get(self._key, {})) if self._key is not None else {}
+        if self._machine is not None and self._wl is not None and self._predicted_plan != self.plan:
+            # The preflight prediction was for another plan: log the one for the plan that ran.
+            self.predicted = predict(self.plan, self.footprint, self._machine, self._wl, measured=before,
+                                     policy=self.policy).peaks
+            self._predicted_plan = self.plan
+        shape = self._call.shape if self._call is not None else CallShape()
+        activations = {}
+        for stage, peak in peaks.items():
+            # Stored unscaled: the planner applies the factor of the plan it predicts for (tiling,
+            # split batches), so a peak measured under tiling is not shrunk a second time.
+            factor = activation_factor(self.plan, stage, shape)
+            if factor > 0:
+                activations[stage] = int(max(peak - resident_bytes(self.plan, stage, self.footprint), 0) / factor)
+        activations = {**before, **activations}  # stages not run since the last switch keep theirs
         if activations and self._key is not None:
             self.measured[self._key] = activations
         if peaks:
@@ -755,9 +799,16 @@ class Runtime:
                  **{f"measured_{k}_gib": round(v / 2**30, 3) for k, v in peaks.items()},
                  **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in self.predicted.items() if k in peaks})
         if self.cache is not None and self._key is not None:
+            def change(record: dict | None) -> dict:
+                # Another process may have stored meanwhile: its broken rungs are kept, and each
+                # stage keeps the larger activation measured (plans are predicted from them).
+                stored = {k: int(v) for k, v in (record or {}).get("activations", {}).items()}
+                merged = {k: max(v, stored.get(k, 0)) for k, v in activations.items()}
+                return {"plan": list(self.plan.names), "activations": {**stored, **merged},
+                        "seconds": round(seconds, 4), "key": self._fields,
+                        "unusable": self._merged_unusable(record)}
+
             try:
-                self.cache.put(self._key, {"plan": list(self.plan.names), "activations": activations,
-                                           "seconds": round(seconds, 4), "key": self._fields,
-                                           "unusable": {k: sorted(v) for k, v in self.unusable.items()}})
+                self.cache.update(self._key, change)
             except OSError as exc:  # a read-only or full cache must not fail the call
                 emit("cache_write_failed", level="warning", stage="load", action="none", error=str(exc)[:200])
