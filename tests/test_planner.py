@@ -142,3 +142,30 @@ def test_every_escalation_lowers_the_failing_stage_peak(fp, placement, extras, s
     new_r, new_a = stage_peak(new, stage, fp, shape)
     assert new_r <= old_r and new_a <= old_a and (new_r, new_a) != (old_r, old_a)
     assert action in SPECS
+
+
+def test_video_activations_follow_latent_frames_not_frames():
+    """A 5 s 960x544 clip at 24 fps (121 frames) is 31 latent frames for the denoiser: its
+    activations come to the guide's "~7-8 GB", not 121 images' worth (31.6 GiB before). The VAE
+    decodes a latent frame or two at a time, so the decode estimate stops growing with length."""
+    from autofit.planner import activation_bytes
+
+    clip = Workload(height=544, width=960, frames=121, cfg=False)
+    assert clip.latent_frames == 31
+    assert 7e9 <= activation_bytes("denoise", FLUX, clip) <= 9e9
+    longer = Workload(height=544, width=960, frames=241, cfg=False)
+    assert activation_bytes("decode", FLUX, longer) == activation_bytes("decode", FLUX, clip)
+    image = Workload(height=544, width=960, cfg=False)
+    assert activation_bytes("decode", FLUX, clip) == pytest.approx(8 * activation_bytes("decode", FLUX, image), abs=8)
+    # A VAE that packs 8 frames a latent frame (LTX) halves the latent frames again.
+    assert Workload(height=544, width=960, frames=121, temporal_factor=8).latent_frames == 16
+
+
+def test_calls_that_leave_arguments_out_are_planned_with_the_pipeline_defaults():
+    """Wan makes 81 frames at 832x480 when the call does not say: that is the workload planned."""
+    from diffusers import WanPipeline
+
+    from autofit.runtime import _call_defaults
+
+    defaults = _call_defaults(WanPipeline)
+    assert (defaults["num_frames"], defaults["height"], defaults["width"]) == (81, 480, 832)

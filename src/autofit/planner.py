@@ -42,10 +42,22 @@ class Workload:
     batch: int = 1
     steps: int = 30
     cfg: bool = True
+    temporal_factor: int = 4  # frames per latent frame of a video VAE (Wan, CogVideoX, HunyuanVideo)
 
     @property
     def megapixels(self) -> float:
+        """Pixels decoded, all frames."""
         return self.height * self.width * self.frames / 1e6
+
+    @property
+    def latent_frames(self) -> int:
+        return 1 if self.frames <= 1 else (self.frames - 1) // max(self.temporal_factor, 1) + 1
+
+    @property
+    def latent_megapixels(self) -> float:
+        """What the denoiser's tokens scale with: one frame's megapixels x latent frames (a
+        121-frame video is 31 latent frames, not 121 images)."""
+        return self.height * self.width * self.latent_frames / 1e6
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +105,14 @@ def activation_bytes(stage: str, fp: Footprint, wl: Workload, measured: dict[str
 
     Estimates from the H200 measurements at 1024x1024 (one image): encode ~0.15 GiB, denoise
     ~0.46 GiB for a UNet with CFG and ~0.5 GiB for a transformer, decode ~2.5 GiB (16-bit VAE).
+    Video: the denoiser sees latent frames (a quarter of the frames), which puts a 121-frame
+    960x544 clip at ~8 GiB without CFG, the guide's "~7-8 GB"; diffusers' video VAEs decode a
+    latent frame or two at a time with a causal cache, taken as twice one latent frame's frames
+    (not measured; the measured peak replaces it after the first run).
     """
     if measured and stage in measured:
         return measured[stage]
-    mp = wl.megapixels
+    mp = wl.latent_megapixels
     if stage == "encode":
         largest = max((c.bytes for c in fp.by_role("encode")), default=0)
         return int(min(0.15 * GIB, 0.12 * largest) * wl.batch)
@@ -106,7 +122,8 @@ def activation_bytes(stage: str, fp: Footprint, wl: Workload, measured: dict[str
     if stage == "decode":
         vae = fp.by_role("decode")
         width = 2 if vae and vae[0].dtype == "float32" else 1
-        return int(2.4 * GIB * mp * wl.batch * width)
+        frames = 1 if wl.frames <= 1 else min(wl.frames, 2 * max(wl.temporal_factor, 1))
+        return int(2.4 * GIB * wl.height * wl.width / 1e6 * frames * wl.batch * width)
     return 0
 
 
@@ -124,7 +141,7 @@ def predict_seconds(plan: Plan, fp: Footprint, m: Machine, wl: Workload) -> floa
     leaves = sum(c.leaf_count for c in fp.by_role("denoise") if c.name not in kept)
     eff_batch = wl.batch * (2 if wl.cfg else 1)
     full_den = sum(c.bytes for c in fp.by_role("denoise")) / GB
-    compute = COMPUTE_S_PER_GB_MP * full_den * max(wl.megapixels, 0.01) * eff_batch  # per step
+    compute = COMPUTE_S_PER_GB_MP * full_den * max(wl.latent_megapixels, 0.01) * eff_batch  # per step
     pin, page = m.pinned_gbps, m.pageable_gbps
     steps = wl.steps
     if pinned_bytes(plan, fp) > m.pinned_room:

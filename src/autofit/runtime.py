@@ -8,6 +8,8 @@ reruns the whole call with the caller's generators restored to their state at th
 
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -80,6 +82,16 @@ def _generators(kwargs: dict[str, Any]) -> list[torch.Generator]:
     if isinstance(gen, (list, tuple)):
         return [g for g in gen if isinstance(g, torch.Generator)]
     return []
+
+
+@functools.lru_cache(maxsize=32)
+def _call_defaults(cls: type) -> dict[str, Any]:
+    """The defaults of a pipeline class's ``__call__`` (height, num_frames, steps, guidance)."""
+    try:
+        params = inspect.signature(cls.__call__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
 class _RngSnapshot:
@@ -662,17 +674,22 @@ class Runtime:
         from .planner import Workload
 
         pipe = self.pipe
+        # What the call leaves out is what the pipeline's own defaults say (a video pipeline makes
+        # 81 or 121 frames when num_frames is not passed, not one).
+        given = {**_call_defaults(type(pipe)), **{k: v for k, v in kwargs.items() if v is not None}}
         default = None
         if getattr(pipe, "default_sample_size", None) and getattr(pipe, "vae_scale_factor", None):
             default = int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
-        h = kwargs.get("height") or default or 1024
-        w = kwargs.get("width") or default or 1024
-        frames = int(kwargs.get("num_frames") or 1)
+        h = given.get("height") or default or 1024
+        w = given.get("width") or default or 1024
+        frames = int(given.get("num_frames") or 1)
         shape = _shape_from_kwargs(args, kwargs)
-        steps = int(kwargs.get("num_inference_steps") or 30)
-        guidance = kwargs.get("guidance_scale", 5.0)
+        steps = int(given.get("num_inference_steps") or 30)
+        guidance = given.get("guidance_scale", 5.0)
         cfg = bool(guidance and guidance > 1) and "Flux" not in type(pipe).__name__
-        return Workload(height=int(h), width=int(w), frames=frames, batch=shape.batch, steps=steps, cfg=cfg)
+        temporal = getattr(pipe, "vae_scale_factor_temporal", None)
+        return Workload(height=int(h), width=int(w), frames=frames, batch=shape.batch, steps=steps, cfg=cfg,
+                        temporal_factor=int(temporal) if isinstance(temporal, int) and temporal > 0 else 4)
 
     def _choose_plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """At the first call of a workload: the cached plan if one worked before, else the
