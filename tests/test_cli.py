@@ -63,6 +63,29 @@ def test_plan_json_lists_strategies_and_a_pick(sdxl_dir, capsys):
     assert not out["pick"][0].startswith(("nf4", "int8"))
 
 
+def test_plan_has_one_row_per_strategy_fitting_or_not(sdxl_dir, capsys):
+    """The guide's Step 3 table: every strategy, offloading, casting and quantization alike, with
+    the fastest plan using it, whether it fits under the policy and why not; the pick is a row.
+    The footprint figures of the guide's calculator come with it."""
+    from autofit.ladder import SPECS
+
+    main(["plan", str(sdxl_dir), "--vram", "12MiB", "--height", "64", "--width", "64", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["strategy"]: r for r in out["by_strategy"]}
+    # Batch splits and VAE slicing have nothing to split in a batch of one.
+    assert set(rows) == {"device", *SPECS} - {"split_batch", "split_batch_max", "vae_slicing"}
+    for name, r in rows.items():
+        assert name == "device" and r["plan"] == ["device"] or name in r["plan"]
+        assert r["fits"] == (r["why_not"] is None)
+    assert not rows["device"]["fits"] and "budget" in rows["device"]["why_not"]
+    # Under the default policy (quality) lossy rungs are listed and say why they are not taken.
+    assert all("policy" in rows[n]["why_not"] for n in ("fp8", "int8", "nf4"))
+    assert out["pick"] in [r["plan"] for r in rows.values() if r["fits"]]
+    assert min((r for r in rows.values() if r["fits"]), key=lambda r: r["seconds"])["plan"] == out["pick"]
+    assert {"S_total_gib", "S_max_gib", "S_block_gib", "S_leaf_gib", "S_total_lc_gib", "S_max_lc_gib"} <= set(out)
+    assert out["S_total_lc_gib"] <= out["S_total_gib"] and out["S_leaf_gib"] <= out["S_block_gib"] <= out["S_max_gib"]
+
+
 def test_plan_shows_quantization_beside_offloading(sdxl_dir, capsys):
     """nf4 and int8 plans are ranked with the others (measured sizes: the UNet's Linear weights
     at ~0.56 / 1 byte a weight), lossy, and smaller on the device than the full-precision plan."""

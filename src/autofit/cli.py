@@ -37,7 +37,7 @@ def _cuda() -> bool:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .footprint import measure_folder
-    from .ladder import pinned_bytes
+    from .ladder import POLICIES, SPECS, pinned_bytes
     from .planner import Machine, Workload, rank
     from .strategies.quantize import missing
 
@@ -58,10 +58,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     wl = Workload(height=args.height, width=args.width, frames=args.frames, batch=args.batch, steps=args.steps, cfg=cfg)
     # Rank under the permissive policy so lossy rows show too; the pick honours --policy.
     rows = rank(fp, machine, wl, policy="speed")
-    pick = next((c for c in rank(fp, machine, wl, policy=args.policy) if c.fits), None)
+    ranked = rank(fp, machine, wl, policy=args.policy)
+    pick = next((c for c in ranked if c.fits), None)
     fastest = min((c.seconds for c in rows if c.fits), default=None)
-    table = [
-        {
+
+    def row(c, strategy: str | None = None) -> dict[str, Any]:
+        out = {"strategy": strategy} if strategy is not None else {}
+        return {
+            **out,
             "plan": list(c.names) or ["device"],
             "fits": c.fits,
             "vram_gib": round(c.vram / GIB, 2),
@@ -73,14 +77,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "why_not": c.why_not,
             "peaks_gib": {k: round(v / GIB, 2) for k, v in c.peaks.items()},
         }
-        for c in rows
-        if args.all or c.fits
-    ]
+
+    # The guide's Step 3 table: one row per strategy, fitting or not: the fastest plan using it,
+    # one that fits under --policy first (a lossy strategy under "quality" says so). --all adds
+    # every combination, as the most permissive policy allows them.
+    fits_memory = {c.plan for c in rows if c.fits}
+    by_strategy = []
+    for name in ("device", *SPECS):
+        using = [c for c in ranked if (name in c.names if name != "device" else not c.names)]
+        if using:
+            best = min(using, key=lambda c: (not c.fits, c.quality not in POLICIES[args.policy],
+                                             c.plan not in fits_memory, c.seconds))
+            by_strategy.append(row(best, name))
+    table = [row(c) for c in rows if args.all or c.fits]
+    comps = fp.components.values()
     summary = {
         "pipeline": pipeline,
         "components_gib": {n: round(c.bytes / GIB, 3) for n, c in fp.components.items()},
         "S_total_gib": round(fp.total / GIB, 3),
         "S_max_gib": round(fp.largest / GIB, 3),
+        "S_block_gib": round(max((c.block_bytes for c in comps), default=0) / GIB, 3),
+        "S_leaf_gib": round(max((c.leaf_bytes for c in comps), default=0) / GIB, 3),
+        "S_total_lc_gib": round(sum(c.stored_bytes("fp8") for c in comps) / GIB, 3),
+        "S_max_lc_gib": round(max((c.stored_bytes("fp8") for c in comps), default=0) / GIB, 3),
         "vram_budget_gib": round(budget / GIB, 2),
         "ram_available_gib": round(host / GIB, 2),
         "pinned_available_gib": round(machine.pinned_room / GIB, 2),
@@ -88,6 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      "steps": args.steps},
         "policy": args.policy,
         "pick": (list(pick.names) or ["device"]) if pick else None,
+        "by_strategy": by_strategy,
         "strategies": table,
     }
     if args.json:
@@ -96,13 +116,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"{pipeline}: {summary['S_total_gib']} GiB of weights; budget {summary['vram_budget_gib']} GiB VRAM, "
           f"{summary['ram_available_gib']} GiB RAM ({summary['pinned_available_gib']} GiB can be pinned); "
           f"{args.width}x{args.height}, batch {args.batch}, {args.steps} steps")
-    print(f"{'plan':<48} {'fits':<5} {'VRAM':>7} {'RAM':>7} {'pinned':>7} {'sec':>7} {'speed':>6}  quality")
-    for row in table:
-        name = "+".join(row["plan"])
-        mark = "*" if pick and row["plan"] == (list(pick.names) or ["device"]) else " "
-        note = f"  ({row['why_not']})" if args.all and row["why_not"] else ""
-        print(f"{mark}{name:<47} {str(row['fits']):<5} {row['vram_gib']:>7.2f} {row['ram_gib']:>7.2f} "
-              f"{row['pinned_gib']:>7.2f} {row['seconds']:>7.2f} {row['relative_speed'] or 0:>6.2f}  {row['quality']}{note}")
+    picked = (list(pick.names) or ["device"]) if pick else None
+
+    def show(rows_: list[dict[str, Any]], first: str) -> None:
+        print(f"{first:<64} {'fits':<5} {'VRAM':>7} {'RAM':>7} {'pinned':>7} {'sec':>7} {'speed':>6}  quality")
+        for r in rows_:
+            label = r.get("strategy") or "+".join(r["plan"])
+            if r.get("strategy") and r["plan"] != [r["strategy"]]:
+                label = f"{r['strategy']} ({'+'.join(r['plan'])})"
+            mark = "*" if r["plan"] == picked else " "
+            note = f"  ({r['why_not']})" if r["why_not"] else ""
+            print(f"{mark}{label[:63]:<63} {str(r['fits']):<5} {r['vram_gib']:>7.2f} {r['ram_gib']:>7.2f} "
+                  f"{r['pinned_gib']:>7.2f} {r['seconds']:>7.2f} {r['relative_speed'] or 0:>6.2f}  {r['quality']}{note}")
+
+    show(by_strategy, "strategy (fastest plan using it)")
+    if args.all:
+        print()
+        show(table, "every plan")
     print(f"\nautofit would pick: {'+'.join(summary['pick']) if pick else 'nothing fits'} (policy {args.policy})")
     return 0 if pick else 1
 
@@ -133,6 +163,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         "pinned_in_use_gib": round(pinned_in_use() / GIB, 2),
         "cgroup": cgroup_memory(),  # the tightest memory limit on this process's cgroup, or None
     }
+    if args.device is None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        from .hardware import probe
+
+        # Every visible GPU: a batch job runs one process per GPU (autofit batch --distributed).
+        report["devices"] = [probe(f"cuda:{i}").as_dict() for i in range(torch.cuda.device_count())]
     missing = {}
     if not torch.cuda.is_available():
         missing["group_leaf_stream / group_leaf_lowmem"] = "CUDA or XPU streams (no accelerator found)"
@@ -155,6 +190,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     print(f"device: {d['device_name']} ({d['device_type']}, via {d['source']}): total {d['total_bytes'] / GIB:.2f} GiB, "
           f"free {d['free_bytes'] / GIB:.2f} GiB, budget {d['budget_bytes'] / GIB:.2f} GiB"
           + (f", other processes {d['other_processes_bytes'] / GIB:.2f} GiB" if d["other_processes_bytes"] else ""))
+    for i, other in enumerate(report.get("devices", [])[1:], start=1):
+        print(f"device cuda:{i}: {other['device_name']}: total {other['total_bytes'] / GIB:.2f} GiB, "
+              f"free {other['free_bytes'] / GIB:.2f} GiB")
     print(f"host RAM: {d['host_total_bytes'] / GIB:.2f} GiB total, {report['host_available_gib']} GiB available "
           f"(cgroup limits honoured)")
     cg = report["cgroup"]
