@@ -54,3 +54,11 @@ def test_torchao_check_tiny(tmp_path):
     assert by["bnb int8"]["rel_error"] < by["bnb nf4"]["rel_error"]
     assert by["bnb int8"]["rel_error"] < by["fp8 (layerwise casting)"]["rel_error"]
     assert by["bnb nf4"]["weight_gib"] <= by["unquantized"]["weight_gib"]
+
+
+def test_pinned_check_tiny(tmp_path):
+    out = tmp_path / "pinned.json"
+    _run("pinned_check.py", "--tiny", "--device", "cpu", "--out", str(out), tmp_path=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["predicted_pinned_gib"] >= result["weights_gib"] > 0
+    assert "measured_pinned_gib" not in result  # no pinned allocator on the CPU
