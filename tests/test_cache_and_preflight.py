@@ -191,3 +191,18 @@ def test_a_success_keeps_what_another_process_found_broken(tmp_path):
     stored = json.loads(path.read_text())
     assert stored["unusable"]["fp8"] == ["unet"]
     assert stored["plan"] == list(proxy.autofit.plan) and proxy.autofit.plan != ()
+
+
+def test_update_still_writes_where_the_filesystem_has_no_flock(tmp_path, monkeypatch):
+    """Lustre mounted noflock (and some NFS/FUSE setups) refuse flock: the record is written
+    anyway, last writer wins, instead of the cache silently learning nothing."""
+    import errno
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    cache = PlanCache(tmp_path)
+    cache.update("k", lambda r: {"plan": ["model_offload"]})
+    assert cache.get("k")["plan"] == ["model_offload"]

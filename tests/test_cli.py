@@ -141,3 +141,32 @@ def test_run_writes_image_and_plan(sdxl_dir, tmp_path):
     assert code == 0 and out.is_file()
     record = json.loads(out.with_suffix(".plan.json").read_text())
     assert record["plan"] == [] and record["seed"] == 0
+
+
+class _Opaque:
+    """Any object a weights_only load refuses."""
+
+
+def test_legacy_and_unreadable_pickled_checkpoints(sdxl_dir, tmp_path):
+    """A .bin in the legacy (pre-zip) format is read without a memory map; one that is not a
+    plain state dict leaves its component out with a warning that says what to do."""
+    import shutil
+
+    import torch
+
+    root = tmp_path / "pipe"
+    shutil.copytree(sdxl_dir, root)
+    unet = root / "unet"
+    from safetensors.torch import load_file
+
+    (st,) = unet.glob("*.safetensors")
+    state = load_file(st)
+    st.unlink()
+    torch.save(state, unet / "diffusion_pytorch_model.bin", _use_new_zipfile_serialization=False)
+    _, fp = measure_folder(root)
+    _, ref = measure_folder(sdxl_dir)
+    assert fp.components["unet"].bytes == ref.components["unet"].bytes
+    torch.save({"step": _Opaque()}, unet / "diffusion_pytorch_model.bin")  # weights_only refuses it
+    with pytest.warns(UserWarning, match="safe_serialization"):
+        _, fp = measure_folder(root)
+    assert "unet" not in fp.components and "vae" in fp.components

@@ -117,6 +117,43 @@ def test_held_on_host_counts_shared_storage_once():
     b.weight.data = w.view(16, 16)
     assert held_on_host([a, b]) == (1024, 0)
     assert held_on_host([a], [torch.ones(8)]) == (1024 + 32, 0)
+    # Views of one fused tensor (a split QKV) hold the whole storage, counted once.
+    qkv = torch.zeros(3, 16, 16)
+    q, k, v = (torch.nn.Linear(16, 16, bias=False) for _ in range(3))
+    for layer, part in zip((q, k, v), qkv):
+        layer.weight.data = part
+    assert held_on_host([q, k, v]) == (3 * 1024, 0)
+
+
+class _NoIsPinned(torch.Tensor):
+    """A wrapper subclass (like torchao's quantized tensors) that implements every op but is_pinned."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map
+
+        if func is torch.ops.aten.is_pinned.default:
+            raise NotImplementedError(f"{func} is not implemented for this subclass")
+        unwrap = lambda t: t.inner if isinstance(t, _NoIsPinned) else t  # noqa: E731
+        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+
+
+def test_a_tensor_subclass_without_is_pinned_does_not_break_a_call():
+    """Planning reads every host tensor; a subclass that cannot say whether it is pinned counts
+    as not pinned instead of failing the user's call."""
+    pipe = tiny_sdxl()
+    pipe.unet.register_buffer("extra_scale", _NoIsPinned(torch.ones(8)))
+    proxy = autofit(pipe, device="cpu", cache=False)
+    out = proxy("a cat", num_inference_steps=1, height=64, width=64, output_type="latent")
+    assert torch.isfinite(out.images).all()
+    assert held_on_host([pipe.unet])[1] == 0
 
 
 def test_weights_mapped_from_the_checkpoint_are_not_counted_twice(tmp_path):

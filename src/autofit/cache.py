@@ -101,7 +101,8 @@ class PlanCache:
     def update(self, key: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]) -> None:
         """Read, change and write one record while holding the key's lock, so two processes that
         learn something at once (a rung that broke, a plan that worked) merge instead of one
-        overwriting the other. Where file locks are missing (not POSIX) the last writer wins."""
+        overwriting the other. Where file locks are missing (not POSIX, or a filesystem without flock)
+        the last writer wins."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path.with_suffix(".lock"), "a") as lock:
@@ -109,12 +110,17 @@ class PlanCache:
                 import fcntl
             except ImportError:
                 fcntl = None  # type: ignore[assignment]
+            locked = False
             if fcntl is not None:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                    locked = True
+                except OSError:  # a filesystem without flock (Lustre noflock, some NFS/FUSE)
+                    pass
             try:
                 self.put(key, change(self.get(key)))
             finally:
-                if fcntl is not None:
+                if locked:
                     fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
     def put(self, key: str, record: dict[str, Any]) -> None:

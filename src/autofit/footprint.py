@@ -293,7 +293,8 @@ def footprint_from_header(
 
 _TORCH_TO_SAFETENSORS = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                         torch.uint8: "U8", torch.bool: "BOOL"}
+                         torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                         torch.float8_e5m2: "F8_E5M2"}
 
 
 def _pickled_header(files: list[Path]) -> dict:
@@ -301,7 +302,10 @@ def _pickled_header(files: list[Path]) -> dict:
     only shapes and dtypes are read, not the weights (weights_only: no code runs)."""
     header: dict = {}
     for f in files:
-        state = torch.load(f, map_location="meta", weights_only=True, mmap=True)
+        try:
+            state = torch.load(f, map_location="meta", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+            state = torch.load(f, map_location="meta", weights_only=True)
         for key, t in state.items():
             if isinstance(t, torch.Tensor):
                 header[key] = {"dtype": _TORCH_TO_SAFETENSORS.get(t.dtype, "F16"), "shape": list(t.shape)}
@@ -339,5 +343,14 @@ def measure_folder(path: "str | Path", dtype: str | None = None) -> tuple[str, F
             continue
         pickled = sorted((root / name).glob("*.bin"))
         if pickled:  # older checkpoints; autofit's undo reads only safetensors
-            comps[name] = footprint_from_header(name, _pickled_header(pickled), spec[1], dtype)
+            try:
+                header = _pickled_header(pickled)
+            except Exception as exc:  # not a plain state dict (weights_only refuses it), unreadable
+                import warnings
+
+                warnings.warn(f"autofit: {name} is left out of the footprint: its .bin checkpoint could not "
+                              f"be read for shapes ({type(exc).__name__}: {str(exc)[:120]}); save the pipeline "
+                              f"with save_pretrained(safe_serialization=True) to measure it", stacklevel=2)
+                continue
+            comps[name] = footprint_from_header(name, header, spec[1], dtype)
     return index.get("_class_name", "DiffusionPipeline"), Footprint(comps)

@@ -215,7 +215,10 @@ def _file_backed_ranges() -> list[tuple[int, int]] | None:
     out = []
     for line in lines:
         parts = line.split(None, 5)
-        if len(parts) == 6 and parts[4] != "0" and parts[5].startswith("/"):
+        path = parts[5].strip() if len(parts) == 6 else ""
+        # Files only: device mappings (/dev/nvidiactl backs CUDA's pinned memory), memfd and
+        # SysV segments are shared memory, not page cache the kernel can drop.
+        if parts[4:5] != ["0"] and path.startswith("/") and not path.startswith(("/dev/", "/memfd:", "/SYSV")):
             lo, hi = parts[0].split("-")
             out.append((int(lo, 16), int(hi, 16)))
     return sorted(out)
@@ -223,19 +226,17 @@ def _file_backed_ranges() -> list[tuple[int, int]] | None:
 
 def held_on_host(modules, extra=()) -> tuple[int, int]:
     """(bytes, pinned bytes) of the given modules' tensors (and ``extra`` tensors) that sit in
-    anonymous host RAM: a plan switch releases or reuses them. Pinned tensors count at their
-    allocator size. Tensors memory-mapped from a checkpoint (diffusers loads safetensors in their
-    stored dtype that way) do not count: their pages are page cache, which the RAM available
-    already includes. Without /proc (not Linux) nothing counts: the plan is checked against the
-    RAM available alone, as if the weights were not on the host."""
+    host RAM a plan switch releases or reuses: pinned tensors (counted at their allocator size)
+    and anonymous memory. Tensors memory-mapped from a checkpoint (diffusers loads safetensors in
+    their stored dtype that way) do not count: their pages are page cache, which the RAM
+    available already includes. Without /proc (not Linux) only pinned tensors count. Each
+    storage counts once, whole (views of one fused tensor share it)."""
     import bisect
 
     from .footprint import pinned_size
 
     ranges = _file_backed_ranges()
-    if ranges is None:
-        return 0, 0
-    starts = [lo for lo, _ in ranges]
+    starts = [lo for lo, _ in ranges or ()]
     seen: set[int] = set()
     total = pinned = 0
 
@@ -244,19 +245,27 @@ def held_on_host(modules, extra=()) -> tuple[int, int]:
         if t.device.type != "cpu" or t.is_meta:
             return
         try:
-            key = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):  # wrapper subclasses without storage
-            key = id(t)
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError, TypeError):  # wrapper subclasses without storage
+            key, nbytes = id(t), t.numel() * t.element_size()
         if key in seen:
             return
         seen.add(key)
+        try:
+            is_pinned = t.is_pinned()
+        except Exception:  # subclasses that do not implement it (torchao's quantized tensors)
+            is_pinned = False
+        if is_pinned:
+            total += nbytes
+            pinned += pinned_size(nbytes)
+            return
+        if ranges is None:
+            return  # page cache and anonymous memory cannot be told apart here
         i = bisect.bisect_right(starts, key) - 1
         if i >= 0 and key < ranges[i][1]:
             return  # mapped from a file: page cache
-        nbytes = t.numel() * t.element_size()
         total += nbytes
-        if t.is_pinned():
-            pinned += pinned_size(nbytes)
 
     for module in modules:
         for t in (*module.parameters(), *module.buffers()):

@@ -687,7 +687,9 @@ class Runtime:
         steps = int(given.get("num_inference_steps") or 30)
         guidance = given.get("guidance_scale", 5.0)
         cfg = bool(guidance and guidance > 1) and "Flux" not in type(pipe).__name__
-        temporal = getattr(pipe, "vae_scale_factor_temporal", None)
+        # Wan, CogVideoX, HunyuanVideo name it one way, LTX the other.
+        temporal = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio",
+                                                                               None)
         return Workload(height=int(h), width=int(w), frames=frames, batch=shape.batch, steps=steps, cfg=cfg,
                         temporal_factor=int(temporal) if isinstance(temporal, int) and temporal > 0 else 4)
 
