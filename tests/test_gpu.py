@@ -45,3 +45,22 @@ def test_real_cuda_oom_is_recovered_and_frees_the_failed_attempt(where):
     after_clean = _allocated()
     torch.testing.assert_close(image, clean)
     assert abs(after_recovery - after_clean) < (64 << 20)
+
+
+def test_pinned_copies_are_credited_and_returned_after_a_switch():
+    """Streamed group offload pins a copy of every tensor: held_on_host credits them to the
+    pipeline (they are /dev mappings, not page cache), and switching to a plan that pins nothing
+    returns them to the OS instead of leaving them in torch's pinned cache."""
+    from autofit.memory import held_on_host, pinned_in_use
+    from autofit.plan import Plan
+
+    pipe = tiny_sdxl()
+    proxy = autofit(pipe, device="cuda", plan=("group_leaf_stream",), cache=False)
+    run(proxy, "sdxl")
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    held, pinned = held_on_host(modules)
+    assert pinned > 0 and held >= pinned // 2
+    rt = proxy._self_runtime
+    with rt.lock:
+        rt._switch(Plan("model_offload"))
+    assert pinned_in_use() < pinned // 4
