@@ -64,3 +64,21 @@ def test_pinned_copies_are_credited_and_returned_after_a_switch():
     with rt.lock:
         rt._switch(Plan("model_offload"))
     assert pinned_in_use() < pinned // 4
+
+
+def test_peaks_measured_before_an_escalation_are_kept_with_their_plan():
+    """An OOM in decode after encode and denoise ran: the decode stage is retried under a new
+    plan. The encode/denoise peaks were measured under the old plan and are stored as
+    activations with that plan's resident weights; the failed decode attempt's peak is not."""
+    import structlog
+
+    from autofit.testing import inject_oom
+
+    proxy = autofit(tiny_sdxl(), device="cuda", cache=False)  # preflight: the tiny pipeline fits
+    with structlog.testing.capture_logs() as logs, inject_oom(proxy, stage="decode", times=1):
+        run(proxy, "sdxl")
+    rt = proxy._self_runtime
+    assert proxy.autofit.plan != ()
+    assert {"encode", "denoise", "decode"} <= set(rt.measured[rt._key])
+    (peaks,) = [e for e in logs if e["event"] == "autofit.stage_peaks"]
+    assert peaks["stage"] == "decode"  # only the stage that ran under the plan in force now

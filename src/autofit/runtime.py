@@ -162,6 +162,7 @@ class Runtime:
         self.measured: dict[str, dict[str, int]] = {}  # key -> stage -> measured activation bytes
         self._stage: str | None = None
         self._stage_peaks: dict[str, int] = {}
+        self._stage_plans: dict[str, Plan] = {}  # the plan each stage's peak was measured under
         self._dirty = False
         self._applied_this_call = False
         self._signature: tuple[int, int, int, int] | None = None  # workload of the last plan choice
@@ -230,7 +231,7 @@ class Runtime:
             self._call = CallState(time.perf_counter(), _shape_from_kwargs(args, kwargs))
             self._applied_this_call = self._applied != self.plan
             self._comps = module_components(self.pipe)  # once per call: pipe.components is not free
-            self._stage, self._stage_peaks = None, {}
+            self._stage, self._stage_peaks, self._stage_plans = None, {}, {}
             rng = _RngSnapshot(kwargs)
             try:
                 self._choose_plan(args, kwargs)
@@ -773,19 +774,24 @@ class Runtime:
         self.plan = chosen
 
     def _stage_transition(self, stage: str | None) -> None:
-        """Close the previous stage's peak measurement (CUDA) and open the next one."""
+        """Close the previous stage's peak measurement (CUDA) and open the next one. Each peak
+        is kept with the plan it ran under: an escalation changes the plan mid-call."""
         if self.device.type == "cuda" and torch.cuda.is_available():
             if self._stage is not None:
                 peak = torch.cuda.max_memory_allocated(self.device)
+                if self._stage_plans.get(self._stage) != self.plan:
+                    self._stage_peaks.pop(self._stage, None)  # measured under another plan
                 self._stage_peaks[self._stage] = max(self._stage_peaks.get(self._stage, 0), peak)
+                self._stage_plans[self._stage] = self.plan
             if stage is not None:
                 torch.cuda.reset_peak_memory_stats(self.device)
         self._stage = stage
 
     def _restart_peaks(self) -> None:
-        """After a plan switch: the peaks so far belong to the plan that failed (the failed
-        attempt's own peak sits near the budget), so measurement starts again."""
-        self._stage_peaks = {}
+        """After a plan switch: the failing stage's peak so far is the failed attempt's (it sits
+        near the budget), so its measurement starts again. Stages that completed keep theirs,
+        with the plan they ran under."""
+        self._stage_peaks.pop(self._stage, None)
         if self.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -794,7 +800,7 @@ class Runtime:
         from .ladder import activation_factor, resident_bytes
         from .planner import predict
 
-        peaks, self._stage_peaks = self._stage_peaks, {}
+        peaks, plans, self._stage_peaks, self._stage_plans = self._stage_peaks, self._stage_plans, {}, {}
         self._dirty = False
         before = dict(self.measured.get(self._key, {})) if self._key is not None else {}
         if self._machine is not None and self._wl is not None and self._predicted_plan != self.plan:
@@ -807,16 +813,19 @@ class Runtime:
         for stage, peak in peaks.items():
             # Stored unscaled: the planner applies the factor of the plan it predicts for (tiling,
             # split batches), so a peak measured under tiling is not shrunk a second time.
-            factor = activation_factor(self.plan, stage, shape)
+            ran = plans.get(stage, self.plan)
+            factor = activation_factor(ran, stage, shape)
             if factor > 0:
-                activations[stage] = int(max(peak - resident_bytes(self.plan, stage, self.footprint), 0) / factor)
-        activations = {**before, **activations}  # stages not run since the last switch keep theirs
+                activations[stage] = int(max(peak - resident_bytes(ran, stage, self.footprint), 0) / factor)
+        activations = {**before, **activations}  # stages not measured this call keep theirs
         if activations and self._key is not None:
             self.measured[self._key] = activations
-        if peaks:
-            emit("stage_peaks", stage=",".join(peaks), action=",".join(self.plan.names) or "device", attempt=0,
-                 **{f"measured_{k}_gib": round(v / 2**30, 3) for k, v in peaks.items()},
-                 **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in self.predicted.items() if k in peaks})
+        # Predicted beside measured, for the stages that ran under the plan in force now.
+        now = {k: v for k, v in peaks.items() if plans.get(k, self.plan) == self.plan}
+        if now:
+            emit("stage_peaks", stage=",".join(now), action=",".join(self.plan.names) or "device", attempt=0,
+                 **{f"measured_{k}_gib": round(v / 2**30, 3) for k, v in now.items()},
+                 **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in self.predicted.items() if k in now})
         if self.cache is not None and self._key is not None:
             def change(record: dict | None) -> dict:
                 # Another process may have stored meanwhile: its broken rungs are kept, and each
