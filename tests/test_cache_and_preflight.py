@@ -116,6 +116,18 @@ def test_a_stored_plan_that_no_longer_fits_is_planned_again(tmp_path):
     with inject_oom(first, stage="denoise", times=2):
         run(first, "sdxl")
     assert first.autofit.plan == ("model_offload",)
+    # Peaks are measured on CUDA only: without them, a device-memory misfit is an estimate
+    # against a plan that ran, and the plan is kept.
+    kept = autofit(tiny_sdxl(), cache=tmp_path, max_ram="1MiB")
+    with structlog.testing.capture_logs() as logs:
+        run(kept, "sdxl")
+    assert not [e for e in logs if e["event"] == "autofit.cache_plan_refused"]
+    assert kept.autofit.plan == ("model_offload",)
+    # With measured activations (as a CUDA run stores them) the misfit is believed.
+    (path,) = (tmp_path / "plans").glob("*.json")
+    record = json.loads(path.read_text())
+    record["activations"] = {"encode": 0, "denoise": 0, "decode": 0}
+    path.write_text(json.dumps(record))
     second = autofit(tiny_sdxl(), cache=tmp_path, max_ram="1MiB")
     with structlog.testing.capture_logs() as logs:
         run(second, "sdxl")

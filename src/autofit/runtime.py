@@ -743,7 +743,10 @@ class Runtime:
             # whole budget, so no working reserve is asked of it.
             stale = predict(chosen, self.footprint, machine, wl, measured=self.measured.get(key), policy=self.policy,
                             margin=1.0)
-            if not stale.fits:
+            # Without measured activations (peaks are measured on CUDA only) a device-memory
+            # misfit is the estimate's word against a plan that ran: the plan is kept.
+            estimated_only = stale.vram > machine.budget_bytes and not self.measured.get(key)
+            if not stale.fits and not estimated_only:
                 emit("cache_plan_refused", stage="load", action=",".join(chosen.names) or "device",
                      reason=stale.why_not)
                 record = None
