@@ -171,3 +171,23 @@ def test_weights_mapped_from_the_checkpoint_are_not_counted_twice(tmp_path):
     assert held_on_host(modules(mapped))[0] < 0.01 * total
     cast = DiffusionPipeline.from_pretrained(tmp_path, torch_dtype=torch.float16)
     assert held_on_host(modules(cast))[0] >= 0.99 * total / 2
+
+
+def test_unpin_gives_weights_pageable_storage_and_keeps_ties():
+    """After a streamed plan, weights point at pinned copies. unpin() copies each into pageable
+    memory once (tied parameters stay one Parameter), keeps the values and reports the bytes.
+    Pinning needs CUDA, so here every CPU tensor is declared pinned."""
+    from autofit.strategies.placement import unpin
+
+    pipe = tiny_sdxl()
+    tied = pipe.vae.post_quant_conv.weight
+    pipe.vae.register_parameter("tied_copy", tied)
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    ptr = tied.data_ptr()
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    total = held_on_host(modules)[0]
+    moved = unpin(pipe, is_pinned=lambda t: True)
+    assert moved == total
+    assert pipe.vae.tied_copy is pipe.vae.post_quant_conv.weight and tied.data_ptr() != ptr
+    assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())
+    assert unpin(pipe, is_pinned=lambda t: False) == 0

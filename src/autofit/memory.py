@@ -198,7 +198,11 @@ def release_pinned_cache() -> None:
     """Return the pinned blocks torch's host allocator caches to the OS. Without this, the pinned
     copies of a plan switched away from (group offload with streams, per-call buffers) stay
     page-locked for the life of the process, out of reach of anything but later pinned copies."""
-    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    accelerator = getattr(torch, "accelerator", None)
+    available = getattr(accelerator, "is_available", None)
+    if not (available() if available is not None else torch.cuda.is_available()):
+        return  # no accelerator, no pinned memory
+    empty = getattr(accelerator, "empty_host_cache", None)
     if empty is None:
         empty = getattr(torch._C, "_host_emptyCache", None)
     if empty is not None:

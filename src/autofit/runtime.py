@@ -23,7 +23,7 @@ from .errors import AutoFitExhausted, CheckpointChanged
 from .events import emit
 from .footprint import Footprint, measure
 from .ladder import SPECS, Facts, next_plan
-from .memory import held_on_host, host_available_bytes, pinned_ceiling, pinned_in_use, snapshot
+from .memory import held_on_host, host_available_bytes, pinned_ceiling, pinned_in_use, release_pinned_cache, snapshot
 from .oom import OOMInfo, OOMKind, classify, free_memory
 from .plan import CallShape, Plan
 from .cache import PlanCache
@@ -31,7 +31,7 @@ from .stages import StageTracker, module_components, role_of
 from .strategies import VaeSettings, apply_fp8, configure_vae, place, teardown
 from .strategies import quantize
 from .strategies.casting import held_bytes, restore_original
-from .strategies.placement import CPU, module_device, on_demand
+from .strategies.placement import CPU, module_device, on_demand, unpin
 from .strategies.residency import HostShadows
 from .strategies.vae import can_slice, can_tile
 
@@ -609,11 +609,20 @@ class Runtime:
             teardown(self.pipe)
             self._shadows.drop()
             free_memory(self.device)
+            if target.placement not in ("group_leaf_stream", "device"):
+                # Weights left in a streamed plan's pinned copies would stay page-locked (and
+                # rounded up) under a plan that keeps them in host RAM; the low-memory stream
+                # variant pins one group at a time, so it too starts from pageable weights.
+                unpinned = unpin(self.pipe)
+                if unpinned:
+                    emit("unpinned", stage="load", action=",".join(target.names), gib=round(unpinned / 2**30, 3))
             for name in undo:
                 self._undo_one_way(name)
             if todo:
                 self._apply_storage(target.storage, todo)
             place(self.pipe, target, self.device)
+            if self.device.type == "cuda":
+                release_pinned_cache()  # pinned copies freed by moving their weights to the device
         for name, vae in self._vaes.items():
             configure_vae(
                 vae,

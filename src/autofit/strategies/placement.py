@@ -35,6 +35,50 @@ def teardown(pipe: Any) -> None:
         module.to(CPU)
 
 
+def unpin(pipe: Any, *, is_pinned=None) -> int:
+    """Give weights left in pinned host memory pageable storage again; returns the bytes moved.
+
+    Streamed group offload points every weight at a pinned copy, and removing its hooks leaves
+    them there. A plan that keeps weights in host RAM would then hold them page-locked, in blocks
+    rounded up to a power of two (1.3-1.5x the weights), so a switch meant to save host RAM
+    saved none. The pinned blocks are released as the copies are made, so the host holds at
+    most ~1 GiB of both at once. ``is_pinned`` is for tests (pinning needs CUDA)."""
+    from ..memory import release_pinned_cache
+
+    check = is_pinned or (lambda t: t.is_pinned())
+    done: dict[int, torch.Tensor] = {}
+    moved = pending = 0
+    for module in module_components(pipe).values():
+        for sub in module.modules():
+            for table in (sub._parameters, sub._buffers):
+                for name, t in table.items():
+                    if t is None or t.device.type != "cpu" or type(t) not in (torch.Tensor, torch.nn.Parameter):
+                        continue
+                    key = id(t)
+                    if key not in done:
+                        try:
+                            if not check(t):
+                                continue
+                        except Exception:  # a subclass that cannot say
+                            continue
+                        copy = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype)
+                        copy.copy_(t.detach())
+                        done[key] = copy
+                        nbytes = t.numel() * t.element_size()
+                        moved += nbytes
+                        pending += nbytes
+                    if isinstance(t, torch.nn.Parameter):
+                        t.data = done[key]  # the same Parameter object: ties hold
+                    else:
+                        table[name] = done[key]
+                    if pending >= 1 << 30:
+                        release_pinned_cache()
+                        pending = 0
+    if moved:
+        release_pinned_cache()
+    return moved
+
+
 def on_demand(name: str, plan: Plan) -> bool:
     """Components that live on the CPU under the ``device`` placement."""
     role = role_of(name)
