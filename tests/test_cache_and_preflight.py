@@ -117,14 +117,25 @@ def test_a_stored_plan_that_no_longer_fits_is_planned_again(tmp_path):
         run(first, "sdxl")
     assert first.autofit.plan == ("model_offload",)
     # Peaks are measured on CUDA only: without them, a device-memory misfit is an estimate
-    # against a plan that ran, and the plan is kept.
-    kept = autofit(tiny_sdxl(), cache=tmp_path, max_ram="1MiB")
+    # against a plan that ran, and the plan is kept (16 MiB: the estimate is over, the host
+    # RAM the plan needs is not).
+    kept = autofit(tiny_sdxl(), cache=tmp_path, max_ram="16MiB")
     with structlog.testing.capture_logs() as logs:
         run(kept, "sdxl")
     assert not [e for e in logs if e["event"] == "autofit.cache_plan_refused"]
     assert kept.autofit.plan == ("model_offload",)
-    # With measured activations (as a CUDA run stores them) the misfit is believed.
+    # Any other reason still refuses it: here the offloaded weights do not fit in 8 MiB of RAM.
+    short = autofit(tiny_sdxl(), cache=tmp_path, max_ram="8MiB")
+    with structlog.testing.capture_logs() as logs:
+        run(short, "sdxl")
+    (refused,) = [e for e in logs if e["event"] == "autofit.cache_plan_refused"]
+    assert "host RAM" in refused["reason"]
+    # Put the stored plan back for the next check (the short process stored its own).
     (path,) = (tmp_path / "plans").glob("*.json")
+    record = json.loads(path.read_text())
+    record["plan"] = ["model_offload"]
+    path.write_text(json.dumps(record))
+    # With measured activations (as a CUDA run stores them) the misfit is believed.
     record = json.loads(path.read_text())
     record["activations"] = {"encode": 0, "denoise": 0, "decode": 0}
     path.write_text(json.dumps(record))

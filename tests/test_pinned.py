@@ -191,3 +191,19 @@ def test_unpin_gives_weights_pageable_storage_and_keeps_ties():
     assert pipe.vae.tied_copy is pipe.vae.post_quant_conv.weight and tied.data_ptr() != ptr
     assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())
     assert unpin(pipe, is_pinned=lambda t: False) == 0
+
+
+def test_unpin_is_not_fooled_by_reused_ids():
+    """A module listed under two names is walked twice. Buffers replaced on the first walk are
+    freed, and Python may hand their ids to the copies; the originals are kept alive for the
+    walk, so no copy is mistaken for an original and swapped for another's values."""
+    from autofit.strategies.placement import unpin
+
+    pipe = tiny_sdxl()
+    encoder = pipe.text_encoder
+    for i in range(20):
+        encoder.register_buffer(f"b{i}", torch.full((64,), float(i)))
+    pipe.text_encoder_2 = encoder  # the same module under a second component name
+    originals = {id(getattr(encoder, f"b{i}")) for i in range(20)}
+    unpin(pipe, is_pinned=lambda t: id(t) in originals)
+    assert all(torch.equal(getattr(encoder, f"b{i}"), torch.full((64,), float(i))) for i in range(20))

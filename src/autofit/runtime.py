@@ -275,7 +275,8 @@ class Runtime:
         assert cs is not None
         self._stage_transition(None)
         total = time.perf_counter() - cs.started
-        stage_peaks = {k: round(v / 2**30, 3) for k, v in self._stage_peaks.items()}
+        stage_peaks = {k: round(v / 2**30, 3) for k, v in self._stage_peaks.items()
+                       if self._stage_plans.get(k, self.plan) == self.plan}  # the plan reported below
         self.last_call = {
             "seconds": round(total, 4),
             "attempts": cs.attempts,
@@ -609,10 +610,11 @@ class Runtime:
             teardown(self.pipe)
             self._shadows.drop()
             free_memory(self.device)
-            if target.placement not in ("group_leaf_stream", "device"):
+            if todo or target.placement not in ("group_leaf_stream", "device"):
                 # Weights left in a streamed plan's pinned copies would stay page-locked (and
                 # rounded up) under a plan that keeps them in host RAM; the low-memory stream
-                # variant pins one group at a time, so it too starts from pageable weights.
+                # variant pins one group at a time, so it too starts from pageable weights; and
+                # a storage rung may keep the originals as its undo copy.
                 unpinned = unpin(self.pipe)
                 if unpinned:
                     emit("unpinned", stage="load", action=",".join(target.names), gib=round(unpinned / 2**30, 3))
@@ -752,10 +754,13 @@ class Runtime:
             # whole budget, so no working reserve is asked of it.
             stale = predict(chosen, self.footprint, machine, wl, measured=self.measured.get(key), policy=self.policy,
                             margin=1.0)
-            # Without measured activations (peaks are measured on CUDA only) a device-memory
-            # misfit is the estimate's word against a plan that ran: the plan is kept.
-            estimated_only = stale.vram > machine.budget_bytes and not self.measured.get(key)
-            if not stale.fits and not estimated_only:
+            if not stale.fits and stale.vram > machine.budget_bytes and not self.measured.get(key):
+                # Without measured activations (peaks are measured on CUDA only) a device-memory
+                # misfit is the estimate's word against a plan that ran: set it aside, and keep
+                # every other reason (host RAM, pinning, a missing library, the policy).
+                stale = predict(chosen, self.footprint, replace(machine, budget_bytes=stale.vram), wl,
+                                measured=None, policy=self.policy, margin=1.0)
+            if not stale.fits:
                 emit("cache_plan_refused", stage="load", action=",".join(chosen.names) or "device",
                      reason=stale.why_not)
                 record = None

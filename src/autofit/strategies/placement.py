@@ -46,7 +46,7 @@ def unpin(pipe: Any, *, is_pinned=None) -> int:
     from ..memory import release_pinned_cache
 
     check = is_pinned or (lambda t: t.is_pinned())
-    done: dict[int, torch.Tensor] = {}
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original kept alive, copy)
     moved = pending = 0
     for module in module_components(pipe).values():
         for sub in module.modules():
@@ -63,14 +63,14 @@ def unpin(pipe: Any, *, is_pinned=None) -> int:
                             continue
                         copy = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype)
                         copy.copy_(t.detach())
-                        done[key] = copy
+                        done[key] = (t, copy)  # holding t: its id cannot be reused meanwhile
                         nbytes = t.numel() * t.element_size()
                         moved += nbytes
                         pending += nbytes
                     if isinstance(t, torch.nn.Parameter):
-                        t.data = done[key]  # the same Parameter object: ties hold
+                        t.data = done[key][1]  # the same Parameter object: ties hold
                     else:
-                        table[name] = done[key]
+                        table[name] = done[key][1]
                     if pending >= 1 << 30:
                         release_pinned_cache()
                         pending = 0
