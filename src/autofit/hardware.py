@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
-from .memory import device_budget_bytes, host_available_bytes, pinned_ceiling, pinned_in_use
+from .memory import device_budget_bytes, host_available_bytes, pinned_ceiling, pinned_room
 
 # Measured on an H200 (shared/reference/gpu-facts.md): 1 GiB host-to-device copies.
 DEFAULT_PINNED_GBPS = 55.5
@@ -161,8 +161,7 @@ def probe(
     if max_ram is not None:
         host_avail = min(host_avail, max_ram)
     ceiling, why = pinned_ceiling(host_total)
-    pinned = {"pinned_limit_bytes": ceiling, "pinned_limit_reason": why,
-              "pinned_available_bytes": max(min(host_avail, ceiling - pinned_in_use()), 0)}
+    pinned = {"pinned_limit_bytes": ceiling, "pinned_limit_reason": why, "pinned_available_bytes": pinned_room(host_avail)}
     if device.type == "cuda" and torch.cuda.is_available():
         index = device.index or 0
         nv = _nvml(index)

@@ -194,6 +194,14 @@ def pinned_in_use() -> int:
         return 0
 
 
+def pinned_room(room: int, held_pinned: int = 0) -> int:
+    """What of ``room`` (host RAM) can be page-locked: the ceiling, less what torch's pinned
+    allocator holds beyond ``held_pinned`` (a pipeline's own pinned copies, which a plan switch
+    reuses or frees)."""
+    ceiling, _ = pinned_ceiling(psutil.virtual_memory().total)
+    return max(min(room, ceiling - max(pinned_in_use() - held_pinned, 0)), 0)
+
+
 def release_pinned_cache() -> None:
     """Return the pinned blocks torch's host allocator caches to the OS. Without this, the pinned
     copies of a plan switched away from (group offload with streams, per-call buffers) stay

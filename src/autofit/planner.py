@@ -225,9 +225,8 @@ def predict(plan: Plan, fp: Footprint, m: Machine, wl: Workload, *, measured: di
                f"of the {m.budget_bytes / GIB:.2f} GiB budget")
     elif ram > 0.9 * m.host_available_bytes:
         why = f"needs {ram / GIB:.1f} GiB host RAM, {m.host_available_bytes / GIB:.1f} GiB available"
-    elif plan.placement == "group_leaf_stream" and pinned_bytes(plan, fp) > 0.9 * m.pinned_room:
-        why = (f"needs {pinned_bytes(plan, fp) / GIB:.1f} GiB of pinned host RAM, "
-               f"{m.pinned_room / GIB:.1f} GiB can be pinned")
+    elif plan.placement == "group_leaf_stream" and (pinned := pinned_bytes(plan, fp)) > 0.9 * m.pinned_room:
+        why = f"needs {pinned / GIB:.1f} GiB of pinned host RAM, {m.pinned_room / GIB:.1f} GiB can be pinned"
     return Candidate(plan, peaks, vram, ram, predict_seconds(plan, fp, m, wl), quality, why is None, why)
 
 

@@ -23,7 +23,7 @@ from .errors import AutoFitExhausted, CheckpointChanged
 from .events import emit
 from .footprint import Footprint, measure
 from .ladder import SPECS, Facts, next_plan
-from .memory import held_on_host, host_available_bytes, pinned_ceiling, pinned_in_use, release_pinned_cache, snapshot
+from .memory import held_on_host, host_available_bytes, pinned_room, release_pinned_cache, snapshot
 from .oom import OOMInfo, OOMKind, classify, free_memory
 from .plan import CallShape, Plan
 from .cache import PlanCache
@@ -188,16 +188,11 @@ class Runtime:
         """(host RAM, pinned host RAM) a plan may hold. The pipeline's weights already in host RAM
         count as room: a plan switch releases or reuses them (a pipeline loaded on the CPU that
         then goes to model offload needs no RAM beyond what it has). Capped by ``max_ram``."""
-        import psutil
-
         held, held_pinned = held_on_host(self._comps.values(), self._shadows.tensors())
         room = host_available_bytes() + held
         if self.max_ram is not None:
             room = min(room, self.max_ram)
-        # Pinned blocks held by others (not the pipeline's own copies) count against the ceiling.
-        ceiling, _ = pinned_ceiling(psutil.virtual_memory().total)
-        others = max(pinned_in_use() - held_pinned, 0)
-        return room, max(min(room, ceiling - others), 0)
+        return room, pinned_room(room, held_pinned)
 
     def facts(self) -> Facts:
         vaes = list(self._vaes.values())

@@ -48,35 +48,39 @@ def unpin(pipe: Any, *, is_pinned=None) -> int:
     check = is_pinned or (lambda t: t.is_pinned())
     done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original kept alive, copy)
     moved = pending = 0
+    for table, name, t in _table_entries(pipe):
+        # Plain tensors only: quantized subclasses stay on the device under group offload.
+        if t.device.type != "cpu" or type(t) not in (torch.Tensor, torch.nn.Parameter):
+            continue
+        if id(t) not in done:
+            if not check(t):
+                continue
+            copy = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype)
+            copy.copy_(t.detach())
+            done[id(t)] = (t, copy)  # holding t: its id cannot be reused meanwhile
+            moved += t.numel() * t.element_size()
+            pending += t.numel() * t.element_size()
+        if isinstance(t, torch.nn.Parameter):
+            t.data = done[id(t)][1]  # the same Parameter object: ties hold
+        else:
+            table[name] = done[id(t)][1]
+        if pending >= 1 << 30:
+            release_pinned_cache()
+            pending = 0
+    if moved:
+        release_pinned_cache()
+    return moved
+
+
+def _table_entries(pipe: Any):
+    """(table, name, tensor) for every parameter and buffer entry of the pipeline's modules, a
+    tensor held in two places once per place (each entry is rewritten)."""
     for module in module_components(pipe).values():
         for sub in module.modules():
             for table in (sub._parameters, sub._buffers):
                 for name, t in table.items():
-                    if t is None or t.device.type != "cpu" or type(t) not in (torch.Tensor, torch.nn.Parameter):
-                        continue
-                    key = id(t)
-                    if key not in done:
-                        try:
-                            if not check(t):
-                                continue
-                        except Exception:  # a subclass that cannot say
-                            continue
-                        copy = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype)
-                        copy.copy_(t.detach())
-                        done[key] = (t, copy)  # holding t: its id cannot be reused meanwhile
-                        nbytes = t.numel() * t.element_size()
-                        moved += nbytes
-                        pending += nbytes
-                    if isinstance(t, torch.nn.Parameter):
-                        t.data = done[key][1]  # the same Parameter object: ties hold
-                    else:
-                        table[name] = done[key][1]
-                    if pending >= 1 << 30:
-                        release_pinned_cache()
-                        pending = 0
-    if moved:
-        release_pinned_cache()
-    return moved
+                    if t is not None:
+                        yield table, name, t
 
 
 def on_demand(name: str, plan: Plan) -> bool:
