@@ -3,16 +3,19 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# A CPU build of torch is pinned first so that pip does not pull a multi-GB CUDA build.
+# torch is installed first, from TORCH_INDEX when set, so the build is chosen, not whatever the
+# index offers: CI on CPU: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# a CUDA machine:        make install TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: install test demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,nvml]"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e ".[test,nvml,quant]"
 	touch $(STAMP)
 
 install: $(STAMP)

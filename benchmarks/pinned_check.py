@@ -32,7 +32,7 @@ def main() -> None:
 
     from autofit import autofit
     from autofit.hardware import probe
-    from autofit.ladder import pinned_bytes
+    from autofit.cost import pinned_bytes
     from autofit.memory import pinned_in_use
     from autofit.plan import Plan
 

@@ -31,7 +31,7 @@ if not prompts.exists():  # the same list on every rerun
         json.dumps({"id": f"{i:04d}", "prompt": f"{rng.choice(styles)} of {rng.choice(subjects)}", "seed": i})
         for i in range(1000)))
 
-pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float16)
+pipe = DiffusionPipeline.from_pretrained(args.model, dtype=torch.float16)
 pipe.set_progress_bar_config(disable=True)
 report = run_batch(autofit(pipe), prompts, out, defaults={"num_inference_steps": args.steps})
 print(f"done {len(report.done)}, skipped {len(report.skipped)}, failed {len(report.failed)}")

@@ -21,7 +21,7 @@ parser.add_argument("--policy", default="quality", choices=["quality", "balanced
 args = parser.parse_args()
 
 structlog.configure(processors=[structlog.processors.JSONRenderer()])
-pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16)
+pipe = FluxPipeline.from_pretrained(args.model, dtype=torch.bfloat16)
 pipe = autofit(pipe, policy=args.policy)
 image = pipe(
     args.prompt,

@@ -21,7 +21,7 @@ parser.add_argument("--size", type=int, default=1024)
 args = parser.parse_args()
 
 structlog.configure(processors=[structlog.processors.JSONRenderer()])
-pipe = StableDiffusionXLPipeline.from_pretrained(args.model, torch_dtype=torch.float16)
+pipe = StableDiffusionXLPipeline.from_pretrained(args.model, dtype=torch.float16)
 pipe = autofit(pipe)  # device: the first GPU; policy: lossless rungs + VAE tiling
 image = pipe(
     args.prompt,

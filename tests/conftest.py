@@ -1,29 +1,21 @@
+import gc
 import logging
 
 import pytest
 import torch
 
-from autofit.testing import tiny_flux, tiny_sdxl
+from helpers import BUILDERS, CALL_KWARGS, MATRIX
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 
-PROMPT = "a photo of an astronaut riding a horse"
-
-
-def _sdxl():
-    return tiny_sdxl()
-
-
-def _flux():
-    return tiny_flux()
-
-
-BUILDERS = {"sdxl": _sdxl, "flux": _flux}
-CALL_KWARGS = {
-    "sdxl": dict(num_inference_steps=4, height=64, width=64, output_type="pt"),
-    "flux": dict(num_inference_steps=4, height=32, width=32, output_type="pt", max_sequence_length=16),
-}
-DENOISER = {"sdxl": "unet", "flux": "transformer"}
+# Every recovery runs a full gc.collect() (an OOM's frames can hold tensors in cycles), and a
+# full collection walks every object alive: ~0.17 s with torch, transformers and diffusers
+# imported, which was most of the fault matrix's time. The imported libraries are frozen out of
+# the collector; everything a test creates, the failed attempts' garbage included, is still
+# collected as in production.
+BUILDERS["sdxl"](), BUILDERS["flux"]()  # import the model and pipeline classes the tests build
+gc.collect()
+gc.freeze()
 
 
 @pytest.fixture(params=["sdxl", "flux"])
@@ -41,29 +33,6 @@ def call_kwargs(kind):
     return dict(CALL_KWARGS[kind])
 
 
-def run(p, kind, seed=0, **extra):
-    kwargs = dict(CALL_KWARGS[kind])
-    kwargs.update(extra)
-    return p(PROMPT, generator=torch.Generator().manual_seed(seed), **kwargs).images
-
-
-class CallCounter:
-    """Counts completed forward calls of a real module (a post-hook runs only on success)."""
-
-    def __init__(self, module, method="forward"):
-        self.n = 0
-        if method == "forward":
-            self._h = module.register_forward_hook(lambda *a: self._inc())
-        else:  # e.g. vae.decode: count through the decoder submodule
-            self._h = module.decoder.register_forward_hook(lambda *a: self._inc())
-
-    def _inc(self):
-        self.n += 1
-
-    def remove(self):
-        self._h.remove()
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -74,12 +43,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def backoff_waits(monkeypatch):
+    """Recovery's backoff waits are recorded, not slept (the side effect as a parameter)."""
+    import autofit.recovery
+
+    waits: list[float] = []
+    monkeypatch.setattr(autofit.recovery, "sleep", waits.append)
+    return waits
+
+
+@pytest.fixture(autouse=True)
 def _isolated_plan_cache(tmp_path, monkeypatch):
     """Each test gets its own plan cache folder: no test sees another's plans."""
     monkeypatch.setenv("AUTOFIT_CACHE_DIR", str(tmp_path / "autofit-cache"))
 
 
 def pytest_report_header(config):
-    from test_reliability import MATRIX
-
     return f"autofit fault matrix: {len(MATRIX)} cases"

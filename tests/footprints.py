@@ -2,7 +2,7 @@
 pure planner tests. Leaf/block sizes and counts are from the published architectures."""
 
 from autofit.footprint import ComponentFootprint, Footprint
-from autofit.stages import role_of
+from autofit.components import role_of
 
 GIB = 2**30
 

@@ -62,3 +62,29 @@ def test_pinned_check_tiny(tmp_path):
     result = json.loads(out.read_text())
     assert result["predicted_pinned_gib"] >= result["weights_gib"] > 0
     assert "measured_pinned_gib" not in result  # no pinned allocator on the CPU
+
+
+def test_residency_sweep_tiny(tmp_path):
+    """The partial residency sweep at tiny size: the device and leaf-streaming references, one
+    budget row run partly resident whose image equals the everything-resident one."""
+    out = tmp_path / "residency.json"
+    _run("residency_sweep.py", "--tiny", "--device", "cpu", "--model", "flux", "--budgets", "4",
+         "--out", str(out), tmp_path=tmp_path)
+    result = json.loads(out.read_text())
+    assert result["device"]["plan"] == ["device"] and result["device"]["steady_s"] > 0
+    assert "error" not in result["leaf_stream"]
+    (row,) = result["budgets"]
+    assert row["plan"] == ["resident_stream:50"] and row["streamed_gib"] > 0
+    assert row["max_abs_diff_vs_device"] == 0.0
+    assert "steady_vs_device" not in row  # ratios are for the GPU only
+
+
+def test_soak_both_ways_tiny(tmp_path):
+    """The plans-both-ways soak at smoke size: one-off OOMs, a plan that never fits, alternating
+    stages; no call fails in any of them."""
+    rows = _run("soak_both_ways.py", "--calls", "6", "--quiet", "6", "--p", "0.5", tmp_path=tmp_path)
+    assert [r["run"] for r in rows] == ["one_off", "never_fits", "alternating"]
+    assert all(r["failed_calls"] == 0 for r in rows)
+    one_off, never, _ = rows
+    assert one_off["ooms_injected"] >= 1
+    assert never["probes"] >= 1 and never["failed_probes"] == never["probes"]

@@ -15,7 +15,7 @@ from autofit import autofit
 from autofit.cache import PlanCache
 from autofit.testing import inject_oom, tiny_sdxl
 
-from conftest import run
+from helpers import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ import json, torch, sys
 sys.path.insert(0, {str(REPO / 'tests')!r})
 from autofit import autofit
 from autofit.testing import tiny_sdxl
-from conftest import run
+from helpers import run
 proxy = autofit(tiny_sdxl(), cache={str(tmp_path)!r})
 run(proxy, "sdxl")
 print(json.dumps({{"plan": proxy.autofit.plan, "history": len(proxy.autofit.history)}}))
@@ -161,24 +161,23 @@ def test_measured_activations_are_stored_without_the_plan_factor():
     """A decode peak measured under tiling is stored as the untiled activation (divided by the
     tiling factor), so predicting the tiled plan again gives the measured peak back, not a
     peak shrunk twice."""
-    from autofit.ladder import activation_factor, resident_bytes
-    from autofit.plan import CallShape, Plan
+    from autofit.footprint import measure
+    from autofit.context import Machine, Workload, context
+    from autofit.cost import activation_factor, resident_bytes
+    from autofit.measurements import learned_activations
+    from autofit.plan import Plan
     from autofit.planner import predict
 
-    proxy = autofit(tiny_sdxl(), cache=False, max_vram="8GiB")
-    run(proxy, "sdxl")
-    rt = proxy._self_runtime
+    footprint = measure(tiny_sdxl())
     plan = Plan(extras=frozenset({"vae_tiling"}))
-    rt.plan = plan
-    rt._call = None
-    resident = resident_bytes(plan, "decode", rt.footprint)
+    resident = resident_bytes(plan, "decode", footprint)
     measured_peak = resident + 300 * 2**20
-    rt._stage_peaks = {"decode": measured_peak}
-    rt._remember(1.0)
-    factor = activation_factor(plan, "decode", CallShape())
+    learned = learned_activations({"decode": measured_peak}, {}, plan, Workload(), footprint)
+    factor = activation_factor(plan, "decode", Workload())
     assert 0 < factor < 1
-    assert rt.measured[rt._key]["decode"] == int(300 * 2**20 / factor)
-    again = predict(plan, rt.footprint, rt._machine, rt._wl, measured=rt.measured[rt._key])
+    assert learned["decode"] == int(300 * 2**20 / factor)
+    machine = Machine(8 * 2**30, 64 * 2**30)
+    again = predict(plan, context(footprint, machine, Workload(height=1024, width=1024)), measured=learned)
     assert again.peaks["decode"] == pytest.approx(measured_peak, rel=0.001)
 
 

@@ -16,12 +16,13 @@ from autofit import autofit
 from autofit import CheckpointChanged
 from autofit.checkpoint import Checkpoint
 from autofit.footprint import measure
-from autofit.ladder import host_bytes
+from autofit.cost import host_bytes
 from autofit.plan import Plan
 from autofit.strategies.casting import FromCheckpoint, apply_fp8, restore_original
 from autofit.strategies.quantize import quantize_module, quantized_level
+from autofit.testing import rung_context, one_way_rungs, placed_plan, switch_plan
 
-from conftest import BUILDERS, DENOISER, run
+from helpers import BUILDERS, DENOISER, run
 
 pytest.importorskip("bitsandbytes")
 
@@ -53,12 +54,12 @@ def test_quantized_from_disk_keeps_no_copy_and_restores_bit_for_bit(kind, level,
         run(proxy, kind)
     event = next(e for e in logs if e["event"] == "autofit.quantized")
     assert event["undo_copy_gib"] == 0.0
-    rt = proxy.autofit._rt
-    assert DENOISER[kind] in rt._one_way
-    assert all(w.undo.held_bytes == 0 for w in rt._one_way.values())
+    rungs = one_way_rungs(proxy)
+    assert DENOISER[kind] in rungs
+    assert all(w.undo.held_bytes == 0 for w in rungs.values())
     assert quantized_level(getattr(pipe, DENOISER[kind])) == level
-    rt._switch(Plan())
-    assert all(quantized_level(m) is None for m in rt._comps.values())
+    switch_plan(proxy, Plan())
+    assert all(quantized_level(m) is None for m in pipe.components.values() if isinstance(m, torch.nn.Module))
     _assert_same(pipe, states)
 
 
@@ -96,6 +97,27 @@ def test_fp8_from_disk_is_undoable_without_host_ram(tmp_path):
     assert cast == ["unet"] and originals == {}
 
 
+def test_a_tied_weight_the_file_holds_under_its_other_name_restores_and_stays_tied(tmp_path):
+    """transformers saves one name of a tied pair (T5: shared.weight, not encoder.embed_tokens.weight):
+    the checkpoint still covers the component, a cast reads the tensor back under the name the file
+    has, and the tie survives the undo."""
+    pipe = _from_disk("flux", tmp_path / "model")
+    t5 = pipe.text_encoder_2
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight  # the pair this test is about
+    source = Checkpoint.of(t5)
+    assert "encoder.embed_tokens.weight" not in source._where and "shared.weight" in source._where
+    assert measure(pipe).components["text_encoder_2"].restorable
+    states = _states(pipe)
+    params = [(k, p) for k, p in t5.named_parameters(remove_duplicate=False)]
+    assert all(source.same(k, p) for k, p in params)
+    with torch.no_grad():
+        for p in t5.parameters():
+            p.zero_()
+    restore_original(t5, FromCheckpoint(source, {k: (p.dtype, p.stride()) for k, p in params}))
+    _assert_same(pipe, {"text_encoder_2": states["text_encoder_2"]})
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight
+
+
 def test_variants_restore_from_the_file_that_matched(tmp_path):
     """A folder with an fp32 file and a different fp16 variant: the loaded fp16 weights equal the
     variant, and undo reads the variant back, not the fp32 file."""
@@ -122,11 +144,10 @@ def test_a_checkpoint_changed_on_disk_is_refused_and_the_pipeline_keeps_working(
     weights = tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors"
     st = os.stat(weights)
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    rt = proxy.autofit._rt
     with pytest.raises(CheckpointChanged, match="changed on disk.*Reload the pipeline"):
-        rt._switch(Plan())
+        switch_plan(proxy, Plan())
     assert quantized_level(pipe.transformer) == "nf4"
-    assert rt._storage_locked() == "nf4" and rt.plan.storage == "nf4"
+    assert rung_context(proxy).pipeline.storage_locked == "nf4" and "nf4" in proxy.autofit.plan
     torch.testing.assert_close(run(proxy, "flux"), before)
 
 
@@ -165,10 +186,9 @@ def test_an_fp8_undo_that_cannot_read_its_checkpoint_leaves_the_component_cast_a
     before = run(proxy, "sdxl")
     weights = tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors"
     _touch(weights) if how == "touched" else weights.unlink()
-    rt = proxy.autofit._rt
     with pytest.raises(CheckpointChanged):
-        rt._switch(Plan())
-    assert rt._storage_locked() == "fp8"
+        switch_plan(proxy, Plan())
+    assert rung_context(proxy).pipeline.storage_locked == "fp8"
     torch.testing.assert_close(run(proxy, "sdxl"), before)
 
 
@@ -178,15 +198,14 @@ def test_a_failed_roll_back_leaves_the_pipeline_placed_again_at_the_next_call(tm
     pipe = _from_disk("flux", tmp_path / "model")
     handle = _break_when_quantized(pipe.transformer.transformer_blocks[0])
     proxy = autofit(pipe, plan=("nf4",), policy="balanced", cache=False)
-    rt = proxy.autofit._rt
-    rt._switch(rt.plan)  # quantize now, then make the checkpoint unusable before the first call
+    switch_plan(proxy, Plan(extras=frozenset({"nf4"})))  # quantize now, then make the checkpoint unusable
     _touch(tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CheckpointChanged, match="It was being undone because transformer failed"):
         run(proxy, "flux")
-    assert rt._applied is None
+    assert placed_plan(proxy) is None
     handle.remove()
     assert run(proxy, "flux").isfinite().all()
-    assert rt._applied == rt.plan
+    assert placed_plan(proxy) == Plan.from_names(proxy.autofit.plan)
 
 
 def test_tied_and_sign_flipped_weights_are_kept_in_ram(tmp_path):
@@ -316,7 +335,7 @@ def test_autofits_int8_layers_pickle():
 
     import bitsandbytes as bnb
 
-    from conftest import BUILDERS as B
+    from helpers import BUILDERS as B
 
     unet = B["sdxl"]().unet
     quantize_module(unet, "int8", torch.device("cpu"))

@@ -1,6 +1,7 @@
 """`autofit plan`, `doctor` and `run` on a tiny pipeline saved to disk."""
 
 import json
+import logging
 
 import pytest
 
@@ -67,15 +68,15 @@ def test_plan_has_one_row_per_strategy_fitting_or_not(sdxl_dir, capsys):
     """The guide's Step 3 table: every strategy, offloading, casting and quantization alike, with
     the fastest plan using it, whether it fits under the policy and why not; the pick is a row.
     The footprint figures of the guide's calculator come with it."""
-    from autofit.ladder import SPECS
+    from autofit.rungs import RUNGS
 
     main(["plan", str(sdxl_dir), "--vram", "12MiB", "--height", "64", "--width", "64", "--json"])
     out = json.loads(capsys.readouterr().out)
     rows = {r["strategy"]: r for r in out["by_strategy"]}
     # Batch splits and VAE slicing have nothing to split in a batch of one.
-    assert set(rows) == {"device", *SPECS} - {"split_batch", "split_batch_max", "vae_slicing"}
+    assert set(rows) == {"device", *RUNGS} - {"split_batch", "split_batch_max", "vae_slicing"}
     for name, r in rows.items():
-        assert name == "device" and r["plan"] == ["device"] or name in r["plan"]
+        assert name == "device" and r["plan"] == ["device"] or name in [n.split(":")[0] for n in r["plan"]]
         assert r["fits"] == (r["why_not"] is None)
     assert not rows["device"]["fits"] and "budget" in rows["device"]["why_not"]
     # Under the default policy (quality) lossy rungs are listed and say why they are not taken.
@@ -131,6 +132,16 @@ def test_doctor_reports_versions_device_and_missing(capsys):
     assert report["versions"]["torch"] and report["versions"]["diffusers"]
     assert report["device"]["host_total_bytes"] > 0
     assert "missing" in report
+
+
+def test_main_in_process_leaves_the_autofit_logger_as_it_found_it(capsys):
+    """The CLI sends logs to stderr while it runs; a program (or test) calling main() keeps its own
+    logging configuration afterwards."""
+    log = logging.getLogger("autofit")
+    handlers, level = list(log.handlers), log.level
+    assert main(["doctor", "--json"]) == 0
+    assert main(["plan", "/nonexistent/folder"]) == 2
+    assert log.handlers == handlers and log.level == level
 
 
 def test_run_writes_image_and_plan(sdxl_dir, tmp_path):

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from autofit import autofit
-from autofit.testing import tiny_sdxl
+from autofit.plan import Plan
+from autofit.testing import measured_activations, switch_plan, tiny_sdxl
 
-from conftest import run
+from helpers import run
 
 pytestmark = pytest.mark.gpu
 
@@ -60,9 +61,7 @@ def test_pinned_copies_are_credited_and_returned_after_a_switch():
     modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     held, pinned = held_on_host(modules)
     assert pinned > 0 and held >= pinned // 2
-    rt = proxy._self_runtime
-    with rt.lock:
-        rt._switch(Plan("model_offload"))
+    switch_plan(proxy, Plan("model_offload"))
     assert pinned_in_use() < pinned // 4
 
 
@@ -77,8 +76,30 @@ def test_peaks_measured_before_an_escalation_are_kept_with_their_plan():
     proxy = autofit(tiny_sdxl(), device="cuda", cache=False)  # preflight: the tiny pipeline fits
     with structlog.testing.capture_logs() as logs, inject_oom(proxy, stage="decode", times=1):
         run(proxy, "sdxl")
-    rt = proxy._self_runtime
     assert proxy.autofit.plan != ()
-    assert {"encode", "denoise", "decode"} <= set(rt.measured[rt._key])
+    assert {"encode", "denoise", "decode"} <= set(measured_activations(proxy))
     (peaks,) = [e for e in logs if e["event"] == "autofit.stage_peaks"]
     assert peaks["stage"] == "decode"  # only the stage that ran under the plan in force now
+
+
+def test_partial_residency_on_cuda_streams_from_pinned_chunks_and_matches():
+    """resident_stream:30 on CUDA: streamed weights sit in page-locked chunks holding only them
+    (at most 1.1x the streamed bytes), copies run on a side stream, the image equals
+    everything on the device, and leaving the plan returns the pinned memory."""
+    from autofit.memory import pinned_in_use
+    from autofit.plan import Plan
+    from autofit.strategies import partial
+
+    reference = run(autofit(tiny_sdxl().to("cuda"), device="cuda", plan=(), cache=False), "sdxl")
+    pipe = tiny_sdxl()
+    proxy = autofit(pipe, device="cuda", plan=("resident_stream:30",), cache=False)
+    image = run(proxy, "sdxl")
+    s = partial.streamer_of(pipe.unet)
+    assert s.pinned and all(c.is_pinned() for c in s.chunks) and s._side is not None
+    assert sum(c.numel() for c in s.chunks) <= 1.1 * s.streamed_bytes + 512 * len(s.units) * 8
+    assert next(pipe.unet.parameters()).device.type == "cuda"
+    torch.testing.assert_close(image, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(proxy, "sdxl"), reference, rtol=1e-4, atol=1e-4)
+    switch_plan(proxy, Plan())
+    assert partial.streamer_of(pipe.unet) is None
+    assert pinned_in_use() < s.streamed_bytes // 2

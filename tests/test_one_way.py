@@ -7,7 +7,7 @@ import torch
 from autofit import autofit
 from autofit.testing import tiny_sdxl
 
-from conftest import run
+from helpers import run
 
 DTYPE_ERROR = "expected mat1 and mat2 to have the same dtype, but got: c10::Float8_e4m3fn != c10::BFloat16"
 

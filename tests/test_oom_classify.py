@@ -28,8 +28,8 @@ def test_other_errors_are_not_oom(exc):
     assert classify(exc) is None
 
 
-def test_oom_found_through_cause_and_context():
-    """An OOM re-raised as another exception is still found via __cause__ / __context__."""
+def test_oom_found_through_cause_and_through_a_context_it_quotes():
+    """An OOM re-raised with ``from``, or by a wrapper that quotes its message, is still an OOM."""
     try:
         try:
             raise oom_error("cuda")
@@ -40,10 +40,45 @@ def test_oom_found_through_cause_and_context():
     try:
         try:
             raise oom_error("cublas")
-        except RuntimeError:
-            raise KeyError("during handling")
+        except RuntimeError as inner:
+            raise KeyError(f"during handling: {inner}")
     except KeyError as outer:
         assert classify(outer).kind is OOMKind.DEVICE
+
+
+def test_error_raised_while_handling_an_oom_is_not_an_oom():
+    """A user's error raised in an OOM fallback path (context only, not quoted) is that error."""
+    try:
+        try:
+            raise oom_error("cuda")
+        except torch.OutOfMemoryError:
+            raise ValueError("fallback needs a smaller prompt")
+    except ValueError as outer:
+        assert outer.__context__ is not None
+        assert classify(outer) is None
+
+
+def test_keyboard_interrupt_in_an_oom_handler_is_not_an_oom():
+    """A KeyboardInterrupt raised inside ``except torch.OutOfMemoryError`` is never an OOM, even chained."""
+    for chain in ("context", "cause"):
+        try:
+            try:
+                raise oom_error("cuda")
+            except torch.OutOfMemoryError as inner:
+                if chain == "cause":
+                    raise KeyboardInterrupt() from inner
+                raise KeyboardInterrupt()
+        except KeyboardInterrupt as outer:
+            assert classify(outer) is None
+
+
+@pytest.mark.parametrize("msg", [
+    "Pinned memory requires CUDA.",
+    "pin_memory=True requires a CUDA or other accelerator backend; no pinned memory allocator is available on this system.",
+])
+def test_pinned_memory_text_alone_is_not_a_host_oom(msg):
+    """torch's own non-OOM errors that mention pinned memory are not host OOMs."""
+    assert classify(RuntimeError(msg)) is None
 
 
 def test_python_memoryerror_is_host_oom():
@@ -67,21 +102,37 @@ def test_cycle_in_context_chain_terminates():
     assert classify(a) is None
 
 
-def _to_cpu():  # the name of diffusers' group-offloading function that pins host copies
-    raise oom_error("cuda_runtime")
+class _FailingCopy:
+    """Stands in for a weight whose host copy runs out of memory (``.data.cpu()`` raises)."""
+
+    @property
+    def data(self):
+        return self
+
+    def cpu(self):
+        raise oom_error("cuda_runtime")
 
 
-def _unrelated_kernel():
+def _to_cpu():  # the name of diffusers' pinning function, on a function of ours
     raise oom_error("cuda_runtime")
 
 
 def test_pinned_memory_failure_is_host_oom():
-    """'CUDA error: out of memory' raised while pinning host copies is a host-RAM OOM."""
+    """'CUDA error: out of memory' raised inside diffusers' group offloading while it makes its
+    pinned host copies is a host-RAM OOM; the same error elsewhere is the device's."""
+    from diffusers.hooks.group_offloading import ModuleGroup
+
     try:
-        _to_cpu()
+        ModuleGroup._to_cpu(_FailingCopy(), False)  # the real diffusers function, its real frame
     except RuntimeError as exc:
         assert classify(exc).kind is OOMKind.HOST
+    else:
+        pytest.fail("the copy did not fail")
+
+
+def test_a_function_named_like_a_pinning_one_is_not_mistaken_for_it():
+    """Classification goes by diffusers' code objects, not by frame names."""
     try:
-        _unrelated_kernel()
+        _to_cpu()
     except RuntimeError as exc:
         assert classify(exc).kind is OOMKind.DEVICE

@@ -9,11 +9,14 @@ import torch
 
 from autofit import autofit
 from autofit.footprint import footprint_from_header, measure_component, pinned_size
-from autofit.ladder import Facts, host_bytes, pinned_bytes, unavailable
+from autofit.context import Machine, Workload, context
+from autofit.cost import host_bytes, pinned_bytes
+from autofit.ladder import next_plan
+from autofit.rungs import refusal
 from autofit.memory import held_on_host, pinned_ceiling
-from autofit.plan import CallShape, Plan
-from autofit.planner import Machine, Workload, choose, predict
-from autofit.testing import tiny_sdxl
+from autofit.plan import Plan
+from autofit.planner import choose, predict
+from autofit.testing import host_room, rung_context, tiny_sdxl
 from footprints import FLUX, SDXL
 
 GIB = 2**30
@@ -64,15 +67,17 @@ FLUX_4 = Workload(steps=4, cfg=False)
 
 
 def test_streams_are_not_planned_beyond_what_can_be_pinned():
-    """Flux at 16 GiB with plenty of RAM picks streamed group offload; on a machine that can pin
-    only 40% of 64 GiB (Windows, WSL2) the same plan would pin ~48 GiB: the planner says why and
-    picks the low-memory stream variant, which pins one group at a time."""
-    fast = choose(FLUX, machine(16), FLUX_4)
-    assert fast is not None and fast.plan.placement == "group_leaf_stream"
-    capped = predict(fast.plan, FLUX, machine(16, ram_gib=64, pinned_gib=25.6), FLUX_4)
+    """Flux at 16 GiB with plenty of RAM fits streamed group offload; on a machine that can pin
+    only 40% of 64 GiB (Windows, WSL2) that plan would pin ~48 GiB: the planner says why and
+    picks a plan that pins less than can be pinned."""
+    fast = predict(Plan("group_leaf_stream"), context(FLUX, machine(16), FLUX_4))
+    assert fast.fits
+    capped_ctx = context(FLUX, machine(16, ram_gib=64, pinned_gib=25.6), FLUX_4)
+    capped = predict(fast.plan, capped_ctx)
     assert not capped.fits and "pinned" in capped.why_not
-    best = choose(FLUX, machine(16, ram_gib=64, pinned_gib=25.6), FLUX_4)
-    assert best is not None and best.plan.placement == "group_leaf_lowmem"
+    best = choose(capped_ctx)  # partial residency pins only what it streams
+    assert best is not None and best.plan.family == "resident_stream"
+    assert pinned_bytes(best.plan, FLUX) <= 0.9 * 25.6 * GIB
 
 
 def test_per_call_moves_slow_down_when_their_buffers_cannot_be_pinned():
@@ -81,18 +86,19 @@ def test_per_call_moves_slow_down_when_their_buffers_cannot_be_pinned():
     plan = Plan("device", frozenset({"offload_for_decode"}))
     assert pinned_bytes(plan, SDXL) / GIB == pytest.approx(1.31 * 4.78 + 1.26 * 1.29 + 1.77 * 0.23, rel=0.01)
     wl = Workload()
-    roomy = predict(plan, SDXL, machine(8), wl)
-    tight = predict(plan, SDXL, machine(8, pinned_gib=1), wl)
+    roomy = predict(plan, context(SDXL, machine(8), wl))
+    tight = predict(plan, context(SDXL, machine(8, pinned_gib=1), wl))
     assert tight.fits and tight.seconds > roomy.seconds + 1.0
     assert host_bytes(plan, SDXL) == pinned_bytes(plan, SDXL)
 
 
 def test_the_ladder_skips_streams_it_cannot_pin():
-    facts = Facts(footprint=FLUX, device_type="cuda", host_available=64 * GIB, pinned_available=25 * GIB)
-    shape = CallShape()
-    why = unavailable("group_leaf_stream", Plan("model_offload"), facts, shape, "quality")
-    assert why is not None and "pinned" in why
-    assert unavailable("group_leaf_lowmem", Plan("model_offload"), facts, shape, "quality") is None
+    ctx = context(FLUX, Machine(0, 64 * GIB, pinned_available_bytes=25 * GIB))
+    # From the floor of partial residency (5% resident) the next family is leaf streaming.
+    plan, rung, skipped = next_plan(Plan("resident_stream:5"), "denoise", host_oom=False, ctx=ctx)
+    assert rung == "group_leaf_lowmem"
+    why = dict(skipped)["group_leaf_stream"]
+    assert "pinned" in why and why == refusal("group_leaf_stream", Plan("group_leaf_stream"), ctx)
 
 
 def test_host_room_counts_the_weights_the_pipeline_already_holds():
@@ -100,14 +106,14 @@ def test_host_room_counts_the_weights_the_pipeline_already_holds():
     no RAM beyond that, so it is room a plan may use. max_ram caps it."""
     pipe = tiny_sdxl()
     held, pinned = held_on_host(m for m in pipe.components.values() if isinstance(m, torch.nn.Module))
-    rt = autofit(pipe, device="cpu", cache=False)._self_runtime
-    assert held == rt.footprint.total and pinned == 0
-    room, pinnable = rt.host_room()
+    proxy = autofit(pipe, device="cpu", cache=False)
+    assert held == proxy.autofit.footprint.total and pinned == 0
+    room, pinnable = host_room(proxy)
     assert room >= held and pinnable <= room
-    assert rt.facts().host_available >= held
-    capped = autofit(tiny_sdxl(), device="cpu", cache=False, max_ram="1MiB")._self_runtime
-    assert capped.host_room()[0] == 2**20
-    assert capped.facts().host_available == 2**20
+    assert rung_context(proxy).machine.host_available_bytes >= held
+    capped = autofit(tiny_sdxl(), device="cpu", cache=False, max_ram="1MiB")
+    assert host_room(capped)[0] == 2**20
+    assert rung_context(capped).machine.host_available_bytes == 2**20
 
 
 def test_held_on_host_counts_shared_storage_once():

@@ -5,10 +5,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autofit.footprint import ComponentFootprint, Footprint
-from autofit.ladder import SPECS, stage_peak, next_plan, Facts
-from autofit.plan import CallShape, Plan
-from autofit.planner import Machine, Workload, choose, predict, rank, usable
-from autofit.stages import role_of
+from autofit.context import Machine, PipelineFacts, Workload, context
+from autofit.cost import stage_peak, usable
+from autofit.ladder import next_plan
+from autofit.plan import Plan
+from autofit.planner import choose, predict, rank
+from autofit.rungs import RUNGS
+from autofit.components import role_of
 
 from footprints import FLUX, GIB, SDXL
 
@@ -29,59 +32,62 @@ def machine(gib, ram_gib=120):
 )
 def test_predicted_peaks_of_everything_on_device_match_the_h200(fp, wl, measured):
     """Stage peaks predicted for the no-offload plan are within 5% of those measured on an H200."""
-    cand = predict(Plan(), fp, machine(140), wl)
+    cand = predict(Plan(), context(fp, machine(140), wl))
     for stage, gib in measured.items():
         assert cand.peaks[stage] / GIB == pytest.approx(gib, rel=0.05)
 
 
 def test_sdxl_prefers_model_offload_over_group_offload_when_the_unet_fits():
-    """SDXL at 6 GiB: model offload (3.29 s measured) beats leaf group offload (7.12 s)."""
-    best = choose(SDXL, machine(6), SDXL_30)
-    assert best.names == ("model_offload",)
-    mo = predict(Plan("model_offload"), SDXL, machine(6), SDXL_30)
-    gl = predict(Plan("group_leaf_stream"), SDXL, machine(6), SDXL_30)
+    """SDXL at 6 GiB: model offload (3.29 s measured) beats leaf group offload (7.12 s); partial
+    residency beats both and is the pick."""
+    best = choose(context(SDXL, machine(6), SDXL_30))
+    assert best.plan.family == "resident_stream"
+    mo = predict(Plan("model_offload"), context(SDXL, machine(6), SDXL_30))
+    gl = predict(Plan("group_leaf_stream"), context(SDXL, machine(6), SDXL_30))
     assert mo.seconds < gl.seconds
     # Model offload's per-call transfer cost: 1.55 s (gpu-facts) and 2.7 s (our run 2) on H200s.
-    overhead = mo.seconds - predict(Plan(), SDXL, machine(140), SDXL_30).seconds
+    overhead = mo.seconds - predict(Plan(), context(SDXL, machine(140), SDXL_30)).seconds
     assert 1.4 <= overhead <= 3.0
 
 
 def test_flux_prefers_streamed_group_offload_over_model_offload():
     """Flux at 24 GiB: leaf group offload with streams (2.33 s) beats model offload (18.9 s)."""
-    best = choose(FLUX, machine(24), FLUX_4)
-    assert best.plan.placement == "group_leaf_stream"
-    assert predict(Plan("model_offload"), FLUX, machine(24), FLUX_4).seconds > 3 * best.seconds
+    ctx = context(FLUX, machine(24), FLUX_4)
+    best = choose(ctx)
+    assert best.plan.family == "resident_stream"  # faster than either (test_residency.py)
+    streamed = predict(Plan("group_leaf_stream"), ctx)
+    assert predict(Plan("model_offload"), ctx).seconds > 3 * streamed.seconds
 
 
 def test_sdxl_at_8gib_picks_tiling_that_really_tiles():
     """SDXL at 8 GiB: the decode is the only stage over; VAE tiling (7.22 GiB measured) is the oracle."""
-    best = choose(SDXL, machine(8), Workload(steps=10))
+    best = choose(context(SDXL, machine(8), Workload(steps=10)))
     assert best.names == ("vae_tiling",)
     assert best.peaks["decode"] / GIB == pytest.approx(7.222, rel=0.05)
 
 
 def test_streams_need_host_ram():
     """With host RAM for one copy only, streamed group offload is not chosen."""
-    best = choose(FLUX, machine(24, ram_gib=40), FLUX_4)
+    best = choose(context(FLUX, machine(24, ram_gib=40), FLUX_4))
     assert best is not None and best.plan.placement not in ("group_leaf_stream",)
 
 
 def test_quality_policy_never_picks_lossy_and_speed_may():
     """fp8 appears only under a lossy-allowing policy."""
-    assert "fp8" not in choose(SDXL, machine(4), SDXL_30, policy="quality").names
-    fast = choose(SDXL, machine(4), SDXL_30, policy="speed")
-    assert fast.seconds <= choose(SDXL, machine(4), SDXL_30, policy="quality").seconds
+    assert "fp8" not in choose(context(SDXL, machine(4), SDXL_30, policy="quality")).names
+    fast = choose(context(SDXL, machine(4), SDXL_30, policy="speed"))
+    assert fast.seconds <= choose(context(SDXL, machine(4), SDXL_30, policy="quality")).seconds
 
 
 def test_nothing_fits_returns_none():
     """A budget below any plan's peak gives no pick rather than a wrong one."""
-    assert choose(SDXL, machine(0.5), SDXL_30) is None
+    assert choose(context(SDXL, machine(0.5), SDXL_30)) is None
 
 
 def test_measured_activations_replace_estimates():
     """A measured decode activation replaces the estimate in the predicted peak."""
-    est = predict(Plan(), SDXL, machine(140), SDXL_30).peaks["decode"]
-    meas = predict(Plan(), SDXL, machine(140), SDXL_30, measured={"decode": 1 * GIB}).peaks["decode"]
+    est = predict(Plan(), context(SDXL, machine(140), SDXL_30)).peaks["decode"]
+    meas = predict(Plan(), context(SDXL, machine(140), SDXL_30), measured={"decode": 1 * GIB}).peaks["decode"]
     assert est - meas == pytest.approx(est - SDXL.total - 1 * GIB, abs=GIB * 0.01)
 
 
@@ -106,8 +112,8 @@ def footprints(draw):
 def test_choice_fits_and_more_budget_is_never_slower(fp, small, extra, policy):
     """The pick fits the budget with its margin, and a larger budget never picks a slower plan."""
     wl = Workload(height=1024, width=1024, steps=20)
-    a = choose(fp, machine(small), wl, policy=policy)
-    b = choose(fp, machine(small + extra), wl, policy=policy)
+    a = choose(context(fp, machine(small), wl, policy=policy))
+    b = choose(context(fp, machine(small + extra), wl, policy=policy))
     if a is not None:
         assert a.vram <= usable(int(small * GIB))
         if policy == "quality":
@@ -116,8 +122,10 @@ def test_choice_fits_and_more_budget_is_never_slower(fp, small, extra, policy):
         if policy in ("quality", "speed"):
             assert b.seconds <= a.seconds + 1e-9
         if policy == "memory":
-            fitting = [c.vram for c in rank(fp, machine(small), wl, policy=policy) if c.fits]
-            assert a.vram == min(fitting)
+            fitting = [c for c in rank(context(fp, machine(small), wl, policy=policy)) if c.fits]
+            lossless = [c.vram for c in fitting if c.quality != "lossy"]
+            assert a.vram == min(lossless or [c.vram for c in fitting])
+            assert (a.quality == "lossy") == (not lossless)  # lossy only when nothing lossless fits
 
 
 @settings(max_examples=200, deadline=None)
@@ -132,23 +140,23 @@ def test_every_escalation_lowers_the_failing_stage_peak(fp, placement, extras, s
     """Whatever the plan, the ladder's next plan strictly lowers the failing stage's peak."""
     plan = Plan(placement, frozenset())
     for e in sorted(extras):
-        plan = plan.with_strategy(e) if (placement == "device" or not e.startswith("offload")) else plan
-    facts = Facts(footprint=fp, device_type="cuda", host_available=10**15)
-    shape = CallShape(batch=batch)
-    new, action, skipped = next_plan(plan, stage, host_oom=False, facts=facts, shape=shape, policy="balanced")
+        plan = plan.with_rung(e) if (placement == "device" or not e.startswith("offload")) else plan
+    shape = Workload(batch=batch)
+    ctx = context(fp, Machine(0, 10**15), shape, policy="balanced")
+    new, action, skipped = next_plan(plan, stage, host_oom=False, ctx=ctx)
     if new is None:
         return
     old_r, old_a = stage_peak(plan, stage, fp, shape)
     new_r, new_a = stage_peak(new, stage, fp, shape)
     assert new_r <= old_r and new_a <= old_a and (new_r, new_a) != (old_r, old_a)
-    assert action in SPECS
+    assert action in RUNGS
 
 
 def test_video_activations_follow_latent_frames_not_frames():
     """A 5 s 960x544 clip at 24 fps (121 frames) is 31 latent frames for the denoiser: its
     activations come to the guide's "~7-8 GB", not 121 images' worth (31.6 GiB before). The VAE
     decodes a latent frame or two at a time, so the decode estimate stops growing with length."""
-    from autofit.planner import activation_bytes
+    from autofit.cost import activation_bytes
 
     clip = Workload(height=544, width=960, frames=121, cfg=False)
     assert clip.latent_frames == 31
@@ -165,7 +173,70 @@ def test_calls_that_leave_arguments_out_are_planned_with_the_pipeline_defaults()
     """Wan makes 81 frames at 832x480 when the call does not say: that is the workload planned."""
     from diffusers import WanPipeline
 
-    from autofit.runtime import _call_defaults
+    from autofit.preflight import call_defaults
 
-    defaults = _call_defaults(WanPipeline)
+    defaults = call_defaults(WanPipeline)
     assert (defaults["num_frames"], defaults["height"], defaults["width"]) == (81, 480, 832)
+
+
+# ---- one rulebook: the planner and the ladder read the same rung table --------------------
+@st.composite
+def contexts(draw):
+    """Random pipelines, machines and workloads (the pipeline facts and the machine included)."""
+    fp = draw(footprints())
+    facts = PipelineFacts(
+        fp,
+        has_offload_seq=draw(st.booleans()),
+        vae_can_tile=draw(st.booleans()),
+        vae_can_slice=draw(st.booleans()),
+        fp8_supported=draw(st.booleans()),
+        broken=frozenset(draw(st.sets(st.tuples(st.sampled_from(["fp8", "int8", "nf4"]),
+                                                st.sampled_from(sorted(fp.components)))))),
+        storage_locked=draw(st.sampled_from([None, "fp8", "nf4"])),
+        has_bnb=draw(st.booleans()),
+    )
+    machine = Machine(
+        budget_bytes=int(draw(st.floats(0.001, 100)) * GIB),
+        host_available_bytes=int(draw(st.floats(0.001, 200)) * GIB),
+        device_type=draw(st.sampled_from(["cuda", "cpu", "mps", "xpu"])),
+        quant_missing=draw(st.sampled_from([None, "bitsandbytes is not installed"])),
+        pinned_available_bytes=draw(st.one_of(st.none(), st.integers(0, 200 * GIB))),
+    )
+    wl = Workload(batch=draw(st.integers(1, 4)), steps=draw(st.integers(1, 50)))
+    return context(fp, machine, wl, policy=draw(st.sampled_from(sorted(["quality", "speed", "memory", "balanced"]))),
+                   pipeline=facts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(contexts())
+def test_a_plan_the_planner_calls_fitting_is_one_the_ladder_accepts(ctx):
+    """For every candidate: if the planner says it fits, the ladder accepts each of its rungs from
+    the plan without it; if the planner refuses it for a rung's reason, the ladder gives the same."""
+    from autofit.planner import candidate_plans
+    from autofit.rungs import refusal
+
+    for plan in candidate_plans(ctx.footprint):
+        cand = predict(plan, ctx)
+        ladder = {n: refusal(n, plan.without(n).with_rung(n), ctx) for n in plan.names}
+        if cand.fits:
+            assert all(reason is None for reason in ladder.values()), (plan, ladder)
+        elif not cand.why_not.startswith("predicted peak"):
+            assert cand.why_not == next(r for r in ladder.values() if r), (plan, cand.why_not, ladder)
+
+
+@pytest.mark.parametrize("mib", [4, 64, 512, 2048, 6144, 16384, 65536])
+def test_a_pipeline_without_an_offload_sequence_never_gets_model_offload(mib):
+    """diffusers refuses enable_model_cpu_offload() without model_cpu_offload_seq (a ValueError on
+    every call): at any budget, neither the planner nor the ladder goes there."""
+    for fp in (SDXL, FLUX):
+        ctx = context(fp, Machine(mib * 2**20, 512 * GIB), SDXL_30, policy="speed",
+                      pipeline=PipelineFacts(fp, has_offload_seq=False))
+        assert all(c.plan.placement != "model_offload" for c in rank(ctx) if c.fits)
+        pick = choose(ctx)
+        assert pick is None or pick.plan.placement != "model_offload"
+        for stage in ("load", "encode", "denoise"):
+            plan = Plan()
+            while plan is not None:
+                assert plan.placement != "model_offload"
+                plan, _, skipped = next_plan(plan, stage, host_oom=False, ctx=ctx)
+            assert ("model_offload", "pipeline class has no model_cpu_offload_seq") in skipped or stage == "load"

@@ -8,14 +8,18 @@ import pytest
 import torch
 
 from autofit import AutoFitUsageError, autofit
-from autofit.footprint import measure
-from autofit.ladder import Facts, next_plan, unavailable
-from autofit.plan import CallShape, Plan
-from autofit.planner import Machine, Workload, choose, predict
-from autofit.strategies.quantize import quantized_level
-from autofit.testing import inject_oom, tiny_flux, tiny_sdxl
+from autofit.footprint import Footprint, measure
+from dataclasses import replace
 
-from conftest import BUILDERS, DENOISER, run
+from autofit.context import Machine, PipelineFacts, Workload, context
+from autofit.ladder import next_plan
+from autofit.plan import Plan
+from autofit.planner import choose, predict, rank
+from autofit.rungs import refusal
+from autofit.strategies.quantize import quantized_level
+from autofit.testing import inject_oom, mark_unusable, rung_context, switch_plan, tiny_flux, tiny_sdxl
+
+from helpers import BUILDERS, DENOISER, run
 from footprints import FLUX, GIB, SDXL
 
 pytest.importorskip("bitsandbytes")
@@ -75,10 +79,9 @@ def test_switching_storage_back_restores_weights_bit_for_bit():
     proxy = autofit(pipe, plan=("int8",), policy="balanced", cache=False)
     run(proxy, "flux")
     assert quantized_level(pipe.transformer) == "int8"
-    rt = proxy.autofit._rt
-    rt._switch(Plan(extras=frozenset({"nf4"})))
+    switch_plan(proxy, Plan(extras=frozenset({"nf4"})))
     assert quantized_level(pipe.transformer) == "nf4"
-    rt._switch(Plan())
+    switch_plan(proxy, Plan())
     assert quantized_level(pipe.transformer) is None and quantized_level(pipe.text_encoder_2) is None
     state = pipe.transformer.state_dict()
     assert state.keys() == original.keys()
@@ -145,8 +148,8 @@ def test_a_component_broken_by_quantization_is_restored_and_marked(tmp_path):
     assert any(r.get("unusable") == {"nf4": ["transformer"]} for r in records)
     again = tiny_flux()
     second = autofit(again, cache=tmp_path, policy="balanced", max_vram="64GiB")
-    second.autofit._rt.unusable.setdefault("nf4", set()).update(records[0]["unusable"]["nf4"])
-    second.autofit._rt._switch(Plan(extras=frozenset({"nf4"})))
+    mark_unusable(second, "nf4", records[0]["unusable"]["nf4"])
+    switch_plan(second, Plan(extras=frozenset({"nf4"})))
     assert quantized_level(again.transformer) is None and quantized_level(again.text_encoder_2) == "nf4"
 
 
@@ -164,8 +167,8 @@ def test_a_user_quantized_pipeline_is_adopted_and_recovers():
     assert quantized_level(pipe.unet) == "nf4"
     assert [r.action for r in proxy.autofit.history][:2] == ["offload_encoders", "model_offload"]
     torch.testing.assert_close(image, reference)
-    facts = proxy.autofit._rt.facts()
-    assert unavailable("sequential", Plan("model_offload"), facts, CallShape(), "quality") == \
+    ctx = rung_context(proxy)
+    assert refusal("sequential", Plan("sequential"), ctx) == \
         "bitsandbytes weights are not combined with sequential offload"
 
 
@@ -175,19 +178,22 @@ FLUX_WL = Workload(height=1024, width=1024, steps=4, cfg=False)
 
 
 def test_the_planner_weighs_quantization_beside_offloading():
-    """Flux-sized at 16 GiB: the speed policy picks nf4 with the quantized weights on the device
-    (no per-step transfers), the quality policy a lossless offload; without bitsandbytes no
+    """Flux-sized at 16 GiB: nf4 with the quantized weights on the device (no per-step transfers)
+    is weighed beside offloading and beats leaf streaming; the quality policy picks a lossless plan; without bitsandbytes no
     quantized plan fits and the reason says why."""
     m = Machine(16 * GIB, **MACHINE)
-    fast = choose(FLUX, m, FLUX_WL, policy="speed")
-    assert fast is not None and fast.plan.storage == "nf4"
-    assert fast.seconds < predict(Plan("group_leaf_stream"), FLUX, m, FLUX_WL).seconds
-    safe = choose(FLUX, m, FLUX_WL, policy="quality")
+    ranked = rank(context(FLUX, m, FLUX_WL, policy="speed"))
+    nf4 = next(c for c in ranked if c.fits and c.plan.storage == "nf4")
+    assert nf4.plan.placement == "device"
+    assert nf4.seconds < predict(Plan("group_leaf_stream"), context(FLUX, m, FLUX_WL)).seconds
+    fast = choose(context(FLUX, m, FLUX_WL, policy="speed"))  # partial residency is faster still
+    assert fast is not None and fast.seconds <= nf4.seconds
+    safe = choose(context(FLUX, m, FLUX_WL, policy="quality"))
     assert safe is not None and safe.plan.storage is None and safe.quality != "lossy"
     none = Machine(16 * GIB, quant_missing="bitsandbytes is not usable", **MACHINE)
-    cand = predict(Plan(extras=frozenset({"nf4"})), FLUX, none, FLUX_WL, policy="speed")
+    cand = predict(Plan(extras=frozenset({"nf4"})), context(FLUX, none, FLUX_WL, policy="speed"))
     assert not cand.fits and cand.why_not == "bitsandbytes is not usable"
-    best = choose(FLUX, none, FLUX_WL, policy="speed")
+    best = choose(context(FLUX, none, FLUX_WL, policy="speed"))
     assert best is not None and best.plan.storage in (None, "fp8")
 
 
@@ -195,40 +201,52 @@ def test_quantized_sizes_drive_the_predicted_peaks():
     """nf4 on the device holds the quantized denoiser and encoders; under group offload the
     quantized components stay resident through every stage; model offload moves them."""
     m = Machine(80 * GIB, **MACHINE)
-    nf4 = predict(Plan(extras=frozenset({"nf4"})), FLUX, m, FLUX_WL, policy="speed")
-    full = predict(Plan(), FLUX, m, FLUX_WL, policy="speed")
+    nf4 = predict(Plan(extras=frozenset({"nf4"})), context(FLUX, m, FLUX_WL, policy="speed"))
+    full = predict(Plan(), context(FLUX, m, FLUX_WL, policy="speed"))
     saved = sum(c.bytes - c.nf4_bytes for c in FLUX.components.values() if c.quant_ok)
     assert full.peaks["denoise"] - nf4.peaks["denoise"] == saved
-    int8_grouped = predict(Plan("group_leaf_stream", frozenset({"int8"})), FLUX, m, FLUX_WL, policy="speed")
+    int8_grouped = predict(Plan("group_leaf_stream", frozenset({"int8"})), context(FLUX, m, FLUX_WL, policy="speed"))
     resident = FLUX.components["transformer"].int8_bytes + FLUX.components["text_encoder_2"].int8_bytes
     assert int8_grouped.peaks["load"] == resident + FLUX.components["vae"].bytes
     assert int8_grouped.peaks["decode"] >= resident
-    nf4_off = predict(Plan("model_offload", frozenset({"nf4"})), FLUX, m, FLUX_WL, policy="speed")
+    nf4_off = predict(Plan("model_offload", frozenset({"nf4"})), context(FLUX, m, FLUX_WL, policy="speed"))
     assert nf4_off.peaks["load"] == 0  # nf4 moves with its component
 
 
 def test_ladder_reaches_quantization_only_when_it_lowers_the_peak():
-    """With offloading ruled out (no host RAM for it), a denoise OOM goes fp8 -> nf4 (int8 is
-    skipped: not smaller than fp8 for the SDXL UNet); a broken or locked rung is skipped with why."""
-    # 5 GiB of host RAM: too little to offload all 6.5 GiB, enough to quantize the 4.8 GiB UNet.
-    facts = Facts(footprint=SDXL, device_type="cuda", host_available=5 * GIB)
-    shape = CallShape(batch=1, height=1024, width=1024)
-    plan, action, skipped = next_plan(Plan(extras=frozenset({"offload_encoders"})), "denoise", host_oom=False,
-                                      facts=facts, shape=shape, policy="balanced")
-    assert action == "fp8"
-    plan, action, skipped = next_plan(plan, "denoise", host_oom=False, facts=facts, shape=shape, policy="balanced")
-    assert action == "nf4" and plan.storage == "nf4" and "fp8" not in plan.extras
-    assert ("int8", "predicted not to lower the denoise peak") in skipped
-    assert unavailable("nf4", Plan(), facts, shape, "quality").startswith("lossy rung")
+    """With whole-component offloading ruled out (no host RAM for it), a denoise OOM lowers the
+    UNet's residency as far as host RAM allows, then goes to fp8, which lets residency fall
+    again; a broken or locked rung is skipped with why."""
+    # Loaded from a checkpoint that serves as the undo copy (no copy kept in RAM), with 5 GiB of
+    # host RAM: too little to offload all 6.5 GiB, enough to quantize the 4.8 GiB UNet.
+    sdxl = Footprint({n: replace(c, restorable=True) for n, c in SDXL.components.items()})
+    shape = Workload(batch=1, height=1024, width=1024)
+
+    def ctx(footprint=sdxl, ram=5, policy="balanced", **pipeline):
+        return context(footprint, Machine(0, int(ram * GIB)), shape, policy=policy,
+                       pipeline=PipelineFacts(footprint, **pipeline))
+
+    plan, action, skipped = next_plan(Plan(extras=frozenset({"offload_encoders"})), "denoise", host_oom=False, ctx=ctx())
+    # Partial residency is lossless and holds only what it streams (2.5 GiB here): it comes first,
+    # stepping down, before any lossy rung.
+    assert action == "resident_stream"
+    while action == "resident_stream":
+        plan, action, skipped = next_plan(plan, "denoise", host_oom=False, ctx=ctx())
+    assert action == "fp8" and plan.family == "resident_stream"
+    assert dict(skipped)["resident_stream"].startswith("needs")  # streaming more needs more host RAM
+    assert dict(skipped)["model_offload"].startswith("needs 6.5 GiB of host RAM")
+    plan, action, skipped = next_plan(plan, "denoise", host_oom=False, ctx=ctx())
+    assert action == "resident_stream"  # fp8 halved what streams: residency can fall again
+    nf4 = Plan(extras=frozenset({"nf4"}))
+    assert refusal("nf4", nf4, ctx(policy="quality")).startswith("lossy rung")
     broken = frozenset({("nf4", "unet"), ("nf4", "text_encoder_2")})
-    blocked = Facts(footprint=SDXL, device_type="cuda", host_available=64 * GIB, quant_blocked=broken)
-    assert unavailable("nf4", Plan(), blocked, shape, "balanced") == \
+    assert refusal("nf4", nf4, ctx(ram=64, broken=broken)) == \
         "nf4 broke text_encoder_2, unet before (marked unusable in the plan cache)"
-    assert unavailable("int8", Plan(), blocked, shape, "balanced") is None
-    poor = Facts(footprint=SDXL, device_type="cuda", host_available=4 * GIB)
-    assert unavailable("nf4", Plan(), poor, shape, "balanced").startswith("host RAM cannot hold the full-precision")
-    locked = Facts(footprint=SDXL, device_type="cuda", storage_locked="fp8", host_available=64 * GIB)
-    assert "cannot be swapped" in unavailable("nf4", Plan(extras=frozenset({"fp8"})), locked, shape, "balanced")
+    assert refusal("int8", Plan(extras=frozenset({"int8"})), ctx(ram=64, broken=broken)) is None
+    assert refusal("nf4", nf4, ctx(ram=4)).startswith("host RAM cannot hold the full-precision")
+    # Without the checkpoint as undo copy, the full-precision originals stay in host RAM too.
+    assert refusal("nf4", nf4, ctx(footprint=SDXL, ram=6)).startswith("needs 6.1 GiB of host RAM")
+    assert "cannot be swapped" in refusal("nf4", nf4, ctx(ram=64, storage_locked="fp8"))
 
 
 def test_an_explicit_quantized_plan_needs_bitsandbytes_on_the_device():
@@ -239,7 +257,7 @@ def test_an_explicit_quantized_plan_needs_bitsandbytes_on_the_device():
 def test_plans_store_weights_one_way_only():
     with pytest.raises(ValueError, match="stores weights one way"):
         Plan(extras=frozenset({"fp8", "nf4"}))
-    assert Plan(extras=frozenset({"fp8"})).with_strategy("nf4").extras == frozenset({"nf4"})
+    assert Plan(extras=frozenset({"fp8"})).with_rung("nf4").extras == frozenset({"nf4"})
     assert Plan("model_offload", frozenset({"int8"})).names == ("int8", "model_offload")
     assert DENOISER["flux"] in TARGETS["flux"]
 

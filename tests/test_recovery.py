@@ -7,7 +7,7 @@ import torch
 from autofit import autofit
 from autofit.testing import inject_oom
 
-from conftest import DENOISER, CallCounter, run
+from helpers import DENOISER, CallCounter, run
 
 
 def test_decode_oom_retries_only_decode(pipe, kind):

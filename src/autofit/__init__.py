@@ -1,9 +1,17 @@
 """autofit: diffusers pipelines that recover from out-of-memory at the stage that failed."""
 
-from .errors import AutoFitExhausted, AutoFitUsageError, CheckpointChanged
-from .plan import Plan
-from .proxy import AutoFitControl, AutoFitPipeline, autofit
-from .runtime import EscalationRecord
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+if TYPE_CHECKING:
+    from .errors import AutoFitExhausted, AutoFitUsageError, CheckpointChanged
+    from .plan import Plan
+    from .proxy import AutoFitControl, AutoFitPipeline, autofit
+    from .records import EscalationRecord
 
 __all__ = [
     "AutoFitControl",
@@ -13,6 +21,19 @@ __all__ = [
     "CheckpointChanged",
     "EscalationRecord",
     "Plan",
+    "__version__",
     "autofit",
 ]
-__version__ = "0.1.0"
+
+# Imported on first use (PEP 562), so `autofit --help` and `autofit.cli` do not pay for torch.
+_HOME = {"AutoFitExhausted": "errors", "AutoFitUsageError": "errors", "CheckpointChanged": "errors",
+         "Plan": "plan", "AutoFitControl": "proxy", "AutoFitPipeline": "proxy", "autofit": "proxy",
+         "EscalationRecord": "records"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'autofit' has no attribute {name!r}")

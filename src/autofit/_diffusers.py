@@ -1,19 +1,90 @@
-"""Every touch of diffusers / accelerate internals lives here (hook registries, ``_hf_hook``,
-private pipeline attributes), so a library upgrade breaks in one place."""
+"""Every touch of the private parts of diffusers, accelerate, bitsandbytes and torch lives here
+(hook registries, ``_hf_hook``, private model and pipeline attributes, layerwise casting's
+constants, group offloading's pinning functions, AutoencoderKL's tile attributes, bitsandbytes'
+LLM.int8 state, torch's host allocator), so a library upgrade breaks in one place;
+tests/test_diffusers_touches.py checks each against the installed releases.
+
+diffusers, accelerate and bitsandbytes are imported where first needed: ``import autofit`` stays
+light, and a missing optional library fails only the feature that needs it."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+from types import CodeType
 from typing import Any
 
 import torch
 
-from .stages import module_components
+from .components import module_components
 
-# Functions that pin host memory: a CUDA "out of memory" raised in them is a host (page-locked
-# memory) failure, not a device one. diffusers' group offloading pins in the first three;
-# autofit's own reusable host buffers in the last.
-PINNING_FUNCTIONS = frozenset({"_to_cpu", "_init_cpu_param_dict", "_pinned_memory_tensors", "_host_like"})
+# diffusers' group offloading pins host memory in these ModuleGroup methods: a CUDA "out of
+# memory" raised in them is a host (page-locked memory) failure, not a device one.
+_PINNING_METHODS = ("_to_cpu", "_init_cpu_param_dict", "_pinned_memory_tensors")
+
+# Copies of diffusers' layerwise casting constants, used only where diffusers does not have them.
+_FALLBACK_CASTABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                      torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+_FALLBACK_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
+
+
+@functools.lru_cache(maxsize=1)
+def pinning_code() -> frozenset[CodeType]:
+    """The code objects of diffusers' functions that pin host memory (empty where diffusers
+    has none of them). Matched by identity, so a renamed function of ours changes nothing."""
+    try:
+        from diffusers.hooks.group_offloading import ModuleGroup
+    except Exception:  # no group offloading in this diffusers: nothing of its pins memory
+        return frozenset()
+    out = set()
+    for name in _PINNING_METHODS:
+        fn = inspect.getattr_static(ModuleGroup, name, None)
+        fn = getattr(fn, "__func__", fn)  # staticmethod
+        fn = inspect.unwrap(fn) if fn is not None else None  # @contextmanager
+        if fn is not None and hasattr(fn, "__code__"):
+            todo = [fn.__code__]
+            while todo:  # with the comprehensions inside (their own frames before Python 3.12)
+                code = todo.pop()
+                out.add(code)
+                todo.extend(c for c in code.co_consts if isinstance(c, CodeType))
+    return frozenset(out)
+
+
+@functools.lru_cache(maxsize=1)
+def layerwise_casting_defaults() -> tuple[tuple[type, ...], tuple[str, ...]]:
+    """(module types fp8 layerwise casting casts, name patterns it skips by default), as the
+    installed diffusers has them."""
+    try:
+        from diffusers.hooks import layerwise_casting as lc
+    except Exception:
+        return _FALLBACK_CASTABLE, _FALLBACK_SKIP_PATTERNS
+    layers = getattr(lc, "_GO_LC_SUPPORTED_PYTORCH_LAYERS", None) or getattr(lc, "SUPPORTED_PYTORCH_LAYERS", None)
+    patterns = getattr(lc, "DEFAULT_SKIP_MODULES_PATTERN", None)
+    return (tuple(layers) if layers else _FALLBACK_CASTABLE,
+            tuple(patterns) if patterns else _FALLBACK_SKIP_PATTERNS)
+
+
+def model_fp8_skip_patterns(model: "torch.nn.Module | type | None") -> tuple[str, ...]:
+    """The patterns a diffusers model (or model class) adds to layerwise casting's skips: the
+    modules it keeps in fp32 and its own skip patterns."""
+    return (tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+            + tuple(getattr(model, "_skip_layerwise_casting_patterns", None) or ()))
+
+
+@functools.lru_cache(maxsize=64)
+def model_class(class_name: str) -> type | None:
+    """The diffusers model class named in a model_index.json, without building it."""
+    try:
+        import diffusers
+
+        # A name diffusers does not export (a transformers text encoder) would make its lazy
+        # module search every submodule (~9 s): look it up only when diffusers lists it.
+        if class_name not in dir(diffusers):
+            return None
+        return getattr(diffusers, class_name, None)
+    except Exception:  # a broken diffusers install must not break `autofit plan`
+        return None
 
 _GROUP_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
 _LAYERWISE_CASTING_HOOK = "layerwise_casting"
@@ -47,15 +118,13 @@ def remove_group_offloading(module: torch.nn.Module) -> None:
 def remove_offload_hooks(pipe: Any) -> None:
     """Remove accelerate hooks (model/sequential offload) and diffusers group offloading from every
     component. Layerwise casting hooks are kept: casting is one-way."""
-    from accelerate.hooks import remove_hook_from_module
-
+    if callable(getattr(pipe, "remove_all_hooks", None)):
+        pipe.remove_all_hooks()  # hooks on the components themselves, and the pipeline's list of them
     for module in module_components(pipe).values():
-        if has_accelerate_hooks(module):
-            remove_hook_from_module(module, recurse=True)
+        if has_accelerate_hooks(module):  # hooks below a component (what remove_all_hooks misses)
+            remove_component_hooks(module)
         if group_offload_config(module) is not None:
             remove_group_offloading(module)
-    if hasattr(pipe, "_all_hooks"):
-        pipe._all_hooks = []
 
 
 def remove_component_hooks(module: torch.nn.Module) -> None:
@@ -77,9 +146,35 @@ def detect_placement(pipe: Any) -> str | None:
             return "group_leaf"
     if getattr(pipe, "_all_hooks", None):
         return "model_offload"
-    if any(has_accelerate_hooks(m) for m in module_components(pipe).values()):
+    hooked = [m for m in module_components(pipe).values() if has_accelerate_hooks(m)]
+    if hooked and all(_model_offload_hook(m) for m in hooked):
+        # Model offload hooks this pipeline does not own: another pipeline sharing the components
+        # (``from_pipe``, ``Pipeline(**proxy.components)``) placed them. Nothing of the user's to keep.
+        return None
+    if hooked:
         return "sequential"
     return None
+
+
+def _model_offload_hook(module: torch.nn.Module) -> bool:
+    """True when ``module`` carries only a model-offload hook (accelerate's ``CpuOffload`` on the
+    module itself), as ``enable_model_cpu_offload`` leaves it; sequential offload hooks submodules."""
+    from accelerate.hooks import CpuOffload
+
+    if not isinstance(getattr(module, "_hf_hook", None), CpuOffload):
+        return False
+    return not any(hasattr(sub, "_hf_hook") for name, sub in module.named_modules() if name)
+
+
+def placement_intact(pipe: Any, placement: str) -> bool:
+    """Whether the offloading autofit applied is still on the components: another pipeline that
+    shares them (made with ``from_pipe``) or the user may have taken it down since."""
+    comps = module_components(pipe).values()
+    if placement in ("model_offload", "sequential"):
+        return any(has_accelerate_hooks(m) for m in comps)
+    if placement.startswith("group_"):
+        return any(group_offload_config(m) is not None for m in comps)
+    return True  # everything on the device: the runtime re-asserts residency at every call
 
 
 def is_fp8_cast(module: torch.nn.Module) -> bool:
@@ -132,3 +227,64 @@ def dtype_kwargs(dtype: Any) -> dict[str, Any]:
     except ImportError:
         return {"torch_dtype": dtype}
     return {"dtype": dtype}
+
+
+# ---- VAE slicing and tiling (AutoencoderKL and kin keep them as plain attributes) ---------------
+def vae_settings(vae: torch.nn.Module) -> tuple[Any, Any, Any, Any]:
+    """(use_slicing, use_tiling, tile_sample_min_size, tile_latent_min_size); None where absent."""
+    return (getattr(vae, "use_slicing", None), getattr(vae, "use_tiling", None),
+            getattr(vae, "tile_sample_min_size", None), getattr(vae, "tile_latent_min_size", None))
+
+
+def set_vae_slicing(vae: torch.nn.Module, on: bool) -> None:
+    vae.use_slicing = on
+
+
+def set_vae_tiling(vae: torch.nn.Module, on: Any, *, latent_min: Any = None, sample_min: Any = None) -> None:
+    """Turn tiling on or off; with tile sizes, tile at them (diffusers' enable_tiling takes none
+    on every VAE, and its default tile does not tile at the size being decoded)."""
+    vae.use_tiling = on
+    if latent_min is not None:
+        vae.tile_latent_min_size = latent_min
+        vae.tile_sample_min_size = sample_min
+
+
+def can_set_tile_size(vae: torch.nn.Module) -> bool:
+    return hasattr(vae, "tile_latent_min_size")
+
+
+# ---- bitsandbytes: the LLM.int8 state kept beside the weight ------------------------------------
+def int8_state_follow_weight(layer: torch.nn.Module) -> None:
+    """Point an LLM.int8 layer's quantization state (``weight.CB/SCB``, ``state.CB/SCB``) at the
+    weight's current storage and device, and drop the last call's outlier columns."""
+    w = layer.weight
+    if w.dtype != torch.int8:
+        return
+    state = layer.state
+    if getattr(w, "CB", None) is not None:
+        w.CB = w.data
+    if getattr(w, "SCB", None) is not None:
+        w.SCB = w.SCB.to(w.device)
+    if state.CB is not None:
+        state.CB = w.data
+    if state.SCB is not None:
+        state.SCB = state.SCB.to(w.device)
+    state.idx = None  # rewritten by the next forward
+
+
+# ---- torch -------------------------------------------------------------------------------------
+def tensor_tables(module: torch.nn.Module) -> tuple[dict, dict]:
+    """A module's own parameter and buffer tables. Rewriting an entry swaps the tensor a module
+    holds without ``.to()`` (which would move everything) or ``register_*`` (which refuses a
+    Parameter in place of a buffer and the reverse)."""
+    return module._parameters, module._buffers
+
+
+def empty_host_cache() -> None:
+    """Return the pinned blocks torch's host allocator caches to the OS (``torch.accelerator``'s
+    public call where this torch has it, the private one before)."""
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+    if empty is None:
+        empty = getattr(torch._C, "_host_emptyCache", None)
+    if empty is not None:
+        empty()

@@ -15,8 +15,22 @@ _WORDS = (
 ).split()
 
 
+def require_text_models() -> None:
+    """The tiny pipelines' text encoders and tokenizer come from transformers and tokenizers, which
+    autofit itself does not need: say how to get them."""
+    try:
+        import tokenizers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            f"autofit.testing builds tiny pipelines with transformers text encoders and a tokenizers "
+            f"vocabulary ({exc}). Install them with: pip install 'autofit-diffusers[testing]'"
+        ) from exc
+
+
 def make_tokenizer(model_max_length: int = 77):
     """A word-level fast tokenizer with CLIP-like special tokens (bos=0, pad=1, eos=2)."""
+    require_text_models()
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -58,6 +72,7 @@ def _clip_config(hidden: int, layers: int, projection_dim: int):
 
 def tiny_sdxl(*, seed: int = 0, dtype: torch.dtype = torch.float32, scale: int = 1):
     """An SDXL-class pipeline (UNet denoiser, two CLIP encoders, KL VAE) with random weights."""
+    require_text_models()
     from diffusers import (
         AutoencoderKL,
         EulerDiscreteScheduler,
@@ -124,6 +139,7 @@ def _finish(pipe, dtype: torch.dtype):
 
 def tiny_flux(*, seed: int = 0, dtype: torch.dtype = torch.float32, scale: int = 1):
     """A Flux-class pipeline (MMDiT transformer, CLIP + T5 encoders, 16-channel-style KL VAE)."""
+    require_text_models()
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,

@@ -1,9 +1,11 @@
-"""A resumable batch runner: prompts in (JSONL or CSV), images and a JSONL manifest out.
+"""A resumable batch runner: prompts in (JSONL, CSV or text), images and a JSONL manifest out.
 
 Unattended jobs are the point: every image is written atomically (temporary file, then rename),
 every finished item is appended to the manifest and flushed to disk, and a rerun after a crash
-or Ctrl-C skips what is finished. An item that still runs out of memory at the last rung is
-recorded with its error and the job goes on; a rerun tries failed items again.
+or Ctrl-C skips what is finished with the same content (prompt, seed, settings, model), so an
+edited prompts file regenerates what changed. An item that fails (a bad value, an error raised
+by the pipeline, memory exhausted at the last rung) is recorded with its error and the job goes
+on; a rerun tries failed items again.
 
 Several GPUs: launch one process per GPU with ``accelerate launch`` and pass ``distributed=True``
 (``autofit batch --distributed``): accelerate's ``PartialState`` splits the items, each process
@@ -13,7 +15,7 @@ share the plan cache.
 
 from __future__ import annotations
 
-import csv
+import hashlib
 import json
 import os
 import time
@@ -24,22 +26,17 @@ from typing import Any
 
 import torch
 
-from .errors import AutoFitExhausted, AutoFitUsageError
+from .batch_items import CALL_KEYS, KNOWN_KEYS, BatchItem, RejectedItem, load_items, read_items
+from .errors import AutoFitExhausted
 from .events import emit
+from .proxy import AutoFitPipeline, autofit
 
-# Per-item settings passed through to the pipeline call when present.
-CALL_KEYS = ("negative_prompt", "num_inference_steps", "guidance_scale", "height", "width",
-             "num_images_per_prompt", "max_sequence_length")
-_INT_KEYS = {"num_inference_steps", "height", "width", "num_images_per_prompt", "max_sequence_length", "seed"}
-_FLOAT_KEYS = {"guidance_scale"}
+__all__ = ["CALL_KEYS", "KNOWN_KEYS", "BatchError", "BatchItem", "BatchReport", "RejectedItem", "iter_manifest",
+           "item_key", "load_items", "read_items", "run_batch"]
 
 
-@dataclass(frozen=True, slots=True)
-class BatchItem:
-    id: str
-    prompt: str
-    seed: int
-    settings: dict[str, Any] = field(default_factory=dict)
+class BatchError(RuntimeError):
+    """The job cannot go on at all (the output folder cannot be written: a full disk, no rights)."""
 
 
 @dataclass(slots=True)
@@ -50,62 +47,26 @@ class BatchReport:
     seconds: float = 0.0
 
 
-def _coerce(key: str, value: Any) -> Any:
-    if value in ("", None):
-        return None
-    if key in _INT_KEYS:
-        return int(value)
-    if key in _FLOAT_KEYS:
-        return float(value)
-    return value
+def _model_of(pipe: Any) -> str:
+    inner = getattr(pipe, "__wrapped__", pipe)
+    return f"{type(inner).__name__}:{getattr(inner, 'name_or_path', None) or ''}"
 
 
-def load_items(path: str | os.PathLike, *, base_seed: int = 0) -> list[BatchItem]:
-    """Read items from a ``.jsonl`` or ``.csv`` file. Each needs a ``prompt``; ``id`` defaults to
-    the line number, ``seed`` to ``base_seed + index``; other known keys go to the pipeline."""
-    path = Path(path)
-    if path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    elif path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise AutoFitUsageError(f"{path}:{n}: not JSON ({exc.msg}); one JSON object per line") from None
-    else:
-        raise AutoFitUsageError(f"{path}: use a .jsonl or .csv file of prompts")
-    items, seen = [], set()
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or not row.get("prompt"):
-            raise AutoFitUsageError(f"{path}: item {i + 1} has no 'prompt'")
-        item_id = str(row.get("id") or f"{i:06d}")
-        if item_id in seen:
-            raise AutoFitUsageError(f"{path}: duplicate id {item_id!r}; ids name the output files")
-        if not all(c.isalnum() or c in "-_." for c in item_id):
-            raise AutoFitUsageError(f"{path}: id {item_id!r} must use letters, digits, '-', '_' or '.'")
-        seen.add(item_id)
-        seed = _coerce("seed", row.get("seed"))
-        settings = {k: _coerce(k, row[k]) for k in CALL_KEYS if k in row and _coerce(k, row[k]) is not None}
-        items.append(BatchItem(item_id, str(row["prompt"]), base_seed + i if seed is None else seed, settings))
-    return items
+def item_key(item: BatchItem, settings: dict[str, Any], model: str) -> str:
+    """What an item's images depend on: a rerun regenerates an item whose key changed."""
+    fields = {"prompt": item.prompt, "seed": item.seed, "settings": settings, "model": model}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _finished(out_dir: Path) -> set[str]:
-    done: set[str] = set()
-    for shard in out_dir.glob("manifest*.jsonl"):
-        for line in shard.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a killed process: the item is simply redone
-            if rec.get("status") == "ok" and all((out_dir / f).is_file() for f in rec.get("files", [])):
-                done.add(rec["id"])
-            elif rec.get("status") == "failed":
-                done.discard(rec["id"])
-    return done
+def _finished(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """The last record of each id whose images are all on disk and that succeeded."""
+    last: dict[str, dict[str, Any]] = {}
+    for rec in iter_manifest(out_dir):
+        if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+            last[rec["id"]] = rec
+    return {i: r for i, r in last.items()
+            if r.get("status") == "ok" and isinstance(r.get("files"), list)
+            and all(isinstance(f, str) and (out_dir / f).is_file() for f in r["files"])}
 
 
 def _end_torn_line(manifest: Path) -> None:
@@ -119,17 +80,81 @@ def _end_torn_line(manifest: Path) -> None:
             f.write(b"\n")
 
 
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, someone else's
+    return True
+
+
+def _clean_temporaries(out_dir: Path) -> int:
+    """Remove what a killed or failed save left (``.<name>.<pid>.tmp.png``), unless its process
+    still runs (another rank of the same job)."""
+    removed = 0
+    for tmp in out_dir.glob(".*.tmp.*"):
+        parts = tmp.name.split(".")
+        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            tmp.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def _save_atomic(image: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    image.save(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = _tmp_name(path)
+    try:
+        image.save(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+
+
+def _planned_names(item: BatchItem, settings: dict[str, Any]) -> list[str]:
+    n = settings.get("num_images_per_prompt") or 1
+    return [f"{item.id}.png"] if n == 1 else [f"{item.id}_{k}.png" for k in range(n)]
+
+
+def _claim_names(items: Sequence[BatchItem | RejectedItem], defaults: dict[str, Any]) -> dict[str, str]:
+    """Items whose output names another item already uses (``a`` with two images writes ``a_0.png``,
+    which item ``a_0`` would overwrite): id -> the error that rejects them."""
+    owner: dict[str, str] = {}
+    clashes: dict[str, str] = {}
+    for item in items:
+        if isinstance(item, RejectedItem):
+            continue
+        names = _planned_names(item, {**defaults, **item.settings})
+        taken = [(n, owner[n.casefold()]) for n in names if n.casefold() in owner]
+        if taken:
+            name, other = taken[0]
+            where = f"line {item.line}: " if item.line else ""
+            clashes[item.id] = (f"{where}item {item.id!r} would write {name}, which item {other!r} writes; "
+                                "give it another id")
+            continue
+        for n in names:
+            owner[n.casefold()] = item.id
+    return clashes
 
 
 def run_batch(
     pipe: Any,
-    items: Sequence[BatchItem] | str | os.PathLike,
+    items: Sequence[BatchItem | RejectedItem] | str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     defaults: dict[str, Any] | None = None,
@@ -138,11 +163,14 @@ def run_batch(
     options: dict[str, Any] | None = None,
 ) -> BatchReport:
     """Generate every item not finished yet. ``pipe`` is an autofit proxy (or a pipeline, which is
-    wrapped with ``options``). Returns what was done, skipped (already finished) and failed."""
-    from .proxy import AutoFitPipeline, autofit
-
+    wrapped with ``options``). ``items`` is a prompts file or a list of :class:`BatchItem` (and
+    :class:`RejectedItem`, recorded as failed). An item that fails (a rejected value, an error from
+    the pipeline, memory exhausted at the last rung) is recorded with its error and the job goes on.
+    Returns what was done, skipped (finished before, same content) and failed. Raises
+    :class:`BatchError` only when the output folder cannot be written."""
     if isinstance(items, (str, os.PathLike)):
-        items = load_items(items)
+        good, rejected = read_items(items)
+        items = [*rejected, *good]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, my_items = 0, list(items)
@@ -159,10 +187,22 @@ def run_batch(
             pipe = autofit(pipe, **{**(options or {}), "device": state.device})
     elif not isinstance(pipe, AutoFitPipeline):
         pipe = autofit(pipe, **(options or {}))
+    defaults = dict(defaults or {})
+    model = _model_of(pipe)
+    clashes = _claim_names(list(items), defaults)  # over every item, so ranks agree
+    _clean_temporaries(out)
     finished = _finished(out)
     report = BatchReport()
-    todo = [it for it in my_items if it.id not in finished]
-    report.skipped = [it.id for it in my_items if it.id in finished]
+    todo: list[tuple[BatchItem | RejectedItem, str | None]] = []
+    for item in my_items:
+        if isinstance(item, RejectedItem):
+            todo.append((item, None))
+            continue
+        key = item_key(item, {**defaults, **item.settings}, model)
+        if finished.get(item.id, {}).get("key") == key and item.id not in clashes:
+            report.skipped.append(item.id)
+        else:
+            todo.append((item, key))
     manifest = out / (f"manifest.rank{rank}.jsonl" if distributed else "manifest.jsonl")
     bar = None
     if progress:
@@ -170,36 +210,21 @@ def run_batch(
 
         bar = tqdm(total=len(my_items), initial=len(report.skipped), desc=f"autofit batch[{rank}]", unit="img")
     t_start = time.perf_counter()
-    _end_torn_line(manifest)
-    with open(manifest, "a") as log:
-        for item in todo:
-            kwargs = {**(defaults or {}), **item.settings}
-            history_before = len(pipe.autofit.history)
-            t = time.perf_counter()
-            record: dict[str, Any] = {"id": item.id, "prompt": item.prompt, "seed": item.seed}
+    try:
+        _end_torn_line(manifest)
+        log = open(manifest, "a")
+    except OSError as exc:
+        raise BatchError(f"cannot write the manifest {manifest}: {exc.strerror or exc}") from None
+    with log:
+        for item, key in todo:
+            record = _run_one(pipe, item, key, defaults, out, clashes, report)
             try:
-                images = pipe(item.prompt, generator=torch.Generator().manual_seed(item.seed), **kwargs).images
-                files = []
-                for k, image in enumerate(images):
-                    name = f"{item.id}.png" if len(images) == 1 else f"{item.id}_{k}.png"
-                    _save_atomic(image, out / name)
-                    files.append(name)
-                record.update(status="ok", files=files)
-                report.done.append(item.id)
-            except AutoFitExhausted as exc:
-                record.update(status="failed", error=str(exc)[:500])
-                report.failed[item.id] = str(exc)
-                emit("batch_item_failed", level="warning", stage=exc.stage, action="skip", attempt=0, item=item.id)
-            record.update(
-                seconds=round(time.perf_counter() - t, 3),
-                plan=list(pipe.autofit.plan),
-                escalations=[{"stage": r.stage, "action": r.action, "scope": r.scope}
-                             for r in pipe.autofit.history[history_before:]],
-                settings=kwargs,
-            )
-            log.write(json.dumps(record, default=str) + "\n")
-            log.flush()
-            os.fsync(log.fileno())
+                log.write(json.dumps(record, default=str) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+            except OSError as exc:
+                raise BatchError(f"cannot write the manifest {manifest}: {exc.strerror or exc}; "
+                                 "free space and rerun to resume") from None
             if bar is not None:
                 bar.update(1)
     if bar is not None:
@@ -210,11 +235,67 @@ def run_batch(
     return report
 
 
+def _run_one(pipe: Any, item: BatchItem | RejectedItem, key: str | None, defaults: dict[str, Any], out: Path,
+             clashes: dict[str, str], report: BatchReport) -> dict[str, Any]:
+    """Generate one item and return its manifest record; any failure but a full disk, a
+    KeyboardInterrupt or a kill is the item's own and recorded."""
+    if isinstance(item, RejectedItem):
+        return _failed(report, {"id": item.id, "line": item.line}, item.error, stage="input")
+    kwargs = {**defaults, **item.settings}
+    record: dict[str, Any] = {"id": item.id, "prompt": item.prompt, "seed": item.seed, "key": key}
+    if item.line:
+        record["line"] = item.line
+    if item.id in clashes:
+        return _failed(report, record, clashes[item.id], stage="input", settings=kwargs)
+    history_before = len(pipe.autofit.history)
+    t = time.perf_counter()
+    try:
+        images = pipe(item.prompt, generator=torch.Generator().manual_seed(item.seed), **kwargs).images
+    except AutoFitExhausted as exc:
+        return _failed(report, record, str(exc), stage=exc.stage, **_after(pipe, t, history_before, kwargs))
+    except Exception as exc:  # an error of this item (a value the pipeline refuses): not the job's
+        return _failed(report, record, f"{type(exc).__name__}: {exc}", stage="call",
+                       **_after(pipe, t, history_before, kwargs))
+    expected = _planned_names(item, kwargs)
+    if len(images) != len(expected):  # names were claimed for the expected count
+        return _failed(report, record, f"the pipeline returned {len(images)} images, not {len(expected)}",
+                       stage="call", **_after(pipe, t, history_before, kwargs))
+    files = []
+    for image, name in zip(images, expected):
+        try:
+            _save_atomic(image, out / name)
+        except OSError as exc:
+            raise BatchError(f"cannot write {out / name}: {exc.strerror or exc}; free space and rerun "
+                             "to resume") from None
+        files.append(name)
+    report.done.append(item.id)
+    return {**record, "status": "ok", "files": files, **_after(pipe, t, history_before, kwargs)}
+
+
+def _after(pipe: Any, started: float, history_before: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "seconds": round(time.perf_counter() - started, 3),
+        "plan": list(pipe.autofit.plan),
+        "escalations": [{"stage": r.stage, "action": r.action, "scope": r.scope}
+                        for r in pipe.autofit.history[history_before:]],
+        "settings": kwargs,
+    }
+
+
+def _failed(report: BatchReport, record: dict[str, Any], error: str, *, stage: str, **more: Any) -> dict[str, Any]:
+    report.failed[record["id"]] = error
+    emit("batch_item_failed", level="warning", stage=stage, action="skip", attempt=0, item=record["id"],
+         error=error[:200])
+    return {**record, "status": "failed", "error": error[:500], **more}
+
+
 def iter_manifest(out_dir: str | os.PathLike) -> Iterable[dict[str, Any]]:
     """Every manifest record of a batch folder (all shards), in file order."""
     for shard in sorted(Path(out_dir).glob("manifest*.jsonl")):
-        for line in shard.read_text().splitlines():
+        for line in shard.read_text(errors="replace").splitlines():
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+                rec = json.loads(line)
+            except (ValueError, RecursionError):
+                continue  # a torn last line from a killed process: the item is simply redone
+            if isinstance(rec, dict):
+                yield rec

@@ -14,8 +14,10 @@ read, counted as a mismatch, instead of a SIGBUS that would kill the process.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -35,9 +37,6 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 def _read_header(path: "str | Path") -> tuple[dict, int]:
     """(header, offset of the data section) of a .safetensors file."""
-    import json
-    import struct
-
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -62,8 +61,10 @@ class _Entry:
 class Checkpoint:
     """Read-only view of a component folder's ``*.safetensors`` files (every variant and shard)."""
 
-    def __init__(self, folder: Path, files: list[Path]):
+    def __init__(self, folder: Path, files: list[Path], aliases: dict[str, tuple[str, ...]] | None = None):
         self.folder = folder
+        # key -> the other names of the same tensor (tied weights: a checkpoint holds one of them).
+        self._aliases = aliases or {}
         # key -> entries, several when the folder holds variants (fp16 and fp32 files).
         self._where: dict[str, list[_Entry]] = {}
         for f in files:
@@ -90,14 +91,21 @@ class Checkpoint:
         folder = Path(path)
         files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
         try:
-            return cls(folder, files) if files else None
+            return cls(folder, files, _tied_names(module)) if files else None
         except Exception:  # unreadable, truncated or not a safetensors header: no checkpoint
             return None
+
+    def _entries(self, key: str) -> list[_Entry]:
+        """The file entries of ``key``, or of a name it is tied to when the file has no ``key``."""
+        found = self._where.get(key)
+        if found:
+            return found
+        return [e for alias in self._aliases.get(key, ()) for e in self._where.get(alias, ())]
 
     def covers(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> bool:
         """Whether every (key, tensor) has an entry of the same shape (headers only, no reads)."""
         for key, t in tensors:
-            if not any(e.shape == tuple(t.shape) for e in self._where.get(key, ())):
+            if not any(e.shape == tuple(t.shape) for e in self._entries(key)):
                 return False
         return True
 
@@ -128,7 +136,7 @@ class Checkpoint:
     def same(self, key: str, tensor: torch.Tensor) -> bool:
         """Whether ``tensor`` equals the file's ``key`` cast to its dtype, bit for bit (-0.0 is not
         0.0); remembers that entry. An entry that cannot be read counts as different."""
-        for e in self._where.get(key, ()):
+        for e in self._entries(key):
             if e.shape != tuple(tensor.shape):
                 continue
             try:
@@ -167,6 +175,14 @@ class Checkpoint:
         if stride is not None and stride != stored.stride() and _dense(stored.shape, stride):
             return torch.empty_strided(stored.shape, stride, dtype=dtype).copy_(stored)
         return stored.to(dtype) if stored.dtype != dtype else stored  # a fresh buffer already
+
+
+def _tied_names(module: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """name -> the other names of the same tensor, for tensors reachable under several names."""
+    names: dict[int, list[str]] = {}
+    for n, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(n)
+    return {n: tuple(o for o in group if o != n) for group in names.values() if len(group) > 1 for n in group}
 
 
 def _dense(shape: torch.Size, stride: tuple[int, ...]) -> bool:

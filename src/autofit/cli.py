@@ -1,25 +1,121 @@
-"""``autofit`` command line: ``plan``, ``doctor`` and ``run``."""
+"""``autofit`` command line: ``plan``, ``doctor``, ``run``, ``batch`` and ``cache``.
+
+User errors are one line on stderr and exit code 2, found before any model is loaded; results go
+to stdout and log events to stderr. torch and diffusers are imported only by the commands that
+need them, so ``--help`` and ``--version`` are fast.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import platform
+import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 GIB = 2**30
+SIZE_HELP = "sizes take a unit (8GiB, 512MiB, 16GB); a bare number is read as GiB, with a warning"
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu)(:\d+)?")
+_PIPELINE_IMAGES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked: one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line instead of argparse's usage block; --help still shows the usage.
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _size(text: str) -> int:
     from .proxy import parse_bytes
 
+    if re.fullmatch(r"\s*[0-9]*\.?[0-9]+\s*", text):
+        print(f"autofit: warning: size {text.strip()} has no unit; read as {text.strip()}GiB "
+              f"(write {text.strip()}GiB to say so)", file=sys.stderr)
+        text = f"{text.strip()}GiB"
     try:
         return parse_bytes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1 (and at most 100000)")
+    return value
+
+
+def _pixels(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+    if not 8 <= value <= 16_384 or value % 8:
+        raise argparse.ArgumentTypeError(f"{value} pixels: use a multiple of 8 from 8 to 16384")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; use 0..{2**64 - 1}")
+    return value
+
+
+def _device_name(text: str) -> str:
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cuda, cuda:1, cpu, mps or xpu")
+    return text
+
+
+def _check_device(device: str | None) -> None:
+    """The device exists in this torch build (before anything is loaded onto it)."""
+    if device is None or device == "cpu":
+        return
+    import torch
+
+    kind, _, index = device.partition(":")
+    backend = getattr(torch, kind, None)
+    available = getattr(backend, "is_available", lambda: False)
+    if kind == "mps":
+        available = torch.backends.mps.is_available
+    if not available():
+        build = f"torch {torch.__version__}" + (" (a CPU-only build)" if kind == "cuda" and not torch.version.cuda else "")
+        raise UsageError(f"--device {device}: no {kind} device in this {build}; use --device cpu or install a "
+                         f"torch build for your accelerator")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if index and int(index) >= count:
+        raise UsageError(f"--device {device}: this machine has {count} {kind} device(s), numbered from 0")
+
+
+def _check_model_dir(model_dir: str) -> None:
+    path = Path(model_dir)
+    if not path.exists():
+        hint = (" (a hub id? autofit reads a local folder: download it first, e.g. "
+                f"`hf download {model_dir} --local-dir DIR`)" if "/" in model_dir and not path.is_absolute() else "")
+        raise UsageError(f"{model_dir}: no such folder{hint}")
+    if not path.is_dir():
+        raise UsageError(f"{model_dir}: not a folder; pass the folder of a diffusers pipeline")
+    if not (path / "model_index.json").is_file():
+        raise UsageError(f"{model_dir} has no model_index.json; pass the folder of a diffusers pipeline "
+                         "(the one save_pretrained() wrote, or a snapshot from the hub cache)")
 
 
 def _hardware(args: argparse.Namespace):
@@ -37,15 +133,16 @@ def _cuda() -> bool:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .footprint import measure_folder
-    from .ladder import POLICIES, SPECS, pinned_bytes
-    from .planner import Machine, Workload, rank
+    from .context import POLICIES, Machine, Workload, context
+    from .cost import pinned_bytes, resident_split
+    from .planner import rank
+    from .rungs import RUNGS
     from .strategies.quantize import missing
 
-    try:
-        pipeline, fp = measure_folder(args.model_dir, dtype=args.dtype)
-    except FileNotFoundError as exc:
-        print(f"autofit plan: {exc}", file=sys.stderr)
-        return 2
+    _check_model_dir(args.model_dir)
+    if args.vram is None:
+        _check_device(args.device)  # with --vram, planning for another machine's device is the point
+    pipeline, fp = measure_folder(args.model_dir, dtype=args.dtype)
     hw = _hardware(args)
     budget = args.vram if args.vram is not None else hw.budget_bytes
     host = args.ram if args.ram is not None else hw.host_available_bytes
@@ -57,13 +154,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = "Flux" not in pipeline
     wl = Workload(height=args.height, width=args.width, frames=args.frames, batch=args.batch, steps=args.steps, cfg=cfg)
     # Rank under the permissive policy so lossy rows show too; the pick honours --policy.
-    rows = rank(fp, machine, wl, policy="speed")
-    ranked = rank(fp, machine, wl, policy=args.policy)
+    rows = rank(context(fp, machine, wl, policy="speed"))
+    ranked = rank(context(fp, machine, wl, policy=args.policy))
     pick = next((c for c in ranked if c.fits), None)
     fastest = min((c.seconds for c in rows if c.fits), default=None)
 
     def row(c, strategy: str | None = None) -> dict[str, Any]:
         out = {"strategy": strategy} if strategy is not None else {}
+        if c.plan.family == "resident_stream":  # partial residency: what stays, what streams
+            split = resident_split(c.plan, fp).values()
+            out.update(resident_gib=round(sum(r for r, _ in split) / GIB, 2),
+                       streamed_gib=round(sum(s for _, s in split) / GIB, 2))
         return {
             **out,
             "plan": list(c.names) or ["device"],
@@ -83,8 +184,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # every combination, as the most permissive policy allows them.
     fits_memory = {c.plan for c in rows if c.fits}
     by_strategy = []
-    for name in ("device", *SPECS):
-        using = [c for c in ranked if (name in c.names if name != "device" else not c.names)]
+    for name in ("device", *RUNGS):
+        using = [c for c in ranked if (name in (c.plan.family, *c.plan.extras) if name != "device" else not c.names)]
         if using:
             best = min(using, key=lambda c: (not c.fits, c.quality not in POLICIES[args.policy],
                                              c.plan not in fits_memory, c.seconds))
@@ -126,6 +227,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 label = f"{r['strategy']} ({'+'.join(r['plan'])})"
             mark = "*" if r["plan"] == picked else " "
             note = f"  ({r['why_not']})" if r["why_not"] else ""
+            if "streamed_gib" in r:
+                note = f"  (resident {r['resident_gib']} GiB, streamed {r['streamed_gib']} GiB)" + note
             print(f"{mark}{label[:63]:<63} {str(r['fits']):<5} {r['vram_gib']:>7.2f} {r['ram_gib']:>7.2f} "
                   f"{r['pinned_gib']:>7.2f} {r['seconds']:>7.2f} {r['relative_speed'] or 0:>6.2f}  {r['quality']}{note}")
 
@@ -138,9 +241,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    import importlib.util
-    from importlib.metadata import PackageNotFoundError, version
-
     import torch
 
     from .memory import cgroup_memory, host_available_bytes, pinned_in_use
@@ -152,6 +252,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         except PackageNotFoundError:
             return None
 
+    _check_device(args.device)
     hw = _hardware(args)
     report: dict[str, Any] = {
         "python": platform.python_version(),
@@ -218,36 +319,41 @@ def _load_pipeline(args: argparse.Namespace) -> Any:
     from . import _diffusers
 
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, None: None}[args.dtype]
-    return DiffusionPipeline.from_pretrained(args.model_dir, **_diffusers.dtype_kwargs(dtype))
+    try:
+        return DiffusionPipeline.from_pretrained(args.model_dir, **_diffusers.dtype_kwargs(dtype))
+    except (OSError, ValueError, TypeError, ImportError, AttributeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UsageError(f"{args.model_dir}: cannot load the pipeline ({type(exc).__name__}: {first})") from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import structlog
     import torch
+
+    from PIL import Image
+
+    out = Path(args.out)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise UsageError(f"--out {args.out}: {out.suffix or 'no extension'} is not an image format; "
+                         f"use one of {', '.join(_PIPELINE_IMAGES)}")
+    _check_model_dir(args.model_dir)
+    _check_device(args.device)
 
     from . import AutoFitExhausted, autofit
 
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="%H:%M:%S"),
-                    structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())],
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-    )
     pipe = _load_pipeline(args)
     pipe.set_progress_bar_config(disable=False)
     proxy = autofit(pipe, device=args.device, policy=args.policy, max_vram=args.vram, max_ram=args.ram,
                     cache=args.cache_dir or True)
     kwargs: dict[str, Any] = dict(num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
-    if args.height:
+    if args.height is not None:
         kwargs["height"] = args.height
-    if args.width:
+    if args.width is not None:
         kwargs["width"] = args.width
     try:
         image = proxy(args.prompt, **kwargs).images[0]
     except AutoFitExhausted as exc:
         print(f"autofit run: {exc}", file=sys.stderr)
         return 3
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
     image.save(tmp)
@@ -268,53 +374,106 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from . import autofit
-    from .batch import load_items, run_batch
+    from .batch_items import read_items
     from .errors import AutoFitUsageError
 
     try:
-        items = load_items(args.prompts, base_seed=args.seed)
-    except (AutoFitUsageError, OSError) as exc:
-        print(f"autofit batch: {exc}", file=sys.stderr)
-        return 2
+        items, rejected = read_items(args.prompts, base_seed=args.seed)
+    except AutoFitUsageError as exc:
+        raise UsageError(str(exc)) from None
+    if not items and not rejected:
+        raise UsageError(f"{args.prompts}: no prompts in it")
+    for bad in rejected:  # recorded in the manifest as failed too; the others run
+        print(f"autofit batch: skipping {bad.error}", file=sys.stderr)
+    _check_model_dir(args.model_dir)
+    _check_device(args.device)
+
+    from . import autofit
+    from .batch import BatchError, run_batch
+
     pipe = _load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
     options = dict(policy=args.policy, max_vram=args.vram, max_ram=args.ram, cache=args.cache_dir or True)
     if not args.distributed:
         pipe = autofit(pipe, device=args.device, **options)
-    defaults = {"num_inference_steps": args.steps}
-    if args.height:
+    defaults: dict[str, Any] = {"num_inference_steps": args.steps}
+    if args.height is not None:
         defaults["height"] = args.height
-    if args.width:
+    if args.width is not None:
         defaults["width"] = args.width
-    report = run_batch(pipe, items, args.out, defaults=defaults, progress=not args.json,
-                       distributed=args.distributed, options=options)
+    try:
+        report = run_batch(pipe, [*rejected, *items], args.out, defaults=defaults, progress=not args.json,
+                           distributed=args.distributed, options=options)
+    except BatchError as exc:
+        print(f"autofit batch: {exc}", file=sys.stderr)
+        return 1
     summary = {"done": len(report.done), "skipped": len(report.skipped), "failed": report.failed,
                "seconds": round(report.seconds, 2), "out": str(args.out)}
     print(json.dumps(summary) if args.json else
           f"done {summary['done']}, skipped {summary['skipped']} (finished before), failed {len(report.failed)} "
-          f"in {summary['seconds']} s -> {args.out}")
+          f"in {summary['seconds']} s -> {args.out}" + (" (see manifest.jsonl for the errors)" if report.failed else ""))
     return 0 if not report.failed else 4
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import PlanCache
+
+    cache = PlanCache(args.cache_dir)
+    if args.action == "list":
+        entries = cache.entries()
+        rows = [{"key": e.key, "pipeline": ((e.record or {}).get("key") or {}).get("pipeline"),
+                 "plan": (e.record or {}).get("plan"), "updated": (e.record or {}).get("updated"),
+                 "problem": e.problem} for e in entries]
+        if args.json:
+            print(json.dumps({"directory": str(cache.directory), "records": rows}, indent=2))
+            return 0
+        print(f"{cache.directory}: {len(rows)} record(s)")
+        for r in rows:
+            what = f"ignored: {r['problem']}" if r["problem"] else f"plan {'+'.join(r['plan'] or []) or 'device'}"
+            print(f"  {r['key']}  {r['pipeline'] or '?':<32} {what}")
+        return 0
+    if args.action == "show":
+        if not args.key:
+            raise UsageError("cache show needs a KEY (see `autofit cache list`)")
+        try:
+            path = cache._path(args.key)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        record = cache.get(args.key)
+        if record is None:
+            raise UsageError(f"no usable record {args.key} in {path.parent}")
+        print(json.dumps(record, indent=2))
+        return 0
+    if args.model:
+        _check_model_dir(args.model)
+    n = cache.clear(model_dir=args.model)
+    print(json.dumps({"removed": n}) if args.json else f"removed {n} record(s) from {cache.directory}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autofit", description="Fit diffusers pipelines to the memory you have.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = _Parser(prog="autofit", description="Fit diffusers pipelines to the memory you have.",
+                     epilog=f"{SIZE_HELP}. User errors exit with code 2.")
+    parser.add_argument("--version", action="version", version=f"autofit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def hw_opts(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--vram", type=_size, default=None, help="device memory to plan for, e.g. 8GiB")
+        p.add_argument("--vram", type=_size, default=None, help=f"device memory to plan for, e.g. 8GiB ({SIZE_HELP})")
         p.add_argument("--ram", type=_size, default=None, help="host RAM to plan for, e.g. 32GiB")
-        p.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: first accelerator)")
+        p.add_argument("--device", type=_device_name, default=None,
+                       help="cuda, cuda:1, cpu, mps, xpu (default: first accelerator)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("plan", help="every strategy with predicted VRAM, RAM, speed and quality")
     p.add_argument("model_dir")
     hw_opts(p)
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--frames", type=int, default=1)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--height", type=_pixels, default=1024)
+    p.add_argument("--width", type=_pixels, default=1024)
+    p.add_argument("--frames", type=_count, default=1)
+    p.add_argument("--batch", type=_count, default=1)
+    p.add_argument("--steps", type=_count, default=30)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
                    help="the dtype the pipeline will be loaded in (default: as stored)")
     p.add_argument("--policy", choices=["quality", "balanced", "speed", "memory"], default="quality")
@@ -330,11 +489,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="generate one image with recovery; writes the plan beside it")
     p.add_argument("model_dir")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the image to write (.png, .jpg, .webp...)")
+    p.add_argument("--steps", type=_count, default=30)
+    p.add_argument("--height", type=_pixels, default=None)
+    p.add_argument("--width", type=_pixels, default=None)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
     p.add_argument("--policy", choices=["quality", "balanced", "speed", "memory"], default="quality")
     p.add_argument("--cache-dir", default=None)
@@ -343,12 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("batch", help="resumable batch: prompts file in, images + manifest.jsonl out")
     p.add_argument("model_dir")
-    p.add_argument("--prompts", required=True, help=".jsonl or .csv with a 'prompt' per item")
+    p.add_argument("--prompts", required=True,
+                   help=".jsonl or .csv with a 'prompt' per item, or .txt with one prompt a line (UTF-8)")
     p.add_argument("--out", required=True, help="output folder (rerun with the same folder to resume)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0, help="base seed: item i uses seed+i unless it sets one")
+    p.add_argument("--steps", type=_count, default=30)
+    p.add_argument("--height", type=_pixels, default=None)
+    p.add_argument("--width", type=_pixels, default=None)
+    p.add_argument("--seed", type=_seed, default=0, help="base seed: item i uses seed+i unless it sets one")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
     p.add_argument("--policy", choices=["quality", "balanced", "speed", "memory"], default="quality")
     p.add_argument("--cache-dir", default=None)
@@ -356,12 +516,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one process per GPU under `accelerate launch`; items split with PartialState")
     hw_opts(p)
     p.set_defaults(fn=cmd_batch)
+
+    p = sub.add_parser("cache", help="list, show or clear what the plan cache learned")
+    p.add_argument("action", choices=["list", "show", "clear"])
+    p.add_argument("key", nargs="?", help="the record to show (from `autofit cache list`)")
+    p.add_argument("--model", default=None, help="clear: only the records of the pipeline in this folder")
+    p.add_argument("--cache-dir", default=None, help="default: $AUTOFIT_CACHE_DIR or ~/.cache/autofit")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(fn=cmd_cache)
     return parser
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+@contextmanager
+def _logs_to_stderr() -> Iterator[None]:
+    """Results go to stdout, logs to stderr, always (``autofit batch --json | jq`` works). The
+    logger is left as it was afterwards: ``main()`` called in-process configures nothing for good."""
+    log = logging.getLogger("autofit")
+    level = log.level
+    handler = _StderrHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.fn(args))
+    from .errors import AutoFitUsageError
+
+    try:
+        with _logs_to_stderr():
+            return int(args.fn(args))
+    except (UsageError, AutoFitUsageError) as exc:
+        print(f"autofit {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"autofit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ CPU included; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -14,6 +15,11 @@ from pathlib import Path
 
 import structlog
 import torch
+
+
+def plan_record(proxy) -> dict:
+    """The plan in force and every escalation as a structured record (JSON-ready)."""
+    return {"plan": list(proxy.autofit.plan), "history": [dataclasses.asdict(r) for r in proxy.autofit.history]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     image.save(out)
     plan_path = out.with_suffix(".plan.json")
-    plan_path.write_text(json.dumps({"plan": list(proxy.autofit.plan),
-                                     "history": [r.__repr__() for r in proxy.autofit.history]}, indent=2))
+    plan_path.write_text(json.dumps(plan_record(proxy), indent=2))
     print(f"\nwrote {out} ({image.size[0]}x{image.size[1]}) and {plan_path}")
     return 0
 

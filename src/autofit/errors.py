@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .runtime import EscalationRecord
+    from .records import EscalationRecord
 
 
 class AutoFitExhausted(torch.OutOfMemoryError):
@@ -22,6 +22,26 @@ class AutoFitExhausted(torch.OutOfMemoryError):
         super().__init__(message)
         self.stage = stage
         self.history = tuple(history)
+
+
+def exhausted_message(*, stage: str, why: str, tried: Sequence[str], plan: Sequence[str], policy: str,
+                      error: str) -> str:
+    """What :class:`AutoFitExhausted` says: what was tried (or the plan that was in force when
+    nothing was), and advice that fits the policy (no "allow lossy rungs" where they are allowed)."""
+    in_force = "+".join(plan) or "everything on the device"
+    if tried:
+        done = f"Tried: {', '.join(tried)}; the plan in force was {in_force}."
+    else:
+        done = f"Nothing was left to try: the plan in force was {in_force}."
+    if policy == "quality":
+        advice = "allow lossy rungs (fp8, nf4/int8 weights) with autofit(pipe, policy='balanced'), "
+    elif policy != "memory":
+        advice = "plan for the least device memory with autofit(pipe, policy='memory'), "
+    else:
+        advice = ""
+    return (f"autofit could not fit the {stage} stage ({why}). {done} Last error: {error}. What to do: {advice}"
+            f"lower the resolution or batch size, or free device memory held by other processes. "
+            f"The pipeline is still usable.")
 
 
 class AutoFitUsageError(ValueError):

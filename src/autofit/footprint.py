@@ -3,20 +3,21 @@ and the sizes after fp8 layerwise casting), read from the loaded modules."""
 
 from __future__ import annotations
 
+import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .stages import module_components, role_of
+from . import _diffusers
+from .checkpoint import Checkpoint, read_safetensors_header
+from .components import module_components, role_of, roles
 
-# Module types fp8 layerwise casting really casts (diffusers' SUPPORTED_PYTORCH_LAYERS), and the
-# name patterns it skips by default (norms, embeddings, in/out projections).
-_CASTABLE = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
-             torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
-_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
+# The module types fp8 layerwise casting really casts, and the name patterns it skips by default
+# (norms, embeddings, in/out projections), are diffusers' own: _diffusers.layerwise_casting_defaults.
 # Layers left in their dtype by quantization: embeddings and the pipeline-facing in/out
 # projections only. Unlike fp8 casting, the Linear layers of AdaLN norms ("norm1.linear") are
 # quantized, as diffusers' bitsandbytes loader does (on Flux they hold ~30% of the weights;
@@ -35,17 +36,16 @@ NF4_BYTES_PER_WEIGHT = 0.5 + 4 / 64
 INT8_BYTES_PER_WEIGHT = 1.0
 
 
-def _fp8_ok(name: str, class_name: str, saved: int) -> bool:
+def _fp8_ok(role: str | None, class_name: str, saved: int) -> bool:
     """Only denoisers are stored in fp8. Text encoders from transformers report their dtype from
     their first parameter, which fp8 storage changes; pipelines then cast prompt embeddings (and
     draw latents) in fp8 and fail (seen on the CPU: "normal_kernel_cpu not implemented for
     Float8_e4m3fn"). T5-family encoders also cast activations to the weight dtype inside forward
     (measured on an H200)."""
-    return role_of(name) == "denoise" and class_name not in FP8_INCOMPATIBLE and saved > 0
+    return role == "denoise" and class_name not in FP8_INCOMPATIBLE and saved > 0
 
 
-def _quant_ok(name: str, class_name: str, linear_numel: int, total: int) -> bool:
-    role = role_of(name)
+def _quant_ok(role: str | None, class_name: str, linear_numel: int, total: int) -> bool:
     if linear_numel == 0:
         return False
     if role == "denoise":
@@ -53,10 +53,10 @@ def _quant_ok(name: str, class_name: str, linear_numel: int, total: int) -> bool
     return role == "encode" and (class_name.startswith(QUANT_ENCODER_FAMILIES) or total > QUANT_MIN_ENCODER_BYTES)
 
 
-def _quant_fields(name: str, class_name: str, total: int, linear_bytes: int, linear_numel: int) -> dict:
+def _quant_fields(role: str | None, class_name: str, total: int, linear_bytes: int, linear_numel: int) -> dict:
     """quant_ok and the sizes after nf4 / int8: only the quantizable Linear weights shrink."""
     rest = total - linear_bytes
-    return {"quant_ok": _quant_ok(name, class_name, linear_numel, total),
+    return {"quant_ok": _quant_ok(role, class_name, linear_numel, total),
             "nf4_bytes": rest + int(linear_numel * NF4_BYTES_PER_WEIGHT),
             "int8_bytes": rest + int(linear_numel * INT8_BYTES_PER_WEIGHT)}
 
@@ -142,18 +142,8 @@ def skipped_layer(qualified_name: str, patterns: tuple[str, ...] = QUANT_SKIP_PA
 def _fp8_patterns(module: "torch.nn.Module | type | None") -> tuple[str, ...]:
     """diffusers' enable_layerwise_casting: its default patterns plus the model class's own and
     the modules it keeps in fp32. Takes a module or a model class (for a folder's headers)."""
-    return (_SKIP_PATTERNS + tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
-            + tuple(getattr(module, "_skip_layerwise_casting_patterns", None) or ()))
+    return _diffusers.layerwise_casting_defaults()[1] + _diffusers.model_fp8_skip_patterns(module)
 
-
-def _model_class(class_name: str) -> type | None:
-    """The diffusers model class named in model_index.json, without building it."""
-    try:
-        import diffusers
-
-        return getattr(diffusers, class_name, None)
-    except Exception:  # a broken diffusers install must not break `autofit plan`
-        return None
 
 
 def quant_targets(module: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
@@ -165,8 +155,9 @@ def quant_targets(module: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
 def fp8_cast_params(module: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters fp8 layerwise casting stores in fp8 (state-dict keys), as diffusers selects them."""
     skip = _fp8_patterns(module)
+    castable = _diffusers.layerwise_casting_defaults()[0]
     return [(f"{n}.{pn}" if n else pn, p)
-            for n, m in module.named_modules() if isinstance(m, _CASTABLE) and not skipped_layer(n, skip)
+            for n, m in module.named_modules() if isinstance(m, castable) and not skipped_layer(n, skip)
             for pn, p in m.named_parameters(recurse=False) if p.is_floating_point() and p.element_size() > 1]
 
 
@@ -180,7 +171,7 @@ def _module_bytes(module: torch.nn.Module) -> int:
     return sum(_tensor_bytes(p) for p in module.parameters()) + sum(_tensor_bytes(b) for b in module.buffers())
 
 
-def measure_component(name: str, module: torch.nn.Module) -> ComponentFootprint:
+def measure_component(name: str, module: torch.nn.Module, role: str | None = None) -> ComponentFootprint:
     total = _module_bytes(module)
     tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
     pinned = sum(pinned_size(_tensor_bytes(t)) for t in tensors.values())
@@ -198,32 +189,32 @@ def measure_component(name: str, module: torch.nn.Module) -> ComponentFootprint:
     linear_numel = sum(w.numel() for _, w in linear)
     # Whether the checkpoint the module came from holds every tensor a one-way rung would change
     # (headers only; the contents are compared when the rung is applied).
-    from .checkpoint import Checkpoint
-
     source = Checkpoint.of(module)
     restorable = source is not None and bool(cast or linear) and source.covers(cast + linear)
     cls = type(module).__name__
+    role = role or role_of(name, module)
     dtypes = [p.dtype for p in module.parameters()]
     dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
     return ComponentFootprint(
         name=name,
-        role=role_of(name),
+        role=role,
         class_name=cls,
         bytes=total,
         leaf_bytes=leaf,
         block_bytes=max(blocks) if blocks else total,
         cast_bytes=total - saved,
-        fp8_ok=_fp8_ok(name, cls, saved),
+        fp8_ok=_fp8_ok(role, cls, saved),
         leaf_count=sum(1 for m in module.modules() if any(True for _ in m.parameters(recurse=False))),
         dtype=str(dtype).replace("torch.", ""),
         restorable=restorable,
         pinned_bytes=pinned,
-        **_quant_fields(name, cls, total, linear_bytes, linear_numel),
+        **_quant_fields(role, cls, total, linear_bytes, linear_numel),
     )
 
 
 def measure(pipe: Any) -> Footprint:
-    return Footprint({n: measure_component(n, m) for n, m in module_components(pipe).items()})
+    stage = roles(pipe)
+    return Footprint({n: measure_component(n, m, stage[n]) for n, m in module_components(pipe).items()})
 
 
 # ---- from a model folder, without loading weights ------------------------------------------
@@ -232,7 +223,7 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2"
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
-def _castable_name(name: str, shape: list[int], patterns: tuple[str, ...] = _SKIP_PATTERNS) -> bool:
+def _castable_name(name: str, shape: list[int], patterns: tuple[str, ...]) -> bool:
     module = name.rsplit(".", 1)[0]
     if not name.endswith(".weight") or len(shape) < 2:
         return False
@@ -245,7 +236,7 @@ def footprint_from_header(
     """S, S_leaf, S_block and S_lc of one component from its safetensors header (approximate: layer
     types are inferred from names and shapes, not from modules)."""
     total = leaf_max = saved = linear_bytes = linear_numel = pinned = 0
-    fp8_skip = _fp8_patterns(_model_class(class_name))
+    fp8_skip = _fp8_patterns(_diffusers.model_class(class_name))
     leaves: dict[str, int] = {}
     blocks: dict[str, int] = {}
     dtypes: dict[str, int] = {}
@@ -274,20 +265,21 @@ def footprint_from_header(
             linear_numel += numel
     leaf_max = max(leaves.values(), default=0)
     main = max(dtypes, key=dtypes.get) if dtypes else "F32"
+    role = role_of(name, class_name=class_name)
     return ComponentFootprint(
         name=name,
-        role=role_of(name),
+        role=role,
         class_name=class_name,
         bytes=total,
         leaf_bytes=leaf_max,
         block_bytes=max(blocks.values(), default=total),
         cast_bytes=total - saved,
-        fp8_ok=_fp8_ok(name, class_name, saved),
+        fp8_ok=_fp8_ok(role, class_name, saved),
         leaf_count=len(leaves),
         dtype=dtype_override or _DTYPE_NAMES.get(main, main.lower()),
         restorable=restorable,
         pinned_bytes=pinned,
-        **_quant_fields(name, class_name, total, linear_bytes, linear_numel),
+        **_quant_fields(role, class_name, total, linear_bytes, linear_numel),
     )
 
 
@@ -314,9 +306,6 @@ def _pickled_header(files: list[Path]) -> dict:
 
 def measure_folder(path: "str | Path", dtype: str | None = None) -> tuple[str, Footprint]:
     """(pipeline class name, footprint) of a diffusers model folder, from headers only."""
-    import json
-    from pathlib import Path
-
     root = Path(path)
     index_path = root / "model_index.json"
     if not index_path.is_file():
@@ -331,8 +320,6 @@ def measure_folder(path: "str | Path", dtype: str | None = None) -> tuple[str, F
             continue
         files = sorted((root / name).glob("*.safetensors"))
         if files:
-            from .checkpoint import read_safetensors_header
-
             header: dict = {}
             for f in files:
                 header.update(read_safetensors_header(f))
@@ -346,8 +333,6 @@ def measure_folder(path: "str | Path", dtype: str | None = None) -> tuple[str, F
             try:
                 header = _pickled_header(pickled)
             except Exception as exc:  # not a plain state dict (weights_only refuses it), unreadable
-                import warnings
-
                 warnings.warn(f"autofit: {name} is left out of the footprint: its .bin checkpoint could not "
                               f"be read for shapes ({type(exc).__name__}: {str(exc)[:120]}); save the pipeline "
                               f"with save_pretrained(safe_serialization=True) to measure it", stacklevel=2)

@@ -3,6 +3,7 @@ budget), host RAM (cgroup-aware), and host-to-device bandwidths."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import psutil
@@ -81,8 +82,6 @@ def _nvml_handle(nvml, uuid: str | None, pci_bus_id: str | None):
     """NVML's handle for torch's device, found by UUID, else PCI bus id, never by index: NVML ignores
     CUDA_VISIBLE_DEVICES, so its index 0 is another GPU than torch's cuda:0 when that is set. None for
     a MIG slice (NVML's memory figures are the whole GPU's) or when neither finds it."""
-    import os
-
     if "MIG-" in os.environ.get("CUDA_VISIBLE_DEVICES", "") or (uuid and uuid.startswith("MIG-")):
         return None
     handle = None
@@ -110,8 +109,6 @@ def _nvml_handle(nvml, uuid: str | None, pci_bus_id: str | None):
 def _nvml_read(nvml, uuid: str | None, pci_bus_id: str | None) -> tuple[int, int, int | None, str] | None:
     """(total, free, used by other processes, name) of the device NVML knows by ``uuid`` or
     ``pci_bus_id``; None when it cannot say (see _nvml_handle)."""
-    import os
-
     try:
         nvml.nvmlInit()
         try:
@@ -197,24 +194,3 @@ def probe(
     budget = min(free, max_vram) if max_vram is not None else free
     configured = min(total, max_vram) if max_vram is not None else total
     return Hardware(device.type, device.type, total, free, None, budget, host_total, host_avail, configured, **pinned)
-
-
-def measure_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> tuple[float, float]:
-    """Host-to-device GB/s from pinned and from pageable memory (CUDA only)."""
-    if device.type != "cuda":
-        return DEFAULT_PINNED_GBPS, DEFAULT_PAGEABLE_GBPS
-    import time
-
-    out = []
-    for pinned in (True, False):
-        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        dst.copy_(src, non_blocking=pinned)
-        torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        for _ in range(3):
-            dst.copy_(src, non_blocking=pinned)
-        torch.cuda.synchronize(device)
-        out.append(3 * nbytes / (time.perf_counter() - t) / 1e9)
-        del src, dst
-    return out[0], out[1]

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import bisect
+import platform
+from pathlib import Path, PurePosixPath
+
 import psutil
 import torch
+
+from . import _diffusers
+from .footprint import pinned_size
 
 GIB = 1024**3
 
@@ -101,8 +108,6 @@ def _cgroup_levels(mount: object, path: str) -> list[tuple[object, str]]:
     """(directory, cgroup path) from the process's cgroup up to the mount's root. Where the nested
     directory is not there (a cgroup namespace shows the container's own cgroup as the root, or
     /proc/self/cgroup was unreadable), the root alone."""
-    from pathlib import Path, PurePosixPath
-
     mount = Path(mount)
     rel = PurePosixPath("/", path or "/")
     levels = []
@@ -123,8 +128,6 @@ def cgroup_memory(*, _root: object = "/sys/fs/cgroup", _proc_cgroup: str | None 
     Every level from the process's own cgroup (/proc/self/cgroup) up to the root is read, since a
     parent's limit applies to its children too; the level leaving the least available wins.
     ``_root`` and ``_proc_cgroup`` (the text of /proc/self/cgroup) are for tests."""
-    from pathlib import Path
-
     root = Path(_root)
     if _proc_cgroup is None:
         try:
@@ -174,8 +177,6 @@ PINNED_FRACTION_WINDOWS = 0.4
 
 def pinned_ceiling(host_total: int, *, system: str | None = None, release: str | None = None) -> tuple[int, str]:
     """(bytes of host RAM that can be page-locked in all, why)."""
-    import platform
-
     system = platform.system() if system is None else system
     release = platform.release() if release is None else release
     if system == "Windows" or "microsoft" in release.lower():
@@ -210,11 +211,7 @@ def release_pinned_cache() -> None:
     available = getattr(accelerator, "is_available", None)
     if not (available() if available is not None else torch.cuda.is_available()):
         return  # no accelerator, no pinned memory
-    empty = getattr(accelerator, "empty_host_cache", None)
-    if empty is None:
-        empty = getattr(torch._C, "_host_emptyCache", None)
-    if empty is not None:
-        empty()
+    _diffusers.empty_host_cache()
 
 
 def _file_backed_ranges() -> list[tuple[int, int]] | None:
@@ -243,10 +240,6 @@ def held_on_host(modules, extra=()) -> tuple[int, int]:
     their stored dtype that way) do not count: their pages are page cache, which the RAM
     available already includes. Without /proc (not Linux) only pinned tensors count. Each
     storage counts once, whole (views of one fused tensor share it)."""
-    import bisect
-
-    from .footprint import pinned_size
-
     ranges = _file_backed_ranges()
     starts = [lo for lo, _ in ranges or ()]
     seen: set[int] = set()

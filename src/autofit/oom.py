@@ -2,8 +2,15 @@
 
 torch raises ``torch.OutOfMemoryError`` for the caching allocator, but other paths report the same
 condition as a plain ``RuntimeError`` (cuDNN/cuBLAS workspace allocation, ROCm/HIP, XPU, MPS,
-cudaMallocAsync, the CPU allocator). The wording is matched case-insensitively, and the
-``__cause__``/``__context__`` chain is searched, since libraries often re-raise with ``from``.
+cudaMallocAsync, the CPU allocator). The wording is matched case-insensitively.
+
+Only an ``Exception`` is ever an OOM: a ``KeyboardInterrupt`` or ``SystemExit`` raised while an
+OOM was being handled passes through untouched. Besides the raised exception itself, the
+``__cause__`` chain is followed (``raise X from oom``: the raiser says the OOM caused it). The
+``__context__`` (an exception raised *while handling* an OOM) counts only when the raised
+exception says so, by quoting the OOM's message (``raise RuntimeError(f"... {e}")``); any other
+error raised in an OOM handler (a user's ``ValueError`` in a fallback path) is that error, not an
+OOM.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _diffusers
 from .memory import release_pinned_cache
 
 __all__ = ["OOMKind", "OOMInfo", "classify", "free_memory"]
@@ -30,7 +38,7 @@ class OOMInfo:
 
     kind: OOMKind
     head: str  # first line of the message, shortened
-    type_name: str
+    message: str = ""  # the message, up to 2,000 characters: its figures say why (autofit.explain)
 
 
 # Device memory wordings (lower-case substrings).
@@ -60,9 +68,9 @@ _HOST_MARKERS = (
     "can't allocate memory: you tried to allocate",
     "not enough memory: you tried to allocate",
     "cachinghostallocator",
-    "pinned memory",
     "cudahostalloc",
-    "cannot allocate memory",
+    "error code 12 (cannot allocate memory)",
+    "[errno 12] cannot allocate memory",
 )
 _CUDA_MALLOC_ASYNC_HINT = ("would exceed allowed memory", "out of memory")
 
@@ -75,16 +83,16 @@ def _head(exc: BaseException) -> str:
 
 
 def _raised_while_pinning(exc: BaseException) -> bool:
-    """Pinning host memory reports "CUDA error: out of memory" like the device does; the frames
-    it was raised from tell them apart."""
-    from ._diffusers import PINNING_FUNCTIONS  # lazy: _diffusers imports stages, which imports us
-
-    names = []
+    """Raised by one of diffusers' functions that pin host memory (found by code object, not by
+    name) within the last frames. autofit's own pinned buffers (HostShadows) never let a pinning
+    failure out: they fall back to pageable memory."""
+    pinning_code = _diffusers.pinning_code()
+    codes = []
     tb = exc.__traceback__
     while tb is not None:
-        names.append(tb.tb_frame.f_code.co_name)
+        codes.append(tb.tb_frame.f_code)
         tb = tb.tb_next
-    return any(n in PINNING_FUNCTIONS or "pin_memory" in n for n in names[-3:])
+    return any(c in pinning_code for c in codes[-3:])
 
 
 def _classify_one(exc: BaseException) -> OOMKind | None:
@@ -104,19 +112,33 @@ def _classify_one(exc: BaseException) -> OOMKind | None:
     return OOMKind.HOST if _raised_while_pinning(exc) else OOMKind.DEVICE
 
 
+def _info(kind: OOMKind, exc: BaseException) -> OOMInfo:
+    """The one place an :class:`OOMInfo` is built from an exception."""
+    return OOMInfo(kind=kind, head=_head(exc), message=str(exc)[:2000])
+
+
+def _quotes(outer: BaseException, inner: BaseException) -> bool:
+    """``outer`` says it wraps ``inner``: its message holds the first line of inner's."""
+    lines = str(inner).strip().splitlines()
+    return bool(lines) and len(lines[0]) >= 12 and lines[0] in str(outer)
+
+
 def classify(exc: BaseException) -> OOMInfo | None:
-    """Return what kind of OOM ``exc`` (or an exception in its cause/context chain) is, else None."""
+    """What kind of OOM ``exc`` is, else None: the exception itself, an exception in its
+    ``__cause__`` chain, or its ``__context__`` when ``exc`` quotes that context's message.
+    Never a ``BaseException`` that is not an ``Exception``."""
     seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        cur = todo.pop(0)
-        if id(cur) in seen or len(seen) > 16:
-            continue
+    cur: BaseException | None = exc
+    while cur is not None and isinstance(cur, Exception) and id(cur) not in seen and len(seen) < 16:
         seen.add(id(cur))
         kind = _classify_one(cur)
         if kind is not None:
-            return OOMInfo(kind=kind, head=_head(cur), type_name=type(cur).__name__)
-        todo.extend(e for e in (cur.__cause__, cur.__context__) if e is not None)
+            return _info(kind, cur)
+        nxt = cur.__cause__
+        if nxt is None and cur.__context__ is not None and not cur.__suppress_context__ \
+                and _quotes(cur, cur.__context__):
+            nxt = cur.__context__
+        cur = nxt
     return None
 
 

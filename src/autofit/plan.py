@@ -1,35 +1,16 @@
-"""A plan: which strategies are applied. Immutable; the runtime swaps whole plans."""
+"""A plan: which rungs are applied. Immutable; the runtime swaps whole plans.
+
+A placement may carry a quantity in its name, as a device carries its index ("cuda:0"):
+``resident_stream:75`` keeps 75% of the denoiser on the device and streams the rest. The name
+is the whole placement, so plans stay hashable, compare by value, and round-trip through the
+names the plan cache stores.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-PLACEMENTS = (
-    "device",  # every component on the device (the baseline; not listed in ``names``)
-    "model_offload",
-    "group_leaf_stream",
-    "group_leaf_lowmem",
-    "group_block",
-    "group_leaf",
-    "sequential",
-)
-EXTRAS = (
-    "fp8",
-    "int8",
-    "nf4",
-    "split_batch",
-    "split_batch_max",
-    "offload_encoders",
-    "offload_for_decode",
-    "vae_slicing",
-    "vae_tiling",
-    "vae_tiling_small",
-    "vae_cpu",
-)
-# Extras that only make sense while everything else lives on the device.
-DEVICE_ONLY_EXTRAS = frozenset({"offload_encoders", "offload_for_decode"})
-# Weight storage rungs (one-way, lossy): at most one per plan.
-STORAGE = ("fp8", "int8", "nf4")
+from .rungs import EXTRAS, PLACEMENTS, QUANTIFIED, RUNGS, STORAGE, split_name
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +19,11 @@ class Plan:
     extras: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
-        if self.placement not in PLACEMENTS:
+        family, amount = split_name(self.placement)  # raises on a bad quantity, saying why
+        if family not in PLACEMENTS:
             raise ValueError(f"unknown placement {self.placement!r}; choose one of {PLACEMENTS}")
+        if family in QUANTIFIED and amount is None:  # the bare rung name: its default quantity
+            object.__setattr__(self, "placement", f"{family}:{QUANTIFIED[family]}")
         unknown = set(self.extras) - set(EXTRAS)
         if unknown:
             raise ValueError(f"unknown strategies {sorted(unknown)}; choose from {EXTRAS}")
@@ -48,13 +32,23 @@ class Plan:
             raise ValueError(f"a plan stores weights one way, got {storage}; pick one of {STORAGE}")
 
     @property
+    def family(self) -> str:
+        """The placement's rung name, without its quantity (``resident_stream:75`` -> ``resident_stream``)."""
+        return split_name(self.placement)[0]
+
+    @property
+    def resident(self) -> int | None:
+        """Percent of the denoiser kept on the device under ``resident_stream``; None otherwise."""
+        return split_name(self.placement)[1]
+
+    @property
     def storage(self) -> str | None:
         """The weight-storage rung of the plan (fp8, int8, nf4), or None for the original dtype."""
         return next((s for s in STORAGE if s in self.extras), None)
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The strategies applied, in the order they are applied (storage before offloading)."""
+        """The rungs applied, in the order they are applied (storage before offloading)."""
         out = [self.storage] if self.storage else []
         if self.placement != "device":
             out.append(self.placement)
@@ -63,25 +57,26 @@ class Plan:
 
     @classmethod
     def from_names(cls, names: "tuple[str, ...] | list[str]") -> "Plan":
-        placements = [n for n in names if n in PLACEMENTS]
+        placements = [n for n in names if split_name(n)[0] in PLACEMENTS]
         if len(placements) > 1:
             raise ValueError(f"a plan has one placement, got {placements}")
-        return cls(placements[0] if placements else "device", frozenset(n for n in names if n not in PLACEMENTS))
+        return cls(placements[0] if placements else "device", frozenset(n for n in names if n not in placements))
 
-    def with_strategy(self, name: str) -> "Plan":
-        if name in PLACEMENTS:
-            extras = self.extras if name == "device" else self.extras - DEVICE_ONLY_EXTRAS
+    def with_rung(self, name: str) -> "Plan":
+        """This plan with rung ``name`` added, and the rungs it replaces (rungs.RUNGS) dropped."""
+        if name == "device":
+            return replace(self, placement="device")
+        rung = RUNGS[split_name(name)[0]]
+        extras = self.extras - rung.replaces
+        if rung.kind == "placement":
             return replace(self, placement=name, extras=extras)
-        extras = set(self.extras) | {name}
-        if name in STORAGE:
-            extras -= set(STORAGE) - {name}
-        if name == "vae_tiling_small":
-            extras.discard("vae_tiling")
-        if name == "split_batch_max":
-            extras.discard("split_batch")
-        if name == "vae_cpu":
-            extras -= {"vae_tiling", "vae_tiling_small", "vae_slicing"}
-        return replace(self, extras=frozenset(extras))
+        return replace(self, extras=extras | {name})
+
+    def without(self, name: str) -> "Plan":
+        """This plan with rung ``name`` taken out (a placement goes back to ``device``)."""
+        if name in (self.placement, self.family):
+            return replace(self, placement="device")
+        return replace(self, extras=self.extras - {name})
 
     def denoise_chunks(self, batch: int) -> int:
         """How many pieces the denoiser's batch is cut into (1: not split)."""
@@ -98,13 +93,3 @@ class Plan:
         if "vae_tiling" in self.extras:
             return "normal"
         return None
-
-
-@dataclass(frozen=True, slots=True)
-class CallShape:
-    """What a call asks for, as far as memory goes."""
-
-    batch: int = 1
-    height: int | None = None
-    width: int | None = None
-    latent_hw: tuple[int, int] | None = None  # seen at decode time

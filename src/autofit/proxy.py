@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import re
 from typing import Any
@@ -12,11 +14,13 @@ import wrapt
 from . import _diffusers
 from .errors import AutoFitUsageError
 from .events import emit
-from .ladder import POLICIES, DEFAULT_POLICY
+from .context import DEFAULT_POLICY, POLICIES
 from .cache import PlanCache
 from .plan import Plan
-from .runtime import EscalationRecord, Runtime
-from .stages import module_components
+from .components import module_components
+from .records import EscalationRecord
+from .runtime import Runtime
+from .strategies import quantize
 
 
 class AutoFitControl:
@@ -33,7 +37,7 @@ class AutoFitControl:
     @property
     def history(self) -> tuple[EscalationRecord, ...]:
         """One record per escalation step, oldest first, across all calls."""
-        return tuple(self._rt.history)
+        return tuple(self._rt.state.history)
 
     @property
     def device(self) -> torch.device:
@@ -46,25 +50,39 @@ class AutoFitControl:
     @property
     def last_call(self) -> dict[str, Any]:
         """Seconds, attempts, seconds lost and plan of the last successful call."""
-        return dict(self._rt.last_call)
+        return dict(self._rt.state.last_call)
 
     @property
     def footprint(self):
         return self._rt.footprint
 
     def reset(self) -> None:
-        """Go back to the plan autofit started with (applied at the next call)."""
-        with self._rt.lock:
-            self._rt.plan = self._rt.initial_plan
-            self._rt._signature = None  # plan again at the next call
+        """Plan again at the next call, as at the first: preflight's pick (or the cached plan),
+        or the plan autofit started with when preflight is off."""
+        self._rt.reset()
 
     def __repr__(self) -> str:
         return f"AutoFitControl(device={self.device}, policy={self.policy!r}, plan={self.plan})"
 
 
+# Methods the user may call after wrapping to offload the pipeline: autofit adopts the result as
+# the plan to start from (and takes its own placement down first, so the two do not fight).
+OFFLOAD_METHODS = frozenset({"enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_group_offload"})
+# Public pipeline methods that run a component on their own: they run under recovery.
+_RUNS_COMPONENTS = re.compile(r"(encode|decode)_\w+|prepare_ip_adapter_image_embeds")
+
+_NO_COPY = ("an autofit proxy cannot be {what}: it holds the pipeline's live placement (hooks, weights on "
+            "the device) and a lock. {todo}")
+
+
 class AutoFitPipeline(wrapt.ObjectProxy):
     """A drop-in proxy: attribute reads and writes reach the pipeline, ``isinstance`` holds, and a
-    call runs the pipeline with out-of-memory recovery."""
+    call runs the pipeline with out-of-memory recovery.
+
+    Methods that return the pipeline (``.to()``...) return the proxy; public methods that run a
+    component (``encode_prompt``, ``encode_image``, ``decode_latents``...) run under recovery;
+    offloading enabled through the proxy becomes autofit's starting plan.
+    """
 
     def __init__(self, pipe: Any, runtime: Runtime):
         super().__init__(pipe)
@@ -77,6 +95,48 @@ class AutoFitPipeline(wrapt.ObjectProxy):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._self_runtime.call(args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        value = super().__getattr__(name)
+        if name.startswith("_") or not inspect.ismethod(value) or value.__self__ is not self.__wrapped__:
+            return value
+        return self._method(name, value)
+
+    def _method(self, name: str, method: Any) -> Any:
+        runtime, wrapped = self._self_runtime, self.__wrapped__
+        if name in OFFLOAD_METHODS:
+            def run(*args: Any, **kwargs: Any) -> Any:
+                return runtime.adopt(lambda: method(*args, **kwargs))
+        elif _RUNS_COMPONENTS.fullmatch(name):
+            def run(*args: Any, **kwargs: Any) -> Any:
+                return runtime.call(args, kwargs, fn=method)
+        else:
+            run = method
+
+        @functools.wraps(method)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            out = run(*args, **kwargs)
+            return self if out is wrapped else out  # ``pipe = autofit(pipe).to(...)`` keeps autofit
+
+        return call
+
+    def __copy__(self) -> Any:
+        raise TypeError(_NO_COPY.format(what="copied", todo=(
+            "Share the proxy itself, or wrap another pipeline: autofit(Pipeline.from_pipe(proxy.__wrapped__))"
+            " makes a pipeline sharing the weights (see README, 'Pipelines made from a proxy').")))
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        raise TypeError(_NO_COPY.format(what="deep-copied", todo=(
+            "Deep-copy the pipeline before wrapping (copy.deepcopy(pipe), then autofit() the copy), "
+            "or load a second one with from_pretrained.")))
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise TypeError(_NO_COPY.format(what="pickled", todo=(
+            "Pickle or save the pipeline instead (proxy.save_pretrained(folder), or pickle "
+            "proxy.__wrapped__), and call autofit() again after loading it.")))
+
+    def __reduce__(self) -> Any:
+        return self.__reduce_ex__(2)
 
     def __repr__(self) -> str:
         return f"<AutoFitPipeline plan={self._self_control.plan} wrapping {self.__wrapped__!r}>"
@@ -124,6 +184,26 @@ def _default_device(pipe: Any) -> torch.device:
     if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _check_available(dev: torch.device) -> None:
+    """Refuse a device this torch cannot use now, at wrap time rather than at the first call."""
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = (f"this torch ({torch.__version__}) is a CPU-only build" if torch.version.cuda is None
+                     else f"this torch ({torch.__version__}, CUDA {torch.version.cuda}) sees no CUDA device")
+            raise AutoFitUsageError(
+                f"device={str(dev)!r}, but {build}. Install a CUDA build of torch (README, 'Install'), check "
+                "nvidia-smi and CUDA_VISIBLE_DEVICES, or pass device='cpu'.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise AutoFitUsageError(
+                f"device={str(dev)!r}, but only {torch.cuda.device_count()} CUDA device(s) are visible "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); check CUDA_VISIBLE_DEVICES.")
+    elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise AutoFitUsageError(f"device={str(dev)!r}, but this torch sees no XPU; pass device='cpu' or install "
+                                "an XPU build of torch.")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise AutoFitUsageError(f"device={str(dev)!r}, but MPS is not available here; pass device='cpu'.")
 
 
 def autofit(
@@ -178,6 +258,7 @@ def autofit(
         raise AutoFitUsageError(f"device={device!r} is not a torch device ({exc}); try 'cuda' or 'cpu'") from None
     if dev.type == "cpu":
         dev = torch.device("cpu")  # "cpu:0" (accelerate's name for it) is the same device
+    _check_available(dev)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
 
@@ -196,9 +277,7 @@ def autofit(
         except ValueError as exc:
             raise AutoFitUsageError(f"plan={plan!r}: {exc}") from None
         if start.storage in ("int8", "nf4"):
-            from .strategies.quantize import missing
-
-            why = missing(dev.type)
+            why = quantize.missing(dev.type)
             if why:
                 raise AutoFitUsageError(f"plan={plan!r} quantizes with bitsandbytes, which cannot run here: {why}")
         applied = None

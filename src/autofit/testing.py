@@ -12,16 +12,20 @@ frames a real one would. Use it in your own tests of code that runs autofit.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from ._tiny import make_tokenizer, tiny_flux, tiny_sdxl
-from .stages import module_components, role_of
+from .components import module_components, roles
+from .switch import switch
 
-__all__ = ["inject_oom", "oom_error", "FaultInjection", "tiny_sdxl", "tiny_flux", "make_tokenizer", "OOM_MESSAGES"]
+__all__ = ["inject_oom", "oom_error", "FaultInjection", "tiny_sdxl", "tiny_flux", "make_tokenizer", "OOM_MESSAGES",
+           "switch_plan", "forget_placement", "mark_unusable", "judged_as", "rung_context", "host_room", "measured_activations",
+           "one_way_rungs", "placed_plan"]
 
 OOM_MESSAGES: dict[str, tuple[type[BaseException], str]] = {
     "cuda": (
@@ -32,6 +36,23 @@ OOM_MESSAGES: dict[str, tuple[type[BaseException], str]] = {
         "unallocated. If reserved but unallocated memory is large try setting "
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.  See documentation for "
         "Memory Management  (https://pytorch.org/docs/stable/notes/cuda.html#environment-variables)",
+    ),
+    # Another process's spike: this process held 1.2 of 8 GiB when the device ran out.
+    "cuda_spike": (
+        torch.OutOfMemoryError,
+        "CUDA out of memory. Tried to allocate 512.00 MiB. GPU 0 has a total capacity of 8.00 GiB of which "
+        "40.00 MiB is free. Process 31337 has 6.70 GiB memory in use. Including non-PyTorch memory, this process "
+        "has 1.20 GiB memory in use. Of the allocated memory 1.05 GiB is allocated by PyTorch, and 20.00 MiB is "
+        "reserved by PyTorch but unallocated.",
+    ),
+    # A fragmented cache: more reserved but unallocated than the request.
+    "cuda_fragmented": (
+        torch.OutOfMemoryError,
+        "CUDA out of memory. Tried to allocate 1.00 GiB. GPU 0 has a total capacity of 8.00 GiB of which "
+        "100.00 MiB is free. Including non-PyTorch memory, this process has 7.80 GiB memory in use. Of the "
+        "allocated memory 5.90 GiB is allocated by PyTorch, and 1.70 GiB is reserved by PyTorch but unallocated. "
+        "If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+        "to avoid fragmentation.",
     ),
     "cuda_runtime": (
         RuntimeError,
@@ -112,14 +133,18 @@ def _leaves(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _pick(pipe: Any, stage: str, component: str | None) -> tuple[str, torch.nn.Module]:
-    comps = module_components(getattr(pipe, "__wrapped__", pipe))
+    real = getattr(pipe, "__wrapped__", pipe)
+    comps = module_components(real)
     if component is not None:
         if component not in comps:
             raise ValueError(f"component {component!r} not in pipeline; have {sorted(comps)}")
         return component, comps[component]
     role = "denoise" if stage == "load" else stage  # a load fault defaults to the denoiser's move
+    stage_of = roles(real)
+    if role == "vae_encode":
+        role = "decode"
     for name, module in comps.items():
-        if role_of(name) == role:
+        if stage_of[name] == role:
             return name, module
     raise ValueError(f"pipeline has no component for stage {stage!r}")
 
@@ -138,7 +163,8 @@ def inject_oom(
     """Raise a real OOM from inside a real component.
 
     Args:
-        stage: ``"encode"``, ``"denoise"``, ``"decode"`` (from the component's first layer),
+        stage: ``"encode"``, ``"vae_encode"`` (the VAE's encoder), ``"denoise"``, ``"decode"``
+            (from the component's first layer),
             ``"load"`` (while the component's weights are moved: half of its children are moved,
             then it raises), or ``"glue"`` (from ``scheduler.step``, pipeline code outside any component).
         at: the 1-based call of the target that fails first (for ``denoise``, step ``k`` is call ``k+1``).
@@ -198,9 +224,10 @@ def inject_oom(
         fault._remove = remove_apply
         return fault
 
-    if stage not in ("encode", "denoise", "decode"):
-        raise ValueError(f"stage must be load, encode, denoise, decode or glue; got {stage!r}")
-    top = getattr(module, "decoder", module) if stage == "decode" else module
+    if stage not in ("encode", "vae_encode", "denoise", "decode"):
+        raise ValueError(f"stage must be load, encode, vae_encode, denoise, decode or glue; got {stage!r}")
+    part = {"decode": "decoder", "vae_encode": "encoder"}.get(stage)
+    top = getattr(module, part, module) if part else module
     leaves = _leaves(top)
     in_call = [False]
 
@@ -233,3 +260,108 @@ def inject_oom(
 
     fault._remove = remove_hooks
     return fault
+
+
+# ---- reaching a wrapped pipeline's runtime, for tests -----------------------------------------
+# For tests of autofit itself and of code built on it, like structlog.testing: not for production
+# use. Each takes the proxy ``autofit(pipe)`` returned and holds its lock.
+def _runtime(proxy: Any) -> Any:
+    rt = getattr(proxy, "_self_runtime", None)
+    if rt is None:
+        raise TypeError(f"expected the proxy autofit(pipe) returned, got {type(proxy).__name__}")
+    return rt
+
+
+def switch_plan(proxy: Any, plan: Any) -> None:
+    """Switch ``proxy`` to ``plan`` now, as an escalation would (weights placed, one-way rungs
+    applied or undone). Raises ``torch.OutOfMemoryError`` if placing the weights ran out; a
+    failure that is not an OOM passes through with the previous plan in force."""
+    rt = _runtime(proxy)
+    with rt.lock:
+        failure = switch(rt, plan)
+    if failure is not None:
+        raise torch.OutOfMemoryError(f"while placing {plan}: {failure.head}")
+
+
+def forget_placement(proxy: Any) -> None:
+    """Make the next call place the weights again (a ``load`` stage), as after an exhaustion."""
+    rt = _runtime(proxy)
+    with rt.lock:
+        rt.state.applied = None
+
+
+def mark_unusable(proxy: Any, rung: str, components: Any) -> None:
+    """Record that ``rung`` broke ``components``, as a roll back (or the plan cache) would."""
+    rt = _runtime(proxy)
+    with rt.lock:
+        rt.state.unusable.setdefault(rung, set()).update(components)
+
+
+@contextmanager
+def judged_as(proxy: Any, device_type: str) -> Iterator[None]:
+    """The rung table, the ladder and the planner judge ``proxy``'s plans as on a
+    ``device_type`` machine, while the rungs still run where the pipeline is: for CPU tests of
+    rungs a CPU would refuse (streams, partial residency)."""
+    rt = _runtime(proxy)
+    original = rt.context
+
+    def context(*args: Any, **kwargs: Any) -> Any:
+        ctx = original(*args, **kwargs)
+        return replace(ctx, machine=replace(ctx.machine, device_type=device_type))
+
+    rt.context = context
+    try:
+        yield
+    finally:
+        del rt.context
+
+
+def rung_context(proxy: Any) -> Any:
+    """What the rung table, the ladder and the planner judge ``proxy``'s plans against now
+    (an :class:`autofit.context.Context`)."""
+    rt = _runtime(proxy)
+    with rt.lock:
+        return rt.context()
+
+
+def host_room(proxy: Any) -> tuple[int, int]:
+    """(host RAM, pinned host RAM) a plan of ``proxy`` may hold now."""
+    rt = _runtime(proxy)
+    with rt.lock:
+        return rt.host_room()
+
+
+def measured_activations(proxy: Any) -> dict[str, int]:
+    """Activation bytes per stage learned for the workload of the last call (CUDA only)."""
+    rt = _runtime(proxy)
+    with rt.lock:
+        return dict(rt.state.measured.get(rt.state.key, {}))
+
+
+def one_way_rungs(proxy: Any) -> dict[str, Any]:
+    """component -> the one-way storage rung applied to it (``.rung``, and ``.undo``: how it is
+    undone, None where no copy could be kept)."""
+    rt = _runtime(proxy)
+    with rt.lock:
+        return dict(rt.ledger.entries)
+
+
+def placed_plan(proxy: Any) -> Any:
+    """The plan the weights are placed for now; None: the next call places them first."""
+    rt = _runtime(proxy)
+    with rt.lock:
+        return rt.state.applied
+
+
+def pace_probes(proxy: Any, *, first_wait: int, max_wait: int, probe_share: float = 1.0) -> None:
+    """Set how often ``proxy`` probes its plan back down (see :mod:`autofit.relax`): after
+    ``first_wait`` successful calls, doubling to ``max_wait`` after each failed probe, failed
+    probes taking at most ``probe_share`` of the run time (1.0: no time limit, so a test's
+    outcome does not hang on how busy the machine is)."""
+    if not 1 <= first_wait <= max_wait or not 0.0 <= probe_share <= 1.0:
+        raise ValueError("need 1 <= first_wait <= max_wait and 0 <= probe_share <= 1")
+    rt = _runtime(proxy)
+    with rt.lock:
+        relax = rt.state.relax
+        relax.first_wait, relax.max_wait, relax.probe_share = first_wait, max_wait, probe_share
+        relax.wait = min(max(relax.wait, first_wait), max_wait)

@@ -3,6 +3,6 @@ tried, is declared in :mod:`autofit.ladder`; this package only does the work."""
 
 from .casting import apply_fp8
 from .placement import place, teardown
-from .vae import VaeSettings, configure_vae
+from .vae import UserVae, VaeSettings, configure_vae
 
-__all__ = ["apply_fp8", "place", "teardown", "VaeSettings", "configure_vae"]
+__all__ = ["apply_fp8", "place", "teardown", "UserVae", "VaeSettings", "configure_vae"]

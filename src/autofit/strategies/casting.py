@@ -9,7 +9,7 @@ import torch
 from .. import _diffusers
 from ..checkpoint import Checkpoint
 from ..footprint import Footprint, fp8_cast_params
-from ..stages import module_components
+from ..components import module_components
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:
@@ -113,4 +113,4 @@ def restore_original(module: torch.nn.Module, original: Originals) -> None:
         else:
             owner, _, leaf = key.rpartition(".")
             sub = module.get_submodule(owner) if owner else module
-            sub._buffers[leaf] = value
+            _diffusers.tensor_tables(sub)[1][leaf] = value

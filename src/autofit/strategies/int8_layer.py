@@ -5,7 +5,8 @@ importable name: quantized modules pickle and ``torch.save`` as bitsandbytes' ow
 from __future__ import annotations
 
 import bitsandbytes as bnb
-import torch
+
+from .. import _diffusers
 
 
 class Linear8bitLt(bnb.nn.Linear8bitLt):
@@ -17,23 +18,11 @@ class Linear8bitLt(bnb.nn.Linear8bitLt):
     int8 + model offload peaks on the H100, run 4). Same forward, same state dict, and the same
     class name: accelerate's offload hooks recognise 8-bit layers by it."""
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn, recurse=True):  # torch calls _apply for every move (.to, .cpu, .cuda)
         super()._apply(fn, recurse)
         self.follow_weight()
         return self
 
     def follow_weight(self) -> None:
         """Point the quantization state at the weight's current storage and device."""
-        w = self.weight
-        if w.dtype != torch.int8:
-            return
-        state = self.state
-        if getattr(w, "CB", None) is not None:
-            w.CB = w.data
-        if getattr(w, "SCB", None) is not None:
-            w.SCB = w.SCB.to(w.device)
-        if state.CB is not None:
-            state.CB = w.data
-        if state.SCB is not None:
-            state.SCB = state.SCB.to(w.device)
-        state.idx = None  # last call's outlier columns, rewritten by the next forward
+        _diffusers.int8_state_follow_weight(self)

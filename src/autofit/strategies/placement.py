@@ -7,8 +7,10 @@ from typing import Any
 import torch
 
 from .. import _diffusers
+from ..memory import release_pinned_cache
+from . import partial
 from ..plan import Plan
-from ..stages import module_components, role_of
+from ..components import module_components, roles
 from .quantize import quantized_level
 
 CPU = torch.device("cpu")
@@ -30,6 +32,7 @@ def _all_on(module: torch.nn.Module, device: torch.device) -> bool:
 def teardown(pipe: Any) -> None:
     """Back to a consistent state: no offload hooks, every weight on the CPU. Also mends a
     half-moved pipeline left by a weight move that ran out of memory."""
+    partial.remove(module_components(pipe))
     _diffusers.remove_offload_hooks(pipe)
     for module in module_components(pipe).values():
         module.to(CPU)
@@ -43,8 +46,6 @@ def unpin(pipe: Any, *, is_pinned=None) -> int:
     rounded up to a power of two (1.3-1.5x the weights), so a switch meant to save host RAM
     saved none. The pinned blocks are released as the copies are made, so the host holds at
     most ~1 GiB of both at once. ``is_pinned`` is for tests (pinning needs CUDA)."""
-    from ..memory import release_pinned_cache
-
     check = is_pinned or (lambda t: t.is_pinned())
     done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original kept alive, copy)
     moved = pending = 0
@@ -77,15 +78,14 @@ def _table_entries(pipe: Any):
     tensor held in two places once per place (each entry is rewritten)."""
     for module in module_components(pipe).values():
         for sub in module.modules():
-            for table in (sub._parameters, sub._buffers):
+            for table in _diffusers.tensor_tables(sub):
                 for name, t in table.items():
                     if t is not None:
                         yield table, name, t
 
 
-def on_demand(name: str, plan: Plan) -> bool:
-    """Components that live on the CPU under the ``device`` placement."""
-    role = role_of(name)
+def on_demand(role: str | None, plan: Plan) -> bool:
+    """Components (of stage ``role``) that live on the CPU under the ``device`` placement."""
     return (role == "encode" and "offload_encoders" in plan.extras) or (
         role == "decode" and "vae_cpu" in plan.extras
     )
@@ -97,7 +97,11 @@ def place(pipe: Any, plan: Plan, device: torch.device, *, force: bool = False) -
     ``force`` calls ``.to()`` on every component even where it already sits: the first placement
     of a pipeline goes through the same move a real load would (and can fail like one)."""
     comps = module_components(pipe)
-    vae_names = [n for n in comps if role_of(n) == "decode"]
+    # Partial residency has no diffusers/accelerate hooks, so a switch may come here without a
+    # teardown: its streamed weights go back to pageable memory first (resident ones stay put).
+    partial.remove(comps)
+    stage = roles(pipe)
+    vae_names = [n for n in comps if stage[n] == "decode"]
     p = plan.placement
     # Quantized components stay on the device under group offloading (see ladder.kept_on_device).
     keep = {n for n, m in comps.items() if p in GROUPED and quantized_level(m)}
@@ -105,11 +109,16 @@ def place(pipe: Any, plan: Plan, device: torch.device, *, force: bool = False) -
         comps[name].to(device)
     if p == "device":
         for name, module in comps.items():
-            target = CPU if on_demand(name, plan) else device
+            target = CPU if on_demand(stage[name], plan) else device
             if force or not _all_on(module, target):
                 module.to(target)
         return
-    if p == "model_offload":
+    if plan.family == "resident_stream":
+        streamed = partial.apply(comps, device, plan.resident or 0)
+        for name, module in comps.items():
+            if name not in streamed:
+                module.to(device)
+    elif p == "model_offload":
         pipe.enable_model_cpu_offload(device=device)
     elif p == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)

@@ -24,7 +24,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..footprint import Footprint, quant_targets
-from ..stages import module_components
+from ..components import module_components
 from .casting import compute_dtype
 
 LEVELS = ("nf4", "int8")

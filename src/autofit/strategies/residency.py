@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .. import _diffusers
 from ..events import emit
 from .quantize import quantized_level
 
@@ -21,7 +22,7 @@ from .quantize import quantized_level
 def _slots(module: torch.nn.Module) -> Iterator[tuple[dict, str, torch.Tensor]]:
     seen: set[int] = set()
     for sub in module.modules():
-        for table in (sub._parameters, sub._buffers):
+        for table in _diffusers.tensor_tables(sub):
             for name, t in table.items():
                 if t is None or id(t) in seen:
                     continue

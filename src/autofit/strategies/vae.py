@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _diffusers
+
 
 @dataclass(frozen=True, slots=True)
 class VaeSettings:
@@ -22,12 +24,26 @@ class VaeSettings:
 
     @classmethod
     def read(cls, vae: torch.nn.Module) -> "VaeSettings":
-        return cls(
-            getattr(vae, "use_slicing", None),
-            getattr(vae, "use_tiling", None),
-            getattr(vae, "tile_sample_min_size", None),
-            getattr(vae, "tile_latent_min_size", None),
-        )
+        return cls(*_diffusers.vae_settings(vae))
+
+
+class UserVae:
+    """The user's VAE settings, kept up to date: a change the user makes after wrapping
+    (``proxy.vae.enable_tiling()``) is adopted as the new starting point, not undone at the next
+    decode. A change is anything that differs from what autofit itself last set."""
+
+    def __init__(self, vae: torch.nn.Module):
+        self.settings = VaeSettings.read(vae)
+        self._ours = self.settings  # what the VAE had when autofit last looked or set it
+
+    def current(self, vae: torch.nn.Module) -> VaeSettings:
+        now = VaeSettings.read(vae)
+        if now != self._ours:
+            self.settings = now  # set by the user since autofit last touched it
+        return self.settings
+
+    def record(self, vae: torch.nn.Module) -> None:
+        self._ours = VaeSettings.read(vae)
 
 
 def can_tile(vae: torch.nn.Module) -> bool:
@@ -36,6 +52,11 @@ def can_tile(vae: torch.nn.Module) -> bool:
 
 def can_slice(vae: torch.nn.Module) -> bool:
     return hasattr(vae, "use_slicing")
+
+
+def spatial_factor(vae: torch.nn.Module) -> int:
+    """Pixels per latent pixel along a side."""
+    return _scale(vae)
 
 
 def _scale(vae: torch.nn.Module) -> int:
@@ -52,26 +73,37 @@ def tile_latent(latent_hw: tuple[int, int], tiling: str) -> int:
 def configure_vae(
     vae: torch.nn.Module,
     *,
-    original: VaeSettings,
+    original: UserVae,
     slicing: bool,
     tiling: str | None,
     latent_hw: tuple[int, int] | None,
 ) -> None:
+    """Set slicing and tiling for a plan on top of the user's own settings (which win where they
+    ask for more: a user's tiling stays on under a plan without it)."""
+    user = original.current(vae)
+    try:
+        _configure(vae, user, slicing, tiling, latent_hw)
+    finally:
+        original.record(vae)
+
+
+def _configure(
+    vae: torch.nn.Module, original: VaeSettings, slicing: bool, tiling: str | None, latent_hw: tuple[int, int] | None
+) -> None:
     if can_slice(vae):
-        vae.use_slicing = bool(original.use_slicing) or slicing
+        _diffusers.set_vae_slicing(vae, bool(original.use_slicing) or slicing)
     if not can_tile(vae):
         return
     if tiling is None:
-        vae.use_tiling = original.use_tiling
-        if original.tile_sample_min_size is not None:
-            vae.tile_sample_min_size = original.tile_sample_min_size
-            vae.tile_latent_min_size = original.tile_latent_min_size
+        restore = original.tile_sample_min_size is not None
+        _diffusers.set_vae_tiling(vae, original.use_tiling, latent_min=original.tile_latent_min_size if restore else None,
+                                  sample_min=original.tile_sample_min_size)
         return
-    vae.use_tiling = True
-    if latent_hw is not None and hasattr(vae, "tile_latent_min_size"):
+    if latent_hw is not None and _diffusers.can_set_tile_size(vae):
         latent = tile_latent(latent_hw, tiling)
         default = original.tile_latent_min_size
         if isinstance(default, int) and default < latent:
             latent = default
-        vae.tile_latent_min_size = latent
-        vae.tile_sample_min_size = latent * _scale(vae)
+        _diffusers.set_vae_tiling(vae, True, latent_min=latent, sample_min=latent * _scale(vae))
+    else:
+        _diffusers.set_vae_tiling(vae, True)
