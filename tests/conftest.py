@@ -18,6 +18,14 @@ gc.collect()
 gc.freeze()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _freeze_what_earlier_modules_left():
+    """The same for what earlier test modules left alive (imports, module-level caches): the
+    suite's later modules would otherwise collect ever more objects on every recovery."""
+    gc.collect()
+    gc.freeze()
+
+
 @pytest.fixture(params=["sdxl", "flux"])
 def kind(request):
     return request.param

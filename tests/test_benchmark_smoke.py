@@ -2,29 +2,46 @@
 fields the GPU runs report. No figures are claimed from these runs."""
 
 import json
-import os
-import subprocess
+import logging
+import runpy
 import sys
 from pathlib import Path
 
 import pytest
+import structlog
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script, *args, tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")]),
-               AUTOFIT_CACHE_DIR=str(tmp_path / "cache"))
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+@pytest.fixture
+def bench(tmp_path, monkeypatch, capsys):
+    return lambda script, *args: _run(script, *args, tmp_path=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
 
 
-def test_budget_sweep_tiny(tmp_path):
+def _run(script, *args, tmp_path, monkeypatch, capsys):
+    """Runs a benchmark script as ``__main__`` in this process (a subprocess would pay ~4 s of
+    imports per script on 2 cores), with its own argv, cache folder and working directory; the
+    logging settings a script changes for itself are put back afterwards."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.setenv("AUTOFIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.chdir(tmp_path)
+    diffusers_logger = logging.getLogger("diffusers")
+    saved_config, saved_level = structlog.get_config(), diffusers_logger.level
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(ROOT / "benchmarks" / script), run_name="__main__")
+    finally:
+        structlog.configure(**saved_config)
+        diffusers_logger.setLevel(saved_level)
+    out = capsys.readouterr().out
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_budget_sweep_tiny(bench, tmp_path):
     out = tmp_path / "sweep.json"
-    _run("budget_sweep.py", "--tiny", "--device", "cpu", "--budgets", "4", "--steps", "2",
-         "--strategies", ";vae_tiling", "--out", str(out), tmp_path=tmp_path)
+    bench("budget_sweep.py", "--tiny", "--device", "cpu", "--budgets", "4", "--steps", "2",
+          "--strategies", ";vae_tiling", "--out", str(out))
     result = json.loads(out.read_text())
     assert [s["plan"] for s in result["strategies"]] == [[], ["vae_tiling"]]
     (row,) = result["budgets"]
@@ -33,9 +50,9 @@ def test_budget_sweep_tiny(tmp_path):
     assert "first_ratio" not in row  # ratios are for the GPU only
 
 
-def test_undo_copy_check_tiny(tmp_path):
+def test_undo_copy_check_tiny(bench):
     pytest.importorskip("bitsandbytes")
-    rows = _run("undo_copy_check.py", "--tiny", tmp_path=tmp_path)
+    rows = bench("undo_copy_check.py", "--tiny")
     copy, checkpoint, summary = rows
     assert copy["mode"] == "copy in RAM" and copy["held_gib"] > 0
     assert checkpoint["held_gib"] == 0.0
@@ -43,11 +60,11 @@ def test_undo_copy_check_tiny(tmp_path):
     assert summary["level"] == "nf4"
 
 
-def test_torchao_check_tiny(tmp_path):
+def test_torchao_check_tiny(bench):
     """Runs with or without torchao installed (a missing library is an error row, not a crash);
     LLM.int8 rounds less than nf4 and fp8."""
     pytest.importorskip("bitsandbytes")
-    rows = _run("torchao_check.py", "--tiny", "--device", "cpu", "--repeat", "1", tmp_path=tmp_path)
+    rows = bench("torchao_check.py", "--tiny", "--device", "cpu", "--repeat", "1")
     by = {r["variant"]: r for r in rows if "variant" in r}
     assert list(by) == ["unquantized", "fp8 (layerwise casting)", "bnb nf4", "bnb int8", "torchao int8 weight-only"]
     assert "error" not in by["unquantized"] and "rel_error" not in by["unquantized"]
@@ -56,20 +73,20 @@ def test_torchao_check_tiny(tmp_path):
     assert by["bnb nf4"]["weight_gib"] <= by["unquantized"]["weight_gib"]
 
 
-def test_pinned_check_tiny(tmp_path):
+def test_pinned_check_tiny(bench, tmp_path):
     out = tmp_path / "pinned.json"
-    _run("pinned_check.py", "--tiny", "--device", "cpu", "--out", str(out), tmp_path=tmp_path)
+    bench("pinned_check.py", "--tiny", "--device", "cpu", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["predicted_pinned_gib"] >= result["weights_gib"] > 0
     assert "measured_pinned_gib" not in result  # no pinned allocator on the CPU
 
 
-def test_residency_sweep_tiny(tmp_path):
+def test_residency_sweep_tiny(bench, tmp_path):
     """The partial residency sweep at tiny size: the device and leaf-streaming references, one
     budget row run partly resident whose image equals the everything-resident one."""
     out = tmp_path / "residency.json"
-    _run("residency_sweep.py", "--tiny", "--device", "cpu", "--model", "flux", "--budgets", "4",
-         "--out", str(out), tmp_path=tmp_path)
+    bench("residency_sweep.py", "--tiny", "--device", "cpu", "--model", "flux", "--budgets", "4",
+          "--out", str(out))
     result = json.loads(out.read_text())
     assert result["device"]["plan"] == ["device"] and result["device"]["steady_s"] > 0
     assert "error" not in result["leaf_stream"]
@@ -79,10 +96,10 @@ def test_residency_sweep_tiny(tmp_path):
     assert "steady_vs_device" not in row  # ratios are for the GPU only
 
 
-def test_soak_both_ways_tiny(tmp_path):
+def test_soak_both_ways_tiny(bench):
     """The plans-both-ways soak at smoke size: one-off OOMs, a plan that never fits, alternating
     stages; no call fails in any of them."""
-    rows = _run("soak_both_ways.py", "--calls", "6", "--quiet", "6", "--p", "0.5", tmp_path=tmp_path)
+    rows = bench("soak_both_ways.py", "--calls", "6", "--quiet", "6", "--p", "0.5")
     assert [r["run"] for r in rows] == ["one_off", "never_fits", "alternating"]
     assert all(r["failed_calls"] == 0 for r in rows)
     one_off, never, _ = rows
