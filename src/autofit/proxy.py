@@ -68,6 +68,9 @@ class AutoFitControl:
 # Methods the user may call after wrapping to offload the pipeline: autofit adopts the result as
 # the plan to start from (and takes its own placement down first, so the two do not fight).
 OFFLOAD_METHODS = frozenset({"enable_model_cpu_offload", "enable_sequential_cpu_offload", "enable_group_offload"})
+# Methods that add, remove or rewrite weights (LoRA, IP-Adapter, textual inversion): they run on
+# plain modules, and the plan in force is placed again, with the new modules, at the next call.
+_RESHAPES = re.compile(r"(load|unload)_(lora_weights|ip_adapter|textual_inversion)|(un)?fuse_lora|delete_adapters")
 # Public pipeline methods that run a component on their own: they run under recovery.
 _RUNS_COMPONENTS = re.compile(r"(encode|decode)_\w+|prepare_ip_adapter_image_embeds")
 
@@ -81,7 +84,8 @@ class AutoFitPipeline(wrapt.ObjectProxy):
 
     Methods that return the pipeline (``.to()``...) return the proxy; public methods that run a
     component (``encode_prompt``, ``encode_image``, ``decode_latents``...) run under recovery;
-    offloading enabled through the proxy becomes autofit's starting plan.
+    offloading enabled through the proxy becomes autofit's starting plan; LoRA, IP-Adapter and
+    textual-inversion loading and fusing run on plain modules, placed again at the next call.
     """
 
     def __init__(self, pipe: Any, runtime: Runtime):
@@ -107,6 +111,9 @@ class AutoFitPipeline(wrapt.ObjectProxy):
         if name in OFFLOAD_METHODS:
             def run(*args: Any, **kwargs: Any) -> Any:
                 return runtime.adopt(lambda: method(*args, **kwargs))
+        elif _RESHAPES.fullmatch(name):
+            def run(*args: Any, **kwargs: Any) -> Any:
+                return runtime.reshape(lambda: method(*args, **kwargs))
         elif _RUNS_COMPONENTS.fullmatch(name):
             def run(*args: Any, **kwargs: Any) -> Any:
                 return runtime.call(args, kwargs, fn=method)

@@ -37,7 +37,7 @@ from . import _diffusers
 from .strategies import UserVae, quantize
 from .strategies.residency import HostShadows
 from .strategies.vae import can_slice, can_tile
-from .switch import adopted, switch, tear_down
+from .switch import adopted, holds_hooks, switch, tear_down
 from .wrappers import StageWrappers
 
 
@@ -150,6 +150,22 @@ class Runtime:
                 adopted(self, Plan(placement, frozenset({storage} if storage else ())))
                 self.preflight = False
             return out
+
+    def reshape(self, change: Callable[[], Any]) -> Any:
+        """The user changes the modules or their weights through the proxy (LoRA, IP-Adapter and
+        textual-inversion loaders, fusing): a placement that holds offload hooks or streamed
+        copies is taken down first, so the loader sees plain modules (diffusers' loaders undo and
+        redo only the offloading they know, without the device autofit placed on), and the plan in
+        force is placed again, new modules included, at the next call. Weights plainly on the
+        device stay there: the loaders create the new ones next to them."""
+        with self.lock:
+            applied = self.state.applied
+            plain = applied is not None and applied.placement == "device" and not self.shadows.tensors() \
+                and not holds_hooks(self.pipe)
+            if applied is not None and not plain:
+                tear_down(self)
+                self.shadows.drop()
+            return change()
 
     # ---- one call -------------------------------------------------------------------------
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any], fn: Callable[..., Any] | None = None) -> Any:

@@ -72,6 +72,14 @@ def tear_down(rt: Runtime) -> None:
             rt.state.applied = None
 
 
+def holds_hooks(pipe: object) -> bool:
+    """Offload hooks (accelerate's or diffusers' group offloading) on any component."""
+    return any(
+        _diffusers.has_accelerate_hooks(m) or _diffusers.group_offload_config(m) is not None
+        for m in module_components(pipe).values()
+    )
+
+
 def _restore(rt: Runtime, previous: Plan, target: Plan, exc: BaseException) -> None:
     """Not an OOM: put back the plan that was in force before the error passes through."""
     try:
@@ -90,10 +98,7 @@ def _apply(rt: Runtime, current: Plan | None, target: Plan) -> None:
     undo, todo = rt.ledger.changes(target, state.unusable)
     storage_change = bool(undo or todo)
     same_placement = current is not None and current.placement == target.placement
-    hooked = any(
-        _diffusers.has_accelerate_hooks(m) or _diffusers.group_offload_config(m) is not None
-        for m in module_components(pipe).values()
-    )
+    hooked = holds_hooks(pipe)
     if same_placement and not storage_change:
         if target.placement == "device":
             place(pipe, target, device)
