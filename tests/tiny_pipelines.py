@@ -274,6 +274,115 @@ def ltx_latent_upsample():
     return _finish(pipe, torch.float32), dict(video=video, height=16, width=16, output_type="pt")
 
 
+def sd_controlnet():
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    parts = _sd_parts()
+    torch.manual_seed(0)
+    # Matches the tiny UNet's down blocks; one stride-2 conditioning conv maps the 32 px control
+    # image to the 16 px latent.
+    controlnet = ControlNetModel(
+        block_out_channels=(8, 16), layers_per_block=1, in_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=2, conditioning_embedding_out_channels=(16, 32))
+    pipe = StableDiffusionControlNetPipeline(controlnet=controlnet, **parts)
+    return _finish(pipe, torch.float32), dict(
+        prompt="a photo of a cat", image=_image(32), height=32, width=32, num_inference_steps=STEPS,
+        guidance_scale=5.0, output_type="pt")
+
+
+def kandinsky22():
+    """Kandinsky 2.2's decoder: image embeddings in, an image-conditioned UNet, a MoVQ (VQModel)."""
+    from diffusers import DDIMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        in_channels=4, out_channels=8, addition_embed_type="image",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=1,
+        encoder_hid_dim=32, encoder_hid_dim_type="image_proj", cross_attention_dim=32, attention_head_dim=4,
+        resnet_time_scale_shift="scale_shift", class_embed_type=None)
+    # MoVQ's spatial norm has 32 groups: its channels stay multiples of 32.
+    movq = VQModel(block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
+                   in_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, norm_type="spatial",
+                   num_vq_embeddings=12, out_channels=3, up_block_types=["AttnUpDecoderBlock2D", "UpDecoderBlock2D"],
+                   vq_embed_dim=4)
+    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    g = torch.Generator().manual_seed(2)
+    return _finish(KandinskyV22Pipeline(unet=unet, scheduler=scheduler, movq=movq), torch.float32), dict(
+        image_embeds=torch.randn(1, 32, generator=g), negative_image_embeds=torch.randn(1, 32, generator=g),
+        height=32, width=32, guidance_scale=4.0, num_inference_steps=STEPS, output_type="pt")
+
+
+def wan():
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32)
+    pipe = WanPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                       text_encoder=_t5(), tokenizer=make_tokenizer(model_max_length=77))
+    return _finish(pipe, torch.float32), dict(
+        prompt="dance monkey", negative_prompt="negative", num_inference_steps=STEPS, guidance_scale=6.0,
+        height=16, width=16, num_frames=5, max_sequence_length=16, output_type="pt")
+
+
+def cogvideox():
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel, DDIMScheduler
+
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=32, num_layers=1, sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=16)
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    pipe = CogVideoXPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(), text_encoder=_t5(),
+                             tokenizer=make_tokenizer(model_max_length=77))
+    return _finish(pipe, torch.float32), dict(
+        prompt="dance monkey", negative_prompt="", num_inference_steps=STEPS, guidance_scale=6.0, height=16,
+        width=16, num_frames=8, max_sequence_length=16, output_type="pt")
+
+
+def sana():
+    """Sana: a Gemma-2 text encoder, a linear-attention transformer, a deep-compression AE."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        sample_size=32)
+    torch.manual_seed(0)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407)
+    torch.manual_seed(0)
+    text_encoder = Gemma2Model(Gemma2Config(
+        head_dim=16, hidden_size=8, intermediate_size=64, max_position_embeddings=8192, num_attention_heads=2,
+        num_hidden_layers=1, num_key_value_heads=2, vocab_size=1000, attn_implementation="eager"))
+    pipe = SanaPipeline(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                        text_encoder=text_encoder, tokenizer=make_tokenizer(model_max_length=300))
+    return _finish(pipe, torch.float32), dict(
+        prompt="a photo of a cat", negative_prompt="", num_inference_steps=STEPS, guidance_scale=6.0, height=32,
+        width=32, max_sequence_length=16, complex_human_instruction=None, use_resolution_binning=False,
+        output_type="pt")
+
+
 # family -> builder; the walk covers each stage the pipeline has.
 BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     "StableDiffusionPipeline": sd15,
@@ -291,4 +400,9 @@ BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     "StableDiffusion3Pipeline": sd3,
     "PixArtAlphaPipeline": pixart,
     "LTXLatentUpsamplePipeline": ltx_latent_upsample,
+    "StableDiffusionControlNetPipeline": sd_controlnet,
+    "KandinskyV22Pipeline": kandinsky22,
+    "WanPipeline": wan,
+    "CogVideoXPipeline": cogvideox,
+    "SanaPipeline": sana,
 }
