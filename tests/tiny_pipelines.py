@@ -290,6 +290,26 @@ def sd_controlnet():
         guidance_scale=5.0, output_type="pt")
 
 
+def sdxl_controlnet():
+    from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+
+    base = tiny_sdxl()
+    torch.manual_seed(0)
+    u = base.unet.config  # the ControlNet mirrors the UNet's encoder half and its SDXL conditioning
+    controlnet = ControlNetModel(
+        block_out_channels=u.block_out_channels, layers_per_block=u.layers_per_block, in_channels=4,
+        down_block_types=u.down_block_types, attention_head_dim=u.attention_head_dim,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=u.transformer_layers_per_block,
+        projection_class_embeddings_input_dim=u.projection_class_embeddings_input_dim,
+        cross_attention_dim=u.cross_attention_dim, norm_num_groups=u.norm_num_groups,
+        conditioning_embedding_out_channels=(16, 32))
+    pipe = StableDiffusionXLControlNetPipeline(controlnet=controlnet, **base.components)
+    return _finish(pipe, torch.float32), dict(
+        prompt="a photo of a cat", image=_image(64), height=64, width=64, num_inference_steps=STEPS,
+        guidance_scale=5.0, output_type="pt")
+
+
 def kandinsky22():
     """Kandinsky 2.2's decoder: image embeddings in, an image-conditioned UNet, a MoVQ (VQModel)."""
     from diffusers import DDIMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
@@ -401,6 +421,7 @@ BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     "PixArtAlphaPipeline": pixart,
     "LTXLatentUpsamplePipeline": ltx_latent_upsample,
     "StableDiffusionControlNetPipeline": sd_controlnet,
+    "StableDiffusionXLControlNetPipeline": sdxl_controlnet,
     "KandinskyV22Pipeline": kandinsky22,
     "WanPipeline": wan,
     "CogVideoXPipeline": cogvideox,
