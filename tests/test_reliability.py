@@ -146,7 +146,20 @@ def test_host_oom_leads_to_rungs_that_need_less_host_ram():
     _, action2, _ = next_plan(plan, "denoise", host_oom=True, ctx=balanced)
     assert none_left is None and action2 == "fp8"
     none, _, skipped = next_plan(Plan(), "denoise", host_oom=True, ctx=quality)
-    assert none is None and all("host RAM" in r or "policy" in r for _, r in skipped)
+    assert none is None and all("host RAM" in r or "policy" in r or "disk" in r for _, r in skipped)
+    assert dict(skipped)["group_disk"] == "free disk space at the offload folder is not known"
+
+
+def test_host_oom_with_free_disk_streams_the_weights_from_disk():
+    """With disk to write the weights to, a host OOM under the RAM-backed offloads goes to
+    group_disk (lossless) before fp8; without enough disk it is skipped, saying why."""
+    weights = sum(c.bytes for c in SDXL.components.values())
+    roomy, cramped = (context(SDXL, Machine(0, 10**12, disk_available_bytes=d), policy="balanced")
+                      for d in (4 * weights, weights // 4))
+    plan, action, _ = next_plan(Plan("group_block"), "denoise", host_oom=True, ctx=roomy)
+    assert action == "group_disk" and plan.placement == "group_disk"
+    _, action, skipped = next_plan(Plan("group_block"), "denoise", host_oom=True, ctx=cramped)
+    assert action == "fp8" and "GiB free at the offload folder" in dict(skipped)["group_disk"]
 
 
 # ---- bad input ------------------------------------------------------------------------------

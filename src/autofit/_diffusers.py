@@ -105,7 +105,47 @@ def has_accelerate_hooks(module: torch.nn.Module) -> bool:
     return any(hasattr(m, "_hf_hook") for m in module.modules())
 
 
+def disk_groups(module: torch.nn.Module) -> list[Any]:
+    """The group-offloading groups of ``module`` that keep their weights in files on disk."""
+    groups = {}
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook(_GROUP_HOOKS[0]) if registry is not None else None
+        group = getattr(hook, "group", None)
+        if group is not None and getattr(group, "offload_to_disk_path", None):
+            groups[id(group)] = group
+    return list(groups.values())
+
+
+def disk_offload_folders(module: torch.nn.Module) -> set[str]:
+    return {g.offload_to_disk_path for g in disk_groups(module)}
+
+
+def restore_disk_groups(module: torch.nn.Module) -> int:
+    """Read the weights of disk-offloaded groups back into host RAM; returns the bytes read.
+
+    Offloaded to disk, a group's tensors are placeholders (``torch.empty_like``) and its weights
+    live only in its safetensors file: removing the hooks as they are would leave the module with
+    uninitialised weights. diffusers does not read them back on removal."""
+    import safetensors.torch
+
+    read = 0
+    for group in disk_groups(module):
+        if not getattr(group, "_is_offloaded_to_disk", False) or not os.path.exists(group.safetensors_file_path):
+            continue
+        on_device = [t for t in group.key_to_tensor.values() if t.device != group.offload_device]
+        if on_device:  # onloaded now: the live tensors hold the weights
+            continue
+        loaded = safetensors.torch.load_file(group.safetensors_file_path, device="cpu")
+        for key, tensor in group.key_to_tensor.items():
+            tensor.data = loaded[key]
+            read += loaded[key].numel() * loaded[key].element_size()
+        group._is_offloaded_to_disk = False
+    return read
+
+
 def remove_group_offloading(module: torch.nn.Module) -> None:
+    restore_disk_groups(module)
     # Leaf-level offloading of a module without a registry of its own (e.g. a transformers text
     # encoder) leaves hooks on many submodules: visit every registry, not only the top one.
     for sub in module.modules():
@@ -139,6 +179,8 @@ def detect_placement(pipe: Any) -> str | None:
         config = group_offload_config(module)
         if config is not None:
             kind = getattr(config.offload_type, "value", config.offload_type)
+            if getattr(config, "offload_to_disk_path", None):
+                return "group_disk"
             if kind == "block_level":
                 return "group_block"
             if config.stream is not None:

@@ -133,6 +133,7 @@ def _cuda() -> bool:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from .footprint import measure_folder
+    from . import disk
     from .context import POLICIES, Machine, Workload, context
     from .cost import pinned_bytes, resident_split
     from .planner import rank
@@ -149,8 +150,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     device_type = hw.device_type if args.vram is None else "cuda"
     # What can be page-locked: --pinned, else this machine's (unless --ram describes another one).
     pinned = args.pinned if args.pinned is not None else (hw.pinned_available_bytes if args.ram is None else None)
+    free_disk = args.disk if args.disk is not None else disk.free_bytes()
     machine = Machine(budget, host, device_type, hw.pinned_gbps, hw.pageable_gbps, quant_missing=missing(device_type),
-                      pinned_available_bytes=pinned)
+                      pinned_available_bytes=pinned, disk_available_bytes=free_disk)
     cfg = "Flux" not in pipeline
     wl = Workload(height=args.height, width=args.width, frames=args.frames, batch=args.batch, steps=args.steps, cfg=cfg)
     # Rank under the permissive policy so lossy rows show too; the pick honours --policy.
@@ -479,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["quality", "balanced", "speed", "memory"], default="quality")
     p.add_argument("--pinned", type=_size, default=None,
                    help="host RAM that can be page-locked (default: this machine's; Windows/WSL2 cap it)")
+    p.add_argument("--disk", type=_size, default=None,
+                   help="free disk for group_disk's offload folder (default: this machine's, at "
+                        "$AUTOFIT_OFFLOAD_DIR or the cache folder's offload/)")
     p.add_argument("--all", action="store_true", help="also list strategies that do not fit")
     p.set_defaults(fn=cmd_plan)
 

@@ -66,6 +66,7 @@ class Machine:
     pageable_gbps: float = DEFAULT_PAGEABLE_GBPS
     quant_missing: str | None = None  # why bitsandbytes cannot quantize here (see quantize.missing)
     pinned_available_bytes: int | None = None  # what can be page-locked (None: all of host_available)
+    disk_available_bytes: int | None = None  # free disk at the offload folder (None: not known)
 
     @property
     def pinned_room(self) -> int:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .context import Machine, Workload
     from .plan import Plan
 
-GROUP_PLACEMENTS = frozenset({"group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf"})
+GROUP_PLACEMENTS = frozenset({"group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf", "group_disk"})
 STREAM_PLACEMENTS = frozenset({"group_leaf_stream", "group_leaf_lowmem"})
 # A plan may fill this share of the host RAM (or of what can be pinned) it is given: the rest is
 # the process's own and the page cache's.
@@ -45,6 +45,10 @@ RESIDENT_MIN = 5  # percent: below this, leaf-level streaming is the better fami
 UNITS = 32
 PREFETCH_DEPTH = 2
 UNIT_OVERHEAD_S = 60e-6  # per streamed unit per step: two hooks, an event, the copies' launches (not measured)
+# group_disk reads each block back from its file every step. Not measured: a cautious NVMe read
+# rate (the page cache makes reads faster while host RAM is free, but then a RAM-backed
+# placement fits and is chosen over this one).
+DISK_GBPS = 2.0
 DECODE_S_PER_MP = 0.12
 VAE_CPU_S_PER_MP = 30.0
 
@@ -163,7 +167,7 @@ def resident_bytes(plan: Plan, stage: str, fp: Footprint) -> int:
         return kept
     # Leaf-level: current + prefetched leaf in theory; measured on an H200 (SDXL, leaf + streams)
     # the stage peaks sat one leaf above the activations, not two.
-    attr = "block_bytes" if p == "group_block" else "leaf_bytes"
+    attr = "block_bytes" if p in ("group_block", "group_disk") else "leaf_bytes"
     return kept + max((_granule(fp, n, plan, attr) for n in mine), default=0)
 
 
@@ -218,6 +222,19 @@ def pinned_bytes(plan: Plan, fp: Footprint) -> int:
                for n in _moved_each_call(plan, fp) if _through_buffers(plan, fp, n))
 
 
+def disk_names(plan: Plan, fp: Footprint) -> list[str]:
+    """Components group_disk writes to disk: all but the VAE and quantized ones kept on the device."""
+    if plan.placement != "group_disk":
+        return []
+    kept = kept_on_device(plan, fp) | set(_role_names(fp, "decode"))
+    return [n for n in fp.components if n not in kept]
+
+
+def disk_bytes(plan: Plan, fp: Footprint) -> int:
+    """Bytes the plan writes to the offload folder."""
+    return sum(_size(fp, n, plan) for n in disk_names(plan, fp))
+
+
 def host_bytes(plan: Plan, fp: Footprint) -> int:
     """Predicted host RAM the plan holds for the pipeline (weights kept off the device, pinned
     copies, and the original weights of quantized components kept to undo the rung, unless the
@@ -230,6 +247,8 @@ def host_bytes(plan: Plan, fp: Footprint) -> int:
         if "vae_cpu" in plan.extras:
             pageable += _role_names(fp, "decode")
         return originals + pinned_bytes(plan, fp) + sum(_size(fp, n, plan) for n in pageable)
+    if plan.placement == "group_disk":  # the offloaded weights live in files, read a block at a time
+        return originals + max((_granule(fp, n, plan, "block_bytes") for n in disk_names(plan, fp)), default=0)
     if plan.placement == "group_leaf_stream" or plan.family == RESIDENT:
         # The pinned copies replace the pageable weights group by group as they are made; under
         # resident_stream the resident weights keep no host copy at all.
@@ -322,6 +341,8 @@ def predict_seconds(plan: Plan, fp: Footprint, m: Machine, wl: Workload) -> floa
         t += steps * (max(den / page, compute) - compute + leaves * LEAF_OVERHEAD_S) + enc / page
     elif p == "group_block":
         t += steps * den / (page / 2) + enc / (page / 2)
+    elif p == "group_disk":
+        t += steps * den / DISK_GBPS + enc / DISK_GBPS
     elif p == "group_leaf":
         t += steps * (den / (page / 2) + 2 * leaves * LEAF_OVERHEAD_S) + enc / (page / 2)
     elif p == "sequential":

@@ -17,11 +17,12 @@ from .rungs import refusal, step
 
 LADDERS: dict[str, tuple[str, ...]] = {
     "load": ("resident_stream", "model_offload", "group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf",
-             "sequential", "fp8", "int8", "nf4"),
+             "group_disk", "sequential", "fp8", "int8", "nf4"),
     "encode": ("offload_encoders", "resident_stream", "model_offload", "group_leaf_stream", "group_leaf_lowmem",
-               "group_leaf", "sequential", "fp8", "int8", "nf4"),
+               "group_leaf", "group_disk", "sequential", "fp8", "int8", "nf4"),
     "denoise": ("split_batch", "split_batch_max", "offload_encoders", "resident_stream", "model_offload",
-                "group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf", "sequential", "fp8", "int8", "nf4"),
+                "group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf", "group_disk", "sequential",
+                "fp8", "int8", "nf4"),
     # Splitting the batch comes before moving weights off the device (vae_slicing is the decode split).
     "decode": ("vae_slicing", "offload_for_decode", "vae_tiling", "vae_tiling_small", "vae_cpu"),
     # The VAE's encoder (img2img, inpaint, video-to-video): the same remedies, on the image encoded
@@ -29,7 +30,7 @@ LADDERS: dict[str, tuple[str, ...]] = {
     "vae_encode": ("vae_slicing", "offload_for_decode", "vae_tiling", "vae_tiling_small", "vae_cpu"),
 }
 # After a host-RAM OOM: rungs that need less host RAM, never more device rungs.
-HOST_LADDER: tuple[str, ...] = ("group_leaf_lowmem", "group_leaf", "group_block", "fp8")
+HOST_LADDER: tuple[str, ...] = ("group_leaf_lowmem", "group_leaf", "group_block", "group_disk", "fp8")
 
 
 def _lowers(new: tuple[int, float], old: tuple[int, float]) -> bool:

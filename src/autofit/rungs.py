@@ -111,6 +111,18 @@ def pinned_ram(plan: Plan, ctx: Context) -> str | None:
 
 
 @need
+def disk_room(plan: Plan, ctx: Context) -> str | None:
+    """group_disk writes the offloaded weights to the offload folder (autofit.disk)."""
+    free = ctx.machine.disk_available_bytes
+    written = cost.disk_bytes(plan, ctx.footprint)
+    if free is None:
+        return "free disk space at the offload folder is not known"
+    if written > cost.HOST_SHARE * free:
+        return f"writes {written / GIB:.1f} GiB to disk, {free / GIB:.1f} GiB free at the offload folder"
+    return None
+
+
+@need
 def no_bitsandbytes(plan: Plan, ctx: Context) -> str | None:
     if ctx.pipeline.has_bnb or plan.storage in ("int8", "nf4"):
         return "bitsandbytes weights are not combined with sequential offload"
@@ -234,6 +246,8 @@ _TABLE = (
     _placement("group_leaf_lowmem", "leaf-level group offload with streams, pinning one group at a time", streams),
     _placement("group_block", "block-level group offload, no stream"),
     _placement("group_leaf", "leaf-level group offload, no stream (slow)"),
+    _placement("group_disk", "block-level group offload from files on disk, read back each step: for when host "
+               "RAM is short too", disk_room),
     _placement("sequential", "accelerate sequential offload (slowest)", no_bitsandbytes | no_fp8 | accelerator),
     Rung("split_batch", "extra", "lossless", "run the denoiser on half the batch at a time (same seeds)", a_batch),
     Rung("split_batch_max", "extra", "lossless", "run the denoiser one sample at a time", a_batch,

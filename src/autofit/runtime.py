@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import measurements, moves, preflight, recovery
+from . import disk, measurements, moves, preflight, recovery
 from .components import is_vae, module_components
 from .errors import AutoFitExhausted
 from .events import emit
@@ -118,7 +118,8 @@ class Runtime:
         base = machine or (choice.machine if choice is not None and choice.machine is not None else None)
         if base is None:
             base = Machine(0, room, self.device.type, quant_missing=quantize.missing(self.device.type))
-        machine = replace(base, host_available_bytes=room, pinned_available_bytes=pinned)
+        machine = replace(base, host_available_bytes=room, pinned_available_bytes=pinned,
+                          disk_available_bytes=disk.free_bytes())
         broken = {(r, n) for r, names in self.state.unusable.items() for n in names}
         broken |= {(r, n) for r, names in (unusable or {}).items() for n in names}
         pipeline = PipelineFacts(

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .. import _diffusers
+from .. import _diffusers, disk
 from ..memory import release_pinned_cache
 from . import partial
 from ..plan import Plan
@@ -14,7 +14,7 @@ from ..components import module_components, roles
 from .quantize import quantized_level
 
 CPU = torch.device("cpu")
-GROUPED = ("group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf")
+GROUPED = ("group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf", "group_disk")
 
 
 def module_device(module: torch.nn.Module) -> torch.device | None:
@@ -31,11 +31,15 @@ def _all_on(module: torch.nn.Module, device: torch.device) -> bool:
 
 def teardown(pipe: Any) -> None:
     """Back to a consistent state: no offload hooks, every weight on the CPU. Also mends a
-    half-moved pipeline left by a weight move that ran out of memory."""
-    partial.remove(module_components(pipe))
-    _diffusers.remove_offload_hooks(pipe)
-    for module in module_components(pipe).values():
+    half-moved pipeline left by a weight move that ran out of memory. Weights offloaded to disk
+    are read back first, and autofit's offload folder removed."""
+    comps = module_components(pipe)
+    partial.remove(comps)
+    folders = set().union(*(_diffusers.disk_offload_folders(m) for m in comps.values()))
+    _diffusers.remove_offload_hooks(pipe)  # reads disk-offloaded weights back into host RAM
+    for module in comps.values():
         module.to(CPU)
+    disk.remove(folders)
 
 
 def unpin(pipe: Any, *, is_pinned=None) -> int:
@@ -91,6 +95,24 @@ def on_demand(role: str | None, plan: Plan) -> bool:
     )
 
 
+def _disk_offload(comps: dict[str, torch.nn.Module], device: torch.device, *, skip: set[str]) -> None:
+    """Block-level group offload whose offloaded blocks live in files (``autofit.disk``), one
+    folder per component; the skipped components (the VAE, quantized ones) go to the device."""
+    from diffusers.hooks import apply_group_offloading
+
+    folder = disk.new_folder()
+    for name, module in comps.items():
+        if name in skip:
+            module.to(device)
+            continue
+        kwargs: dict[str, Any] = dict(onload_device=device, offload_device=CPU, offload_type="block_level",
+                                      num_blocks_per_group=1, offload_to_disk_path=str(folder / name))
+        if hasattr(module, "enable_group_offload"):
+            module.enable_group_offload(**kwargs)
+        else:
+            apply_group_offloading(module=module, **kwargs)
+
+
 def place(pipe: Any, plan: Plan, device: torch.device, *, force: bool = False) -> None:
     """Apply ``plan``'s placement to a torn-down pipeline (or top up a ``device`` placement).
 
@@ -122,6 +144,8 @@ def place(pipe: Any, plan: Plan, device: torch.device, *, force: bool = False) -
         pipe.enable_model_cpu_offload(device=device)
     elif p == "sequential":
         pipe.enable_sequential_cpu_offload(device=device)
+    elif p == "group_disk":
+        _disk_offload(comps, device, skip=set(vae_names) | keep)
     else:
         kwargs: dict[str, Any] = dict(onload_device=device, offload_device=CPU,
                                       exclude_modules=vae_names + sorted(keep))
