@@ -10,7 +10,8 @@ from peft.utils import get_peft_model_state_dict
 
 from autofit import autofit
 from autofit import _diffusers
-from autofit.testing import inject_oom, tiny_sdxl
+from autofit.plan import Plan
+from autofit.testing import inject_oom, switch_plan, tiny_sdxl
 
 from helpers import run
 
@@ -95,3 +96,23 @@ def test_an_attention_processor_set_after_wrapping_is_kept_through_a_recovery():
     # the failed attempt raised before any attention ran).
     assert CountingProcessor.calls == len(proxy.unet.attn_processors) * STEPS["num_inference_steps"]
     assert torch.equal(image, reference)
+
+
+def test_a_lora_loaded_under_fp8_storage_keeps_its_weights_and_the_undo_is_exact(lora, reference):
+    """Under the fp8 storage rung, peft would make the LoRA's layers in fp8 (rounding its weights,
+    then failing: fp8 has no matmul). They are made in the compute dtype: the call runs, the
+    LoRA's weights are the file's to the bit, and undoing fp8 (the weights now under peft's
+    ``base_layer``) gives the raw pipeline's image with the LoRA exactly."""
+    with_lora, without = reference
+    pipe = tiny_sdxl()
+    proxy = autofit(pipe, plan=("fp8",), policy="balanced", cache=False)
+    run(proxy, "sdxl", **STEPS)
+    proxy.load_lora_weights(dict(lora), adapter_name="style")
+    image = run(proxy, "sdxl", **STEPS)
+    # fp8 rounds the base weights: nearer the LoRA image than the plain one, not equal to it.
+    assert (image - with_lora).abs().max() < (image - without).abs().max()
+    loaded = {f"unet.{k}": v for k, v in get_peft_model_state_dict(pipe.unet, adapter_name="style").items()}
+    assert loaded.keys() == lora.keys() and all(torch.equal(loaded[k], lora[k]) for k in lora)
+    switch_plan(proxy, Plan())  # fp8 undone, as a relaxation would
+    assert not any(p.dtype == torch.float8_e4m3fn for p in pipe.unet.parameters())
+    assert torch.equal(run(proxy, "sdxl", **STEPS), with_lora)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import CodeType
 from typing import Any
 
@@ -246,6 +248,25 @@ def remove_fp8_casting(module: torch.nn.Module) -> None:
         if hook is not None:
             hook.deinitalize_hook = lambda m: m  # instance attribute: only this hook object
             registry.remove_hook(_LAYERWISE_CASTING_HOOK, recurse=False)
+
+
+@contextmanager
+def new_layers_in_compute_dtype(module: torch.nn.Module) -> Iterator[None]:
+    """While a LoRA is loaded into an fp8-cast module: peft makes each adapter in its base layer's
+    dtype (fp8, which would round the LoRA's weights) unless the base layer states a
+    ``compute_dtype``, as bitsandbytes layers do. The cast layers state it for the load."""
+    marked = []
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook(_LAYERWISE_CASTING_HOOK) if registry is not None else None
+        if hook is not None and not hasattr(sub, "compute_dtype"):
+            sub.compute_dtype = hook.compute_dtype
+            marked.append(sub)
+    try:
+        yield
+    finally:
+        for sub in marked:
+            del sub.compute_dtype
 
 
 def source_folder(module: torch.nn.Module) -> str | None:

@@ -13,6 +13,7 @@ start.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from collections.abc import Callable
 from typing import Any
@@ -158,7 +159,8 @@ class Runtime:
         copies is taken down first, so the loader sees plain modules (diffusers' loaders undo and
         redo only the offloading they know, without the device autofit placed on), and the plan in
         force is placed again, new modules included, at the next call. Weights plainly on the
-        device stay there: the loaders create the new ones next to them."""
+        device stay there: the loaders create the new ones next to them. In components stored in
+        fp8, the new layers are made in the compute dtype (peft would make them fp8)."""
         with self.lock:
             applied = self.state.applied
             plain = applied is not None and applied.placement == "device" and not self.shadows.tensors() \
@@ -166,7 +168,10 @@ class Runtime:
             if applied is not None and not plain:
                 tear_down(self)
                 self.shadows.drop()
-            return change()
+            with ExitStack() as stack:
+                for module in module_components(self.pipe).values():
+                    stack.enter_context(_diffusers.new_layers_in_compute_dtype(module))
+                return change()
 
     # ---- one call -------------------------------------------------------------------------
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any], fn: Callable[..., Any] | None = None) -> Any:

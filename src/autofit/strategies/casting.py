@@ -103,7 +103,14 @@ def restore_original(module: torch.nn.Module, original: Originals) -> None:
         original.check()
     _diffusers.remove_fp8_casting(module)
     live = module.state_dict(keep_vars=True)
+    # A LoRA loaded after the cast (peft) put each layer it wraps under ``base_layer``: the
+    # original ``to_q.weight`` is ``to_q.base_layer.weight`` now.
+    where = {k: k for k in live}
+    for k in live:
+        if "base_layer." in k:
+            where.setdefault(("." + k).replace(".base_layer.", ".")[1:], k)
     for key, tensor in original.items():
+        key = where.get(key, key)
         target = live.get(key)
         if target is None:
             continue
