@@ -135,7 +135,13 @@ class Restore:
             if swap.key is not None:
                 w = swap.original.weight
                 w.data = self.source.load(swap.key, w.dtype, swap.stride)  # type: ignore[union-attr]
-            setattr(swap.parent, swap.attr, swap.original)
+            current = getattr(swap.parent, swap.attr, None)
+            if current is not None and isinstance(getattr(current, "base_layer", None), torch.nn.Module):
+                # A LoRA loaded since (peft) wraps the quantized layer: the original goes back
+                # under the wrapper, which keeps the LoRA; replacing the wrapper would drop it.
+                current.base_layer = swap.original
+            else:
+                setattr(swap.parent, swap.attr, swap.original)
             self.done.pop()
 
 
