@@ -53,7 +53,6 @@ def test_pinned_copies_are_credited_and_returned_after_a_switch():
     pipeline (they are /dev mappings, not page cache), and switching to a plan that pins nothing
     returns them to the OS instead of leaving them in torch's pinned cache."""
     from autofit.memory import held_on_host, pinned_in_use
-    from autofit.plan import Plan
 
     pipe = tiny_sdxl()
     proxy = autofit(pipe, device="cuda", plan=("group_leaf_stream",), cache=False)
@@ -87,7 +86,6 @@ def test_partial_residency_on_cuda_streams_from_pinned_chunks_and_matches():
     (at most 1.1x the streamed bytes), copies run on a side stream, the image equals
     everything on the device, and leaving the plan returns the pinned memory."""
     from autofit.memory import pinned_in_use
-    from autofit.plan import Plan
     from autofit.strategies import partial
 
     reference = run(autofit(tiny_sdxl().to("cuda"), device="cuda", plan=(), cache=False), "sdxl")
@@ -103,3 +101,22 @@ def test_partial_residency_on_cuda_streams_from_pinned_chunks_and_matches():
     switch_plan(proxy, Plan())
     assert partial.streamer_of(pipe.unet) is None
     assert pinned_in_use() < s.streamed_bytes // 2
+
+
+def test_group_disk_on_cuda_matches_the_device_and_holds_no_weights_on_the_device(tmp_path, monkeypatch):
+    """group_disk on CUDA: the image equals everything on the device; between calls only the VAE
+    is on the device (the offloaded blocks are in files); switching back reads every weight back."""
+    from autofit import disk
+
+    monkeypatch.setenv(disk.OFFLOAD_ENV, str(tmp_path / "offload"))
+    reference = run(autofit(tiny_sdxl(), device="cuda", plan=(), cache=False), "sdxl")
+    pipe = tiny_sdxl()
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    proxy = autofit(pipe, device="cuda", plan=("group_disk",), cache=False)
+    torch.testing.assert_close(run(proxy, "sdxl"), reference)
+    vae = sum(p.numel() * p.element_size() for p in pipe.vae.parameters())
+    assert _allocated() < vae + (64 << 20)
+    switch_plan(proxy, Plan())
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(after[k].cpu(), before[k]) for k in before)
+    torch.testing.assert_close(run(proxy, "sdxl"), reference)

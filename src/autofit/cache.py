@@ -337,18 +337,21 @@ class PlanCache:
     def clear(self, *, model_dir: str | os.PathLike | None = None) -> int:
         """Forget every record, or those of the pipeline in ``model_dir`` (same pipeline class and
         component classes); unreadable records go too. Returns how many records were removed."""
-        match: Callable[[CacheEntry], bool] = lambda e: True  # noqa: E731
+        want = None
         if model_dir is not None:
             from .footprint import measure_folder
 
             pipeline, fp = measure_folder(model_dir)
             want = sorted((c.name, c.class_name) for c in fp.components.values())
 
-            def match(e: CacheEntry) -> bool:
-                fields = (e.record or {}).get("key") or {}
-                comps = fields.get("components")
-                return (e.record is None or fields.get("pipeline") == pipeline and isinstance(comps, list)
-                        and sorted((c[0], c[1]) for c in comps if isinstance(c, list) and len(c) >= 2) == want)
+        def match(e: CacheEntry) -> bool:
+            if want is None or e.record is None:
+                return True
+            fields = e.record.get("key") or {}
+            comps = fields.get("components")
+            return (fields.get("pipeline") == pipeline and isinstance(comps, list)
+                    and sorted((c[0], c[1]) for c in comps if isinstance(c, list) and len(c) >= 2) == want)
+
         n = 0
         for entry in self.entries():
             if match(entry) and self.remove(entry.key):
