@@ -403,6 +403,52 @@ def sana():
         output_type="pt")
 
 
+def flux_inpaint():
+    from diffusers import FluxInpaintPipeline
+
+    base = tiny_flux()
+    return _finish(FluxInpaintPipeline(**base.components), torch.float32), dict(
+        prompt="a photo of a cat", image=_image(32), mask_image=_mask(32), height=32, width=32, strength=0.8,
+        num_inference_steps=4, guidance_scale=3.5, max_sequence_length=16, output_type="pt")
+
+
+def flux_kontext():
+    """Flux Kontext: the reference image is encoded by the VAE and joins the denoiser's tokens."""
+    from diffusers import FluxKontextPipeline
+
+    base = tiny_flux()
+    return _finish(FluxKontextPipeline(**base.components), torch.float32), dict(
+        prompt="make it red", image=_image(32), height=32, width=32, num_inference_steps=STEPS,
+        guidance_scale=3.5, max_sequence_length=16, max_area=32 * 32, _auto_resize=False, output_type="pt")
+
+
+def sd3_img2img():
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    base, _ = sd3()
+    return _finish(StableDiffusion3Img2ImgPipeline(**base.components), torch.float32), dict(
+        prompt="a photo of a cat", image=_image(32), strength=0.8, num_inference_steps=4, guidance_scale=5.0,
+        max_sequence_length=16, output_type="pt")
+
+
+def pixart_sigma():
+    from diffusers import PixArtSigmaPipeline
+
+    base, kwargs = pixart()
+    return _finish(PixArtSigmaPipeline(**base.components), torch.float32), kwargs
+
+
+def sdxl_pag():
+    """Perturbed-attention guidance: the UNet runs a third, perturbed branch in each batch."""
+    from diffusers import StableDiffusionXLPAGPipeline
+
+    base = tiny_sdxl()
+    pipe = StableDiffusionXLPAGPipeline(**base.components, pag_applied_layers=["mid"])
+    return _finish(pipe, torch.float32), dict(
+        prompt="a photo of a cat", height=32, width=32, num_inference_steps=STEPS, guidance_scale=5.0,
+        pag_scale=3.0, output_type="pt")
+
+
 # family -> builder; the walk covers each stage the pipeline has.
 BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     "StableDiffusionPipeline": sd15,
@@ -426,4 +472,9 @@ BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     "WanPipeline": wan,
     "CogVideoXPipeline": cogvideox,
     "SanaPipeline": sana,
+    "FluxInpaintPipeline": flux_inpaint,
+    "FluxKontextPipeline": flux_kontext,
+    "StableDiffusion3Img2ImgPipeline": sd3_img2img,
+    "PixArtSigmaPipeline": pixart_sigma,
+    "StableDiffusionXLPAGPipeline": sdxl_pag,
 }
