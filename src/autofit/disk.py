@@ -58,7 +58,10 @@ def new_folder() -> Path:
     making.mkdir(mode=0o700)
     fd = os.open(making / ".lock", os.O_CREAT | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0), 0o600)
     if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a file system without locks (some NFS): never collected as stale either
+            pass
     folder = making.with_name(name)
     making.rename(folder)
     _LOCKS[folder] = fd
