@@ -122,3 +122,16 @@ def test_a_lora_loaded_under_weight_storage_keeps_its_weights_and_the_undo_is_ex
     assert torch.equal(run(proxy, "sdxl", **STEPS), with_lora)
     proxy.fuse_lora()  # peft's wrappers made for the stored layers fuse into the originals too
     torch.testing.assert_close(run(proxy, "sdxl", **STEPS), with_lora, atol=1e-5, rtol=0)
+
+
+def test_the_footprint_follows_a_lora_load_and_unload(lora):
+    """Predictions are made from the pipeline as it is: the LoRA's bytes are in the footprint
+    after the load (as many as its tensors hold), and gone after the unload."""
+    proxy = autofit(tiny_sdxl(), cache=False)
+    run(proxy, "sdxl", **STEPS)
+    before = proxy.autofit.footprint.components["unet"].bytes
+    proxy.load_lora_weights(dict(lora), adapter_name="style")
+    added = sum(t.numel() * t.element_size() for t in lora.values())
+    assert proxy.autofit.footprint.components["unet"].bytes == before + added
+    proxy.unload_lora_weights()
+    assert proxy.autofit.footprint.components["unet"].bytes == before

@@ -160,7 +160,8 @@ class Runtime:
         redo only the offloading they know, without the device autofit placed on), and the plan in
         force is placed again, new modules included, at the next call. Weights plainly on the
         device stay there: the loaders create the new ones next to them. In components stored in
-        fp8, the new layers are made in the compute dtype (peft would make them fp8)."""
+        fp8, the new layers are made in the compute dtype (peft would make them fp8). The
+        footprint is measured again afterwards."""
         with self.lock:
             applied = self.state.applied
             plain = applied is not None and applied.placement == "device" and not self.shadows.tensors() \
@@ -168,10 +169,15 @@ class Runtime:
             if applied is not None and not plain:
                 tear_down(self)
                 self.shadows.drop()
-            with ExitStack() as stack:
-                for module in module_components(self.pipe).values():
-                    stack.enter_context(_diffusers.new_layers_in_compute_dtype(module))
-                return change()
+            try:
+                with ExitStack() as stack:
+                    for module in module_components(self.pipe).values():
+                        stack.enter_context(_diffusers.new_layers_in_compute_dtype(module))
+                    return change()
+            finally:
+                # The weights changed (a LoRA's layers added, or removed): predictions and the
+                # plan cache key follow them, so the next call plans for the pipeline as it is.
+                self.footprint = measure(self.pipe)
 
     # ---- one call -------------------------------------------------------------------------
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any], fn: Callable[..., Any] | None = None) -> Any:
