@@ -117,3 +117,26 @@ def test_group_disk_is_refused_without_room_on_disk():
     assert "free at the offload folder" in refusal("group_disk", Plan("group_disk"), ctx)
     ok = context(SDXL, Machine(0, 10**12, disk_available_bytes=10 * weights))
     assert refusal("group_disk", Plan("group_disk"), ok) is None
+
+
+def test_no_probe_back_to_a_plan_the_host_ram_cannot_hold(tmp_path, monkeypatch):
+    """After escalating to group_disk because host RAM is short, quiet calls do not probe back to
+    model offload (it would read every weight back into RAM: on Linux the OOM killer, not an
+    exception); with host RAM back, they do."""
+    monkeypatch.setenv(disk.OFFLOAD_ENV, str(tmp_path / "offload"))
+    pipe = tiny_flux()
+    weights = sum(p.numel() * p.element_size() for m in pipe.components.values()
+                  if isinstance(m, torch.nn.Module) for p in m.parameters())
+    proxy = autofit(pipe, plan=("model_offload",), cache=False, max_ram=weights // 2)
+    with inject_oom(proxy, stage="denoise", at=2):
+        run(proxy, "flux", **STEPS)
+    assert proxy.autofit.plan == ("group_disk",)
+    for _ in range(12):  # three times the first wait before a probe
+        run(proxy, "flux", **STEPS)
+    assert proxy.autofit.plan == ("group_disk",)
+    assert not [r for r in proxy.autofit.history if r.action == "probe"]
+    proxy._self_runtime.max_ram = None  # the host RAM came back
+    for _ in range(5):
+        run(proxy, "flux", **STEPS)
+    assert [r.plan for r in proxy.autofit.history if r.action == "probe"] == [("model_offload",)]
+    assert proxy.autofit.plan == ("model_offload",)

@@ -33,6 +33,7 @@ LEVELS = {
     "batch_item_failed": "warning",
     "retry_same_plan": "warning",
     "rung_skipped": "debug",
+    "probe_skipped": "debug",
     "retry": "debug",
 }
 

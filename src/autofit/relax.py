@@ -78,6 +78,14 @@ class Relaxation(Generic[P]):
         del self.path[-1]
         return self.path[-1]
 
+    def probe_refused(self) -> None:
+        """The plan one step down cannot run here now (it needs host RAM or disk the machine does
+        not have): no probe; the count of successes starts again, the wait unchanged."""
+        assert self.probing is not None, "no probe is running"
+        self.path.append(self.probing)
+        self.probing = None
+        self.successes = 0
+
     def probe_failed(self, seconds_lost: float) -> P:
         """The probe ran out of memory: the plan it came down from, to go back to."""
         assert self.probing is not None, "no probe is running"

@@ -32,6 +32,7 @@ from .oom import OOMInfo, classify
 from .records import EscalationRecord
 from .one_way import OneWayLedger
 from .plan import Plan
+from .rungs import plan_refusal
 from .cache import PlanCache
 from .state import CallState, RngSnapshot, WrapperState
 from . import _diffusers
@@ -233,6 +234,14 @@ class Runtime:
             state.steering = start
         lighter = state.relax.probe(time.perf_counter() - state.started)
         if lighter is None:
+            return start
+        refused = plan_refusal(lighter, self.context())
+        if refused is not None:
+            # Not even tried: a plan that needs more host RAM than there is could bring the
+            # kernel's OOM killer, which ends the process instead of raising.
+            state.relax.probe_refused()
+            emit("probe_skipped", stage="load", action="probe", plan=",".join(lighter.names) or "device",
+                 rung=refused[0], reason=refused[1])
             return start
         record = EscalationRecord(stage="load", action="probe", error="", attempt=0, component=None, oom_kind="none",
                                   scope="call", plan=lighter.names)
