@@ -1,7 +1,7 @@
 """Every pipeline family that builds tiny: autofit changes nothing without an OOM, and a one-off
 OOM in each component call of each stage is retried in place with the raw pipeline's output.
 
-The families and what each run covers are listed in docs/pipelines.md (the whole walk: ~15-18 s on
+The families and what each run covers are listed in docs/pipelines.md (the whole walk: ~17-20 s on
 2 cores).
 """
 

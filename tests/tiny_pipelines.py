@@ -449,6 +449,32 @@ def sdxl_pag():
         pag_scale=3.0, output_type="pt")
 
 
+def sdxl_controlnet_img2img():
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+
+    base, _ = sdxl_controlnet()
+    return _finish(StableDiffusionXLControlNetImg2ImgPipeline(**base.components), torch.float32), dict(
+        prompt="a photo of a cat", image=_image(64), control_image=_image(64, seed=2), height=64, width=64,
+        strength=0.8, num_inference_steps=4, guidance_scale=5.0, output_type="pt")
+
+
+def flux_controlnet():
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    base = tiny_flux()
+    t = base.transformer.config
+    torch.manual_seed(0)
+    controlnet = FluxControlNetModel(
+        patch_size=t.patch_size, in_channels=t.in_channels, num_layers=1, num_single_layers=1,
+        attention_head_dim=t.attention_head_dim, num_attention_heads=t.num_attention_heads,
+        joint_attention_dim=t.joint_attention_dim, pooled_projection_dim=t.pooled_projection_dim,
+        axes_dims_rope=t.axes_dims_rope)
+    pipe = FluxControlNetPipeline(controlnet=controlnet, **base.components)
+    return _finish(pipe, torch.float32), dict(
+        prompt="a photo of a cat", control_image=_image(32), height=32, width=32, num_inference_steps=STEPS,
+        guidance_scale=3.5, controlnet_conditioning_scale=0.5, max_sequence_length=16, output_type="pt")
+
+
 # family -> builder; the walk covers each stage the pipeline has.
 BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     "StableDiffusionPipeline": sd15,
@@ -477,4 +503,6 @@ BUILDERS: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     "StableDiffusion3Img2ImgPipeline": sd3_img2img,
     "PixArtSigmaPipeline": pixart_sigma,
     "StableDiffusionXLPAGPipeline": sdxl_pag,
+    "StableDiffusionXLControlNetImg2ImgPipeline": sdxl_controlnet_img2img,
+    "FluxControlNetPipeline": flux_controlnet,
 }
