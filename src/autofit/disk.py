@@ -7,7 +7,7 @@ other's weights. The folder is removed when the placement is taken down. While i
 owner holds a lock on ``<folder>/.lock``; a folder whose lock can be taken was left by a process
 that died, and the next placement removes it (a lock, not a pid: pids repeat across containers
 that share a cache folder). The root is ``$AUTOFIT_OFFLOAD_DIR``, else
-``offload/`` in the plan cache's folder: a disk, not ``/tmp``, which is often RAM (tmpfs).
+``offload/`` in the default plan cache folder: a disk, not ``/tmp``, which is often RAM (tmpfs).
 """
 
 from __future__ import annotations
