@@ -51,5 +51,5 @@ class CallCounter:
 # The fault matrix of test_reliability (its size goes in the report header).
 STAGES = ["load", "encode", "denoise", "decode", "glue"]
 START_PLANS = [(), ("offload_encoders",), ("offload_for_decode",), ("model_offload",), ("group_block",),
-               ("group_leaf",), ("vae_tiling",), ("vae_cpu",)]
+               ("group_leaf",), ("group_disk",), ("vae_tiling",), ("vae_cpu",)]
 MATRIX = list(itertools.product(["sdxl", "flux"], START_PLANS, STAGES, ["first", "later"]))

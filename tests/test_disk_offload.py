@@ -140,3 +140,17 @@ def test_no_probe_back_to_a_plan_the_host_ram_cannot_hold(tmp_path, monkeypatch)
         run(proxy, "flux", **STEPS)
     assert [r.plan for r in proxy.autofit.history if r.action == "probe"] == [("model_offload",)]
     assert proxy.autofit.plan == ("model_offload",)
+
+
+def test_a_pipeline_dropped_while_on_disk_takes_its_files_with_it(tmp_path, monkeypatch):
+    """A server that wraps pipelines and drops them must not fill its disk: when the modules
+    (and the hooks reading the files) are garbage collected, the placement's folder goes too."""
+    import gc
+
+    monkeypatch.setenv(disk.OFFLOAD_ENV, str(tmp_path / "offload"))
+    proxy = autofit(tiny_sdxl(), plan=("group_disk",), cache=False)
+    run(proxy, "sdxl", **STEPS)
+    assert len(_runs(tmp_path / "offload")) == 1
+    del proxy
+    gc.collect()
+    assert _runs(tmp_path / "offload") == []

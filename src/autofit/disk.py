@@ -3,7 +3,8 @@
 Each placement writes its own folder, ``<root>/<pid>-<random>/<component>/``, one per component:
 diffusers names a group's file after its group id (``CLIPTextModelWithProjection_unmatched_group``
 for a whole text encoder), so two components of one class sharing a folder would read each
-other's weights. The folder is removed when the placement is taken down. While it is in use its
+other's weights. The folder is removed when the placement is taken down, or when its modules
+are garbage collected (a pipeline dropped while on disk), at the latest at exit. While it is in use its
 owner holds a lock on ``<folder>/.lock``; a folder whose lock can be taken was left by a process
 that died, and the next placement removes it (a lock, not a pid: pids repeat across containers
 that share a cache folder). The root is ``$AUTOFIT_OFFLOAD_DIR``, else
@@ -15,13 +16,15 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import weakref
 
 try:
     import fcntl
 except ImportError:  # not POSIX: stale folders are not collected
     fcntl = None  # type: ignore[assignment]
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 OFFLOAD_ENV = "AUTOFIT_OFFLOAD_DIR"
 _LOCKS: dict[Path, int] = {}  # placement folder -> the open, locked descriptor of its .lock
@@ -66,6 +69,22 @@ def new_folder() -> Path:
     making.rename(folder)
     _LOCKS[folder] = fd
     return folder
+
+
+def track(folder: Path, components: Mapping[str, Any]) -> None:
+    """Remove each component's files when its module is garbage collected (a pipeline dropped
+    while on disk: its hooks, which read the files, go with it), and the placement's folder with
+    the last of them; at the latest when the interpreter exits."""
+    left = set(components)
+
+    def gone(name: str) -> None:
+        shutil.rmtree(folder / name, ignore_errors=True)
+        left.discard(name)
+        if not left:
+            remove([folder / name])
+
+    for name, module in components.items():
+        weakref.finalize(module, gone, name)
 
 
 def remove(folders: Iterable[str | Path]) -> None:

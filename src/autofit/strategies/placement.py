@@ -101,6 +101,7 @@ def _disk_offload(comps: dict[str, torch.nn.Module], device: torch.device, *, sk
     from diffusers.hooks import apply_group_offloading
 
     folder = disk.new_folder()
+    disk.track(folder, {n: m for n, m in comps.items() if n not in skip})
     for name, module in comps.items():
         if name in skip:
             module.to(device)
