@@ -66,6 +66,7 @@ def _fingerprint(pipe) -> float:
 def measure_all(pipe, names_list, kwargs, device):
     from autofit import autofit
     from autofit.plan import Plan
+    from autofit.testing import switch_plan
 
     rows, reference = [], None
     fingerprint = _fingerprint(pipe)
@@ -90,7 +91,7 @@ def measure_all(pipe, names_list, kwargs, device):
         except Exception as exc:  # a plan that cannot run here is reported, not fatal
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         t = time.perf_counter()
-        proxy.autofit._rt._switch(Plan())  # undo: original weights back, everything on the device
+        switch_plan(proxy, Plan())  # undo: original weights back, everything on the device
         row["undo_s"] = round(time.perf_counter() - t, 3)
         row["restored_exactly"] = _fingerprint(pipe) == fingerprint
         print(json.dumps(row), flush=True)
@@ -102,6 +103,7 @@ def measure_all(pipe, names_list, kwargs, device):
 def under_cap(pipe, budget_gib, unit, kwargs, device, policy, last=False):
     from autofit import AutoFitExhausted, autofit
     from autofit.plan import Plan
+    from autofit.testing import switch_plan
 
     cuda = device.startswith("cuda")
     if cuda:
@@ -121,7 +123,7 @@ def under_cap(pipe, budget_gib, unit, kwargs, device, policy, last=False):
     if cuda:
         torch.cuda.set_per_process_memory_fraction(1.0)
     if not last:
-        proxy.autofit._rt._switch(Plan())
+        switch_plan(proxy, Plan())
     return row
 
 

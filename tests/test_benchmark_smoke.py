@@ -105,3 +105,12 @@ def test_soak_both_ways_tiny(bench):
     one_off, never, _ = rows
     assert one_off["ooms_injected"] >= 1
     assert never["probes"] >= 1 and never["failed_probes"] == never["probes"]
+
+
+def test_quant_check_tiny(bench):
+    """The storage-rung check runs end to end and undoes each rung exactly."""
+    rows = bench("quant_check.py", "--tiny", "--device", "cpu", "--steps", "1", "--budgets", "4",
+                 "--strategies", ";fp8")
+    plans = [r for r in rows if "restored_exactly" in r]
+    assert [r["plan"] for r in plans] == [[], ["fp8"]]
+    assert all(r["restored_exactly"] for r in plans)

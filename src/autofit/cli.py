@@ -49,31 +49,29 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _count(text: str) -> int:
+def _whole(text: str, unit: str = "") -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number{unit}") from None
+
+
+def _count(text: str) -> int:
+    value = _whole(text)
     if not 1 <= value <= 100_000:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1 (and at most 100000)")
     return value
 
 
 def _pixels(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of pixels") from None
+    value = _whole(text, " of pixels")
     if not 8 <= value <= 16_384 or value % 8:
         raise argparse.ArgumentTypeError(f"{value} pixels: use a multiple of 8 from 8 to 16384")
     return value
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    value = _whole(text)
     if not 0 <= value < 2**64:
         raise argparse.ArgumentTypeError(f"{value} is out of range; use 0..{2**64 - 1}")
     return value

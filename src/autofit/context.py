@@ -6,7 +6,7 @@ CLI and tests build one by hand.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from .footprint import Footprint
 
@@ -107,9 +107,6 @@ class Context:
     @property
     def footprint(self) -> Footprint:
         return self.pipeline.footprint
-
-    def with_workload(self, workload: Workload) -> "Context":
-        return replace(self, workload=workload)
 
 
 def context(footprint: Footprint, machine: Machine, workload: Workload = Workload(), *, policy: str = DEFAULT_POLICY,

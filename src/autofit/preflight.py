@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import cache as cache_mod, disk
+from . import cache as cache_mod
 from .events import emit
 from .hardware import probe
 from .plan import Plan
@@ -147,8 +147,7 @@ def choose(rt: Runtime, args: Sequence[Any], kwargs: dict[str, Any]) -> Choice |
         return replace(last, signature=signature, plan=None)
     room, pinned = rt.host_room()
     machine = Machine(hw.budget_bytes, room, hw.device_type, hw.pinned_gbps, hw.pageable_gbps,
-                      quant_missing=quantize.missing(rt.device.type), pinned_available_bytes=pinned,
-                      disk_available_bytes=disk.free_bytes())
+                      quant_missing=quantize.missing(rt.device.type), pinned_available_bytes=pinned)
     record = rt.cache.get(key) if rt.cache is not None else None
     unusable = {s: set(names) for s, names in (record or {}).get("unusable", {}).items()}
     choice = Choice(signature, key=key, fields=fields, machine=machine, workload=wl, unusable=unusable)
