@@ -37,6 +37,40 @@ def test_non_oom_passes_through_untouched(pipe, kind):
     assert run(proxy, kind).shape[0] == 1  # still usable
 
 
+def test_a_user_error_that_mentions_out_of_memory_passes_through(backoff_waits):
+    """A plain RuntimeError whose text merely contains an OOM phrase, raised inside the UNet after
+    wrapping: the same object reaches the caller on the first attempt, no retry, no wait, no rung."""
+    pipe = BUILDERS["sdxl"]()
+    proxy = autofit(pipe)
+    for text in ("worker 3 said: CUDA out of memory", "tensor out of memory on device 0?",
+                 "oops DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"):
+        mine = RuntimeError(text)
+        calls = []
+
+        def raise_mine(module, args):
+            calls.append(1)
+            raise mine
+
+        handle = pipe.unet.conv_in.register_forward_pre_hook(raise_mine)
+        with pytest.raises(RuntimeError) as info:
+            run(proxy, "sdxl")
+        handle.remove()
+        assert info.value is mine and type(info.value) is RuntimeError, text
+        assert len(calls) == 1 and backoff_waits == [], text
+        assert proxy.autofit.plan == () and proxy.autofit.history == (), text
+
+
+def test_exhaustion_keeps_the_allocator_error_as_its_cause(pipe, kind):
+    """When recovery gives up, the OOM that was raised (its type and message) is the cause."""
+    proxy = autofit(pipe, max_retries=1)
+    with inject_oom(proxy, stage="denoise", times=100, kind="cudnn"):
+        with pytest.raises(AutoFitExhausted) as info:
+            run(proxy, kind)
+    cause = info.value.__cause__
+    assert type(cause) is RuntimeError and str(cause) == "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"
+    assert cause.__traceback__ is None  # the failed attempt's frames are not kept
+
+
 def test_keyboard_interrupt_passes_through(pipe, kind):
     """Ctrl-C in the middle of a stage, inside autofit's stage wrapper, is not swallowed."""
     proxy = autofit(pipe)

@@ -136,3 +136,57 @@ def test_a_function_named_like_a_pinning_one_is_not_mistaken_for_it():
         _to_cpu()
     except RuntimeError as exc:
         assert classify(exc).kind is OOMKind.DEVICE
+
+
+# ---- what counts as an OOM: the type first, then the spellings real libraries use ----------
+@pytest.mark.parametrize("msg", [
+    "Validation failed: CUDA out of memory was reported by the worker",
+    "my_model: out of memory on device cuda:0 while loading LoRA",
+    "cannot continue: DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 bytes",
+    "Job 17 failed (CUDA error: out of memory)",
+    "retrying after MPS backend out of memory (MPS allocated: 1 GB)",
+    "cuda out of memory. tried to allocate 2.00 GiB",  # lower case: not how torch writes it
+])
+def test_a_message_that_merely_mentions_out_of_memory_is_not_an_oom(msg):
+    """A plain RuntimeError whose text contains an OOM phrase somewhere is the user's error."""
+    assert classify(RuntimeError(msg)) is None
+
+
+def test_a_user_error_type_is_never_an_oom_whatever_it_says():
+    """Exceptions of other types pass, even quoting the allocator's words at the start."""
+    class JobFailed(Exception):
+        pass
+
+    assert classify(JobFailed(OOM_MESSAGES["cuda"][1])) is None
+    assert classify(ValueError(OOM_MESSAGES["cpu"][1])) is None
+
+
+def test_the_cpu_allocator_running_out_is_a_host_oom():
+    """The real CPU allocator's failure (a plain RuntimeError from c10) is classified as host."""
+    with pytest.raises(RuntimeError) as info:
+        torch.empty(1 << 60, dtype=torch.uint8)
+    assert type(info.value) is RuntimeError and "DefaultCPUAllocator" in str(info.value)
+    assert classify(info.value).kind is OOMKind.HOST
+
+
+def test_mmap_enomem_is_a_host_oom_and_other_os_errors_are_not():
+    """An OSError is an OOM only by its errno (ENOMEM), never by its text."""
+    import errno as errno_mod
+
+    assert classify(OSError(errno_mod.ENOMEM, "Cannot allocate memory")).kind is OOMKind.HOST
+    assert classify(OSError(errno_mod.ENOSPC, "out of memory on device")) is None
+
+
+def test_the_kept_error_has_the_type_and_message_but_no_frames():
+    """What is kept of the OOM for reporting holds no traceback (no failed attempt's frames)."""
+    def raising():
+        ballast = torch.zeros(16)  # noqa: F841 - a local the traceback would keep alive
+        raise oom_error("cuda")
+
+    try:
+        raising()
+    except torch.OutOfMemoryError as exc:
+        info = classify(exc)
+    assert type(info.error) is torch.OutOfMemoryError
+    assert str(info.error) == OOM_MESSAGES["cuda"][1]
+    assert info.error.__traceback__ is None

@@ -1,8 +1,13 @@
 """Is this exception an out-of-memory error, and of which memory? Freeing memory after one.
 
-torch raises ``torch.OutOfMemoryError`` for the caching allocator, but other paths report the same
-condition as a plain ``RuntimeError`` (cuDNN/cuBLAS workspace allocation, ROCm/HIP, XPU, MPS,
-cudaMallocAsync, the CPU allocator). The wording is matched case-insensitively.
+Decided by the exception's type first: ``torch.OutOfMemoryError`` (the caching allocators of
+CUDA, ROCm, XPU, cudaMallocAsync) is a device OOM, Python's ``MemoryError`` and an ``OSError``
+with ``errno.ENOMEM`` (a failed ``mmap``) a host OOM. Some paths report the condition as a plain
+``RuntimeError``; those count only when the message *starts* the way the library that raises it
+writes it (cuBLAS/cuDNN/cuFFT/cuSOLVER status codes, ``CUDA error: out of memory``, HIP, MPS,
+XPU's Unified Runtime code, the CPU allocator; see ``DEVICE_SPELLINGS`` and ``HOST_SPELLINGS``),
+never because a phrase appears somewhere in a message: a user's ``RuntimeError("... CUDA out of
+memory ...")`` is the user's error and passes through untouched.
 
 Only an ``Exception`` is ever an OOM: a ``KeyboardInterrupt`` or ``SystemExit`` raised while an
 OOM was being handled passes through untouched. Besides the raised exception itself, the
@@ -15,16 +20,19 @@ OOM.
 
 from __future__ import annotations
 
+import copy
 import enum
+import errno
 import gc
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 
 from . import _diffusers
 from .memory import release_pinned_cache
 
-__all__ = ["OOMKind", "OOMInfo", "classify", "free_memory"]
+__all__ = ["OOMKind", "OOMInfo", "classify", "free_memory", "DEVICE_SPELLINGS", "HOST_SPELLINGS"]
 
 
 class OOMKind(str, enum.Enum):
@@ -34,47 +42,50 @@ class OOMKind(str, enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class OOMInfo:
-    """What is kept of an OOM after its exception is dropped: strings only, no frames or tensors."""
+    """What is kept of an OOM after its exception is dropped: strings, and the exception itself
+    stripped of its traceback (no frames, so none of the failed attempt's tensors), kept to be the
+    ``__cause__`` of :class:`autofit.AutoFitExhausted` when recovery gives up."""
 
     kind: OOMKind
     head: str  # first line of the message, shortened
     message: str = ""  # the message, up to 2,000 characters: its figures say why (autofit.explain)
+    error: BaseException | None = field(default=None, compare=False, repr=False)
 
 
-# Device memory wordings (lower-case substrings).
-_DEVICE_MARKERS = (
-    "cuda out of memory",
-    "cuda error: out of memory",
-    "cudaerrormemoryallocation",
-    "cuda_error_out_of_memory",
-    "cudamallocasync",  # "Allocation on device ... would exceed allowed memory" under cudaMallocAsync
-    "hip out of memory",
-    "hip error: out of memory",
-    "hiperroroutofmemory",
-    "xpu out of memory",
-    "ur_result_error_out_of_device_memory",
-    "out_of_device_memory",
-    "mps backend out of memory",
-    "cudnn_status_alloc_failed",
-    "cublas_status_alloc_failed",
-    "cudnn_status_not_enough_workspace",
-    "npu out of memory",
-    "out of memory on device",
+# A c10 check failure prefixes the message with where it failed: "[enforce fail at alloc_cpu.cpp:127]
+# err == 0. DefaultCPUAllocator: ..." (the condition text ends with ". ").
+_ENFORCE = r"(?:\[enforce fail at [^\]\n]+\][^\n]*?\.\s+)?"
+
+
+def _spelled(*patterns: str) -> re.Pattern[str]:
+    """Messages that start (after an optional c10 enforce prefix) with one of ``patterns``."""
+    return re.compile(_ENFORCE + "(?:" + "|".join(patterns) + ")")
+
+
+# Plain RuntimeErrors (incl. torch.AcceleratorError) that report device memory, as the libraries
+# write them. Matched at the start of the message, case-sensitively.
+DEVICE_SPELLINGS = _spelled(
+    r"CUDA out of memory\. Tried to allocate ",  # older torch raised the allocator's OOM as RuntimeError
+    r"CUDA error: out of memory(?:\n|$)",  # cudaErrorMemoryAllocation through C10_CUDA_CHECK
+    r"CUDA driver error: out of memory(?:\n|$)",
+    r"(?:CUDA|HIP) error: (?:CUBLAS|HIPBLAS|ROCBLAS)_STATUS_ALLOC_FAILED\b",
+    r"(?:CUDA|HIP) error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate\(handle\)`",  # its alloc
+    r"cuDNN error: CUDNN_STATUS_(?:ALLOC_FAILED|NOT_ENOUGH_WORKSPACE)\b",
+    r"cuFFT error: CUFFT_ALLOC_FAILED\b",
+    r"cusolver error: CUSOLVER_STATUS_ALLOC_FAILED\b",
+    r"CUDA error: CUSPARSE_STATUS_ALLOC_FAILED\b",
+    r"HIP out of memory\. Tried to allocate ",
+    r"HIP error: out of memory(?:\n|$)",
+    r"hipErrorOutOfMemory\b",
+    r"MPS backend out of memory \(",
+    r"XPU out of memory\. Tried to allocate ",
+    r"NPU out of memory\. Tried to allocate ",
+    r"(?:level_zero|opencl|UR) backend failed with error: \d+ \(UR_RESULT_ERROR_OUT_OF_DEVICE_MEMORY\)",
 )
-# Host memory wordings: the CPU allocator (Linux and Windows), pinned (page-locked) allocation.
-_HOST_MARKERS = (
-    "defaultcpuallocator: can't allocate memory",
-    "defaultcpuallocator: not enough memory",
-    "can't allocate memory: you tried to allocate",
-    "not enough memory: you tried to allocate",
-    "cachinghostallocator",
-    "cudahostalloc",
-    "error code 12 (cannot allocate memory)",
-    "[errno 12] cannot allocate memory",
+# The CPU allocator (Linux and Windows wording); c10's CPU allocator raises a plain RuntimeError.
+HOST_SPELLINGS = _spelled(
+    r"DefaultCPUAllocator: (?:can't allocate memory|not enough memory): you tried to allocate \d+ bytes",
 )
-_CUDA_MALLOC_ASYNC_HINT = ("would exceed allowed memory", "out of memory")
-
-
 def _head(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     line = text[0] if text else type(exc).__name__
@@ -96,17 +107,17 @@ def _raised_while_pinning(exc: BaseException) -> bool:
 
 
 def _classify_one(exc: BaseException) -> OOMKind | None:
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno == errno.ENOMEM):
         return OOMKind.HOST
-    if not isinstance(exc, RuntimeError):
+    if isinstance(exc, torch.OutOfMemoryError):
+        device = True
+    elif isinstance(exc, RuntimeError):  # incl. torch.AcceleratorError (CUDA errors)
+        msg = str(exc)
+        if HOST_SPELLINGS.match(msg):
+            return OOMKind.HOST
+        device = DEVICE_SPELLINGS.match(msg) is not None
+    else:
         return None
-    msg = str(exc).lower()
-    if any(m in msg for m in _HOST_MARKERS):
-        return OOMKind.HOST
-    device = isinstance(exc, torch.OutOfMemoryError) or (
-        any(m in msg for m in _DEVICE_MARKERS)
-        and ("cudamallocasync" not in msg or any(h in msg for h in _CUDA_MALLOC_ASYNC_HINT))
-    )
     if not device:
         return None
     return OOMKind.HOST if _raised_while_pinning(exc) else OOMKind.DEVICE
@@ -114,7 +125,19 @@ def _classify_one(exc: BaseException) -> OOMKind | None:
 
 def _info(kind: OOMKind, exc: BaseException) -> OOMInfo:
     """The one place an :class:`OOMInfo` is built from an exception."""
-    return OOMInfo(kind=kind, head=_head(exc), message=str(exc)[:2000])
+    return OOMInfo(kind=kind, head=_head(exc), message=str(exc)[:2000], error=_without_frames(exc))
+
+
+def _without_frames(exc: BaseException) -> BaseException | None:
+    """A copy of ``exc`` (its type, message and attributes) without traceback or chain: kept to
+    be reported, it must not keep the failed attempt's frames, and their tensors, alive."""
+    try:
+        twin = copy.copy(exc)
+    except Exception:  # an exception type that cannot be rebuilt from its args
+        return None
+    twin.__traceback__ = None
+    twin.__cause__ = twin.__context__ = None
+    return twin
 
 
 def _quotes(outer: BaseException, inner: BaseException) -> bool:

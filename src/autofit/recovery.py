@@ -157,7 +157,7 @@ def exhausted(rt: Runtime, stage: str, failure: OOMInfo, why: str) -> NoReturn:
         exhausted_message(stage=stage, why=why, tried=tried, plan=plan.names, policy=rt.policy, error=failure.head),
         stage=stage,
         history=records,
-    )
+    ) from failure.error  # the allocator's own error, its type and message (no frames)
 
 
 def park(rt: Runtime) -> None:
