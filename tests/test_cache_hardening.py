@@ -192,3 +192,103 @@ def test_fuzzed_records_never_fail_a_call(tmp_path, record):
         assert all(math.isfinite(v) for v in got.get("activations", {}).values())
     cache.update("fuzz", lambda r: {**(r or {}), "activations": {"denoise": 1}})
     assert cache.get("fuzz")["activations"] == {"denoise": 1}
+
+
+# ---- values that contradict this machine, and what dead writers leave --------------------
+def test_a_poisoned_activation_is_dropped_and_the_record_repaired(tmp_path):
+    """A stored activation of 2**49 bytes (within the accepted bound, but no run on this machine
+    can have measured it) would make every process find no plan that fits: it is ignored with a
+    warning, the stored plan is used, the call equals a call without cache, and the record that
+    is written back no longer holds it."""
+    small = dict(num_inference_steps=1, height=16, width=16)
+    reference = run(autofit(tiny_sdxl(), cache=False), "sdxl", **small)
+    cache_dir = tmp_path / "cache"
+    first = autofit(tiny_sdxl(), cache=cache_dir)
+    run(first, "sdxl", **small)
+    (path,) = (cache_dir / "plans").glob("*.json")
+    record = json.loads(path.read_text())
+    record["activations"] = {**record.get("activations", {}), "denoise": 2**49}
+    path.write_text(json.dumps(record))
+    assert record_problem(record) is None  # the shape is fine: only its value is wrong
+    proxy = autofit(tiny_sdxl(), cache=cache_dir)
+    with structlog.testing.capture_logs() as logs:
+        images = run(proxy, "sdxl", **small)
+    assert (images == reference).all()
+    (ignored,) = [e for e in logs if e["event"] == "autofit.cache_value_ignored"]
+    assert ignored["stage"] == "denoise" and ignored["value"] == 2**49
+    (pre,) = [e for e in logs if e["event"] == "autofit.preflight"]
+    assert pre["source"] == "cache" and "reason" not in pre  # no "no plan predicted to fit"
+    assert json.loads(path.read_text())["activations"].get("denoise") != 2**49
+
+
+def test_a_stored_activation_the_measurement_contradicts_is_replaced():
+    """The merge keeps the larger of two measurements of one workload, unless the stored one is
+    at least twice what this process measured: then the measurement replaces it."""
+    from autofit.measurements import merge_activations
+
+    gib = 2**30
+    assert merge_activations({"denoise": 64 * gib}, {"denoise": gib}, "k") == {"denoise": gib}
+    assert merge_activations({"denoise": gib + gib // 2}, {"denoise": gib}, "k") == {"denoise": gib + gib // 2}
+    assert merge_activations({"decode": gib}, {"decode": 2 * gib}, "k") == {"decode": 2 * gib}
+
+
+def test_an_unknown_rung_in_a_stored_plan_is_reported_not_dropped_silently(tmp_path):
+    """A record naming a rung this autofit does not know (written by another version) is
+    planned again with a warning that names it."""
+    small = dict(num_inference_steps=1, height=16, width=16)
+    cache_dir = tmp_path / "cache"
+    run(autofit(tiny_sdxl(), cache=cache_dir), "sdxl", **small)
+    (path,) = (cache_dir / "plans").glob("*.json")
+    record = json.loads(path.read_text())
+    record["plan"] = ["teleport_weights"]
+    path.write_text(json.dumps(record))
+    proxy = autofit(tiny_sdxl(), cache=cache_dir)
+    with structlog.testing.capture_logs() as logs:
+        run(proxy, "sdxl", **small)
+    (ignored,) = [e for e in logs if e["event"] == "autofit.cache_record_ignored"]
+    assert "teleport_weights" in ignored["reason"]
+    (pre,) = [e for e in logs if e["event"] == "autofit.preflight"]
+    assert pre["source"] == "planner"
+
+
+_HANG_IN_PUT = """
+import sys, time
+from autofit.cache import PlanCache
+
+class Slow:
+    def __str__(self):  # json.dump calls it while the temporary file is open
+        print("writing", flush=True)
+        time.sleep(600)
+        return "x"
+
+PlanCache(sys.argv[1]).put("k", {"plan": [], "note": Slow()})
+"""
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_writer(tmp_path):
+    """A writer killed (SIGKILL) while its temporary file is open leaves it behind; the next
+    write removes it once it is older than any write can take, and leaves a fresh one alone."""
+    import signal
+    import subprocess
+    import sys
+
+    from autofit.cache import STALE_TEMPORARY_SECONDS
+
+    proc = subprocess.Popen([sys.executable, "-c", _HANG_IN_PUT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    (left,) = [p for p in (tmp_path / "plans").iterdir() if p.name.endswith(".tmp")]
+    cache = PlanCache(tmp_path)
+    cache.update("other", lambda r: {"plan": []})
+    assert left.exists()  # a write that may still be going on is not touched
+    old = time.time() - STALE_TEMPORARY_SECONDS - 1
+    os.utime(left, (old, old))
+    user_file = tmp_path / "plans" / "notes.tmp"  # not of put's naming: never removed
+    user_file.write_text("mine")
+    os.utime(user_file, (old, old))
+    cache.update("other", lambda r: {"plan": []})
+    assert not left.exists() and user_file.read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "plans").iterdir()) == ["notes.tmp", "other.json", "other.lock"]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import stat
 import time
@@ -148,6 +149,28 @@ def _open_regular(path: str | os.PathLike, flags: int, *, mode: int = 0o600, dir
         os.close(fd)
         raise
     return fd
+
+
+# A record is written in milliseconds: a temporary file this old was left by a writer that died
+# between creating it and renaming it into place (kill -9, a full disk).
+STALE_TEMPORARY_SECONDS = 600
+_TEMPORARY = re.compile(r"\.[A-Za-z0-9_-]+\.\d+\.[0-9a-f]{8}\.tmp")
+
+
+def _remove_stale_temporaries(dfd: int) -> None:
+    """Remove the plans folder's temporary files that no live writer can still be renaming: only
+    names of :meth:`PlanCache.put`'s own pattern, only regular files, never through a symlink."""
+    now = time.time()
+    for name in os.listdir(dfd):
+        if not _TEMPORARY.fullmatch(name):
+            continue
+        try:
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and now - st.st_mtime > STALE_TEMPORARY_SECONDS:
+                os.unlink(name, dir_fd=dfd)
+                emit("cache_temporary_removed", stage="load", action="none", file=name)
+        except OSError:  # removed by another process meanwhile, or not ours to remove
+            pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +310,7 @@ class PlanCache:
         try:
             # Created and renamed within the folder opened above: a plans symlink swapped in
             # meanwhile is not followed.
+            _remove_stale_temporaries(dfd)
             tmp = f".{key}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
                          self._file_mode(dfd), dir_fd=dfd)

@@ -10,7 +10,7 @@ import torch
 from .events import emit
 from .footprint import Footprint
 from .context import Workload
-from .cost import activation_factor, resident_bytes
+from .cost import activation_factor, plausible_activations, resident_bytes
 from .plan import Plan
 from .preflight import predicted_peaks
 
@@ -87,17 +87,40 @@ def remember(rt: Runtime, seconds: float) -> None:
 
     def change(record: dict | None) -> dict:
         # Another process may have stored meanwhile: its broken rungs are kept, and each
-        # stage keeps the larger activation measured (plans are predicted from them).
+        # stage keeps the larger activation measured (plans are predicted from them), unless the
+        # stored one could not have been measured here or contradicts this process's measurement.
         stored = {k: int(v) for k, v in (record or {}).get("activations", {}).items()}
-        merged = {k: max(v, stored.get(k, 0)) for k, v in activations.items()}
-        # The plan that steers the next process: raised only by escalations the OOM's figures
-        # explained (a spike from another process does not make every later process slower).
-        steer = state.steering or plan
+        device_total = choice.device_total if choice is not None else None
+        stored, _ = plausible_activations(stored, shape, device_total)
         return {"plan": list(steer.names), "running": list(plan.names), "explained": steer == plan,
-                "activations": {**stored, **merged}, "seconds": round(seconds, 4),
+                "activations": {**stored, **merge_activations(stored, activations, key)},
+                "seconds": round(seconds, 4),
                 "key": choice.fields if choice is not None else {}, "unusable": _merged_unusable(rt, record)}
 
+    # The plan that steers the next process: raised only by escalations the OOM's figures
+    # explained (a spike from another process does not make every later process slower).
+    steer = state.steering or plan
     _update_cache(rt, change)
+
+
+# A stored activation this many times what this process measured for the same key is not a
+# measurement of this workload on this machine (same resolution bucket, batch and device).
+CONTRADICTS = 2.0
+
+
+def merge_activations(stored: dict[str, int], measured: dict[str, int], key: str | None) -> dict[str, int]:
+    """Per stage, the larger of the stored and the measured activation; a stored value that
+    contradicts the measurement (``CONTRADICTS`` times it or more) is replaced by it."""
+    out = {}
+    for stage, value in measured.items():
+        old = stored.get(stage, 0)
+        if value > 0 and old >= CONTRADICTS * value:
+            emit("cache_value_replaced", level="warning", stage=stage, action="none", key=key, stored=old,
+                 measured=value, reason=f"stored {old / 2**30:.3f} GiB, measured {value / 2**30:.3f} GiB here")
+            out[stage] = value
+        else:
+            out[stage] = max(value, old)
+    return out
 
 
 def persist_unusable(rt: Runtime) -> None:

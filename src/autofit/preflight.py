@@ -17,6 +17,7 @@ from .events import emit
 from .hardware import probe
 from .plan import Plan
 from .context import Context, Machine, Workload
+from .cost import plausible_activations
 from .planner import choose as planner_choose, predict
 from .state import Choice
 from .strategies import quantize
@@ -150,7 +151,8 @@ def choose(rt: Runtime, args: Sequence[Any], kwargs: dict[str, Any]) -> Choice |
                       quant_missing=quantize.missing(rt.device.type), pinned_available_bytes=pinned)
     record = rt.cache.get(key) if rt.cache is not None else None
     unusable = {s: set(names) for s, names in (record or {}).get("unusable", {}).items()}
-    choice = Choice(signature, key=key, fields=fields, machine=machine, workload=wl, unusable=unusable)
+    choice = Choice(signature, key=key, fields=fields, machine=machine, workload=wl, unusable=unusable,
+                    device_total=hw.total_bytes)
     if not rt.preflight:
         return choice  # an explicit or adopted plan is kept; the key still serves the cache
     source = "planner"
@@ -158,10 +160,15 @@ def choose(rt: Runtime, args: Sequence[Any], kwargs: dict[str, Any]) -> Choice |
     if record is not None:
         try:
             chosen = Plan.from_names(tuple(record["plan"]))
-            measured = choice.measured = {k: int(v) for k, v in record.get("activations", {}).items()}
-            source = "cache"
-        except (KeyError, ValueError):
+        except KeyError:
             record = None
+        except ValueError as exc:  # rungs this autofit does not know (another version wrote it)
+            emit("cache_record_ignored", level="warning", stage="load", action="none", key=key,
+                 reason=f"stored plan {'+'.join(record['plan'])!r}: {exc}; planning again")
+            record = None
+    if record is not None:
+        measured = choice.measured = stored_activations(record, wl, hw.total_bytes, key)
+        source = "cache"
     if record is not None and _stale(rt, chosen, rt.context(wl, unusable=unusable, machine=machine), measured):
         record = None
     if record is None:
@@ -185,6 +192,18 @@ def choose(rt: Runtime, args: Sequence[Any], kwargs: dict[str, Any]) -> Choice |
          **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in cand.peaks.items()},
          budget_gib=round(hw.budget_bytes / 2**30, 3))
     return choice
+
+
+def stored_activations(record: dict[str, Any], wl: Workload, device_total: int, key: str) -> dict[str, int]:
+    """The record's activations that a run on this device could have measured; any other is
+    dropped with a warning (planning from it would find no plan fits, in every process)."""
+    kept, dropped = plausible_activations({k: int(v) for k, v in record.get("activations", {}).items()}, wl,
+                                          device_total)
+    for stage, value in dropped.items():
+        emit("cache_value_ignored", level="warning", stage=stage, action="none", key=key, value=value,
+             reason=f"a {stage} activation of {value / 2**30:.1f} GiB cannot have been measured on a device of "
+                    f"{device_total / 2**30:.1f} GiB; measured again")
+    return kept
 
 
 def _stale(rt: Runtime, chosen: Plan, ctx: Context, measured: dict[str, int] | None) -> bool:
