@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
+from .devices import memory_of
 from .memory import device_budget_bytes, host_available_bytes, pinned_ceiling, pinned_room
 
 # Measured on an H200 (shared/reference/gpu-facts.md): 1 GiB host-to-device copies.
@@ -180,17 +181,9 @@ def probe(
         configured = min(host_total, max_vram) if max_vram is not None else host_total
         return Hardware("cpu", "cpu", host_total, host_avail, None, budget, host_total, host_avail, configured,
                         pinned_gbps=20.0, pageable_gbps=20.0, source="psutil", **pinned)
-    # Other accelerators: what torch exposes.
-    total = free = 0
-    mod = getattr(torch, device.type, None)
-    if mod is not None and hasattr(mod, "mem_get_info"):
-        try:
-            free, total = mod.mem_get_info()
-        except Exception:
-            pass
-    elif device.type == "mps" and hasattr(torch, "mps"):
-        total = host_total
-        free = max(total - torch.mps.driver_allocated_memory(), 0)
+    # Other accelerators: what torch exposes (autofit.devices).
+    got = memory_of(device).free_and_total()
+    free, total = got if got is not None else (0, 0)
     budget = min(free, max_vram) if max_vram is not None else free
     configured = min(total, max_vram) if max_vram is not None else total
     return Hardware(device.type, device.type, total, free, None, budget, host_total, host_avail, configured, **pinned)

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-
+from .devices import memory_of
 from .events import emit
 from .footprint import Footprint
 from .context import Workload
@@ -23,15 +22,17 @@ def transition(rt: Runtime, stage: str | None) -> None:
     is kept with the plan it ran under: an escalation changes the plan mid-call."""
     call, plan = rt.state.call, rt.state.plan
     assert call is not None
-    if rt.device.type == "cuda" and torch.cuda.is_available():
+    mem = memory_of(rt.device)
+    if mem.measures_peaks:
         if call.stage is not None:
-            peak = torch.cuda.max_memory_allocated(rt.device)
+            peak = mem.peak()
             if call.stage_plans.get(call.stage) != plan:
                 call.stage_peaks.pop(call.stage, None)  # measured under another plan
-            call.stage_peaks[call.stage] = max(call.stage_peaks.get(call.stage, 0), peak)
-            call.stage_plans[call.stage] = plan
+            if peak is not None:
+                call.stage_peaks[call.stage] = max(call.stage_peaks.get(call.stage, 0), peak)
+                call.stage_plans[call.stage] = plan
         if stage is not None:
-            torch.cuda.reset_peak_memory_stats(rt.device)
+            mem.reset_peak()
     call.stage = stage
 
 
@@ -42,8 +43,7 @@ def restart(rt: Runtime) -> None:
     call = rt.state.call
     if call is not None:
         call.stage_peaks.pop(call.stage, None)
-    if rt.device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats(rt.device)
+    memory_of(rt.device).reset_peak()
 
 
 def learned_activations(peaks: dict[str, int], plans: dict[str, Plan], plan: Plan, shape: Workload,

@@ -10,6 +10,7 @@ import psutil
 import torch
 
 from . import _diffusers
+from .devices import memory_of
 from .footprint import pinned_size
 
 GIB = 1024**3
@@ -20,7 +21,8 @@ def device_budget_bytes(device: torch.device, max_vram: int | None = None) -> in
     (``torch.cuda.set_per_process_memory_fraction``, which NVML and ``mem_get_info`` ignore) and by
     an explicit ``max_vram``."""
     budget: int | None = None
-    if device.type == "cuda" and torch.cuda.is_available():
+    mem = memory_of(device)
+    if mem.kind == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         fraction = 1.0
         getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
@@ -30,6 +32,9 @@ def device_budget_bytes(device: torch.device, max_vram: int | None = None) -> in
             except Exception:  # older drivers/builds: fall back to the whole card
                 fraction = 1.0
         budget = int(total * fraction)
+    elif mem.kind == "accelerator":
+        got = mem.free_and_total()
+        budget = got[1] if got is not None else None
     elif device.type == "cpu":
         budget = psutil.virtual_memory().total
     if max_vram is not None:
@@ -38,22 +43,21 @@ def device_budget_bytes(device: torch.device, max_vram: int | None = None) -> in
 
 
 def snapshot(device: torch.device, max_vram: int | None = None) -> dict[str, float | None]:
-    """Flat, rounded memory fields for a log event."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        allocated = torch.cuda.memory_allocated(device)
-        reserved = torch.cuda.memory_reserved(device)
-        driver_free, _ = torch.cuda.mem_get_info(device)
-        budget = device_budget_bytes(device, max_vram)
-        free = driver_free if budget is None else min(driver_free, max(budget - reserved, 0))
-    else:
-        rss = psutil.Process().memory_info().rss
-        allocated = reserved = rss
-        free = psutil.virtual_memory().available
-        budget = device_budget_bytes(device, max_vram)
+    """Flat, rounded memory fields for a log event: the device allocator's figures, or on the CPU
+    (where the device is the host) the process's resident set as ``rss_gib``."""
+    mem = memory_of(device)
+    budget = device_budget_bytes(device, max_vram)
+    got = mem.free_and_total()
+    free = got[0] if got is not None else None
+    allocated, reserved = mem.allocated(), mem.reserved()
 
     def gib(v: int | None) -> float | None:
         return None if v is None else round(v / GIB, 3)
 
+    if allocated is None:
+        return {"rss_gib": gib(mem.process_bytes()[1]), "free_gib": gib(free), "budget_gib": gib(budget)}
+    if free is not None and budget is not None:
+        free = min(free, max(budget - (reserved or allocated), 0))
     return {
         "allocated_gib": gib(allocated),
         "reserved_gib": gib(reserved),

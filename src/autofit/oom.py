@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import _diffusers
+from .devices import memory_of
 from .memory import release_pinned_cache
 
 __all__ = ["OOMKind", "OOMInfo", "classify", "free_memory", "DEVICE_SPELLINGS", "HOST_SPELLINGS"]
@@ -168,11 +169,9 @@ def classify(exc: BaseException) -> OOMInfo | None:
 def free_memory(device: torch.device) -> None:
     """Collect garbage and return cached blocks to the driver. Call outside any ``except`` block."""
     gc.collect()
-    if device.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        release_pinned_cache()
-    elif device.type == "mps" and hasattr(torch, "mps"):
-        torch.mps.empty_cache()
-    elif device.type == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():
-        torch.xpu.empty_cache()
+    mem = memory_of(device)
+    if mem.kind != "host":
+        mem.synchronize()
+        mem.empty_cache()
+        if mem.can_pin:
+            release_pinned_cache()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, ContextManager
 
 from . import _diffusers
 from .components import module_components
+from .devices import memory_of
 from .events import emit
 from .memory import release_pinned_cache
 from .moves import enforce_residency
@@ -124,7 +125,7 @@ def _apply(rt: Runtime, current: Plan | None, target: Plan) -> None:
         if todo:
             rt.ledger.apply(target.storage, todo)
         place(pipe, target, device)
-        if device.type == "cuda":
+        if memory_of(device).can_pin:
             release_pinned_cache()  # pinned copies freed by moving their weights to the device
     for name, vae in rt.vaes.items():
         configure_vae(

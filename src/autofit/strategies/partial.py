@@ -29,6 +29,7 @@ import torch
 
 from .. import _diffusers, cost
 from ..components import role_of
+from ..devices import memory_of
 from ..events import emit
 from ..memory import release_pinned_cache
 from .quantize import quantized_level
@@ -42,9 +43,7 @@ Allocator = Callable[[int], torch.Tensor]  # bytes -> a 1-D uint8 host tensor of
 
 def default_allocator(device: torch.device) -> tuple[Allocator, bool]:
     """(allocator, pinned): page-locked chunks where copies to ``device`` can be asynchronous."""
-    if device.type == "cuda" and torch.cuda.is_available():
-        return (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True)), True
-    if device.type == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():
+    if memory_of(device).can_pin:
         return (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True)), True
     return (lambda n: torch.empty(n, dtype=torch.uint8)), False
 

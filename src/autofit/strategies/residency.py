@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from .. import _diffusers
+from ..devices import memory_of
 from ..events import emit
 from .quantize import quantized_level
 
@@ -35,7 +36,8 @@ class HostShadows:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._pin = device.type == "cuda" and torch.cuda.is_available()
+        self._memory = memory_of(device)
+        self._pin = self._memory.can_pin
         self._buffers: dict[int, dict[tuple[int, str], torch.Tensor]] = {}
 
     def _host_like(self, t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,7 @@ class HostShadows:
             host.copy_(t.detach(), non_blocking=self._pin)
             moved.append((table, name, t, host))
         if moved and self._pin:
-            torch.cuda.current_stream(self.device).synchronize()
+            self._memory.synchronize()
         for table, name, t, host in moved:
             if isinstance(t, torch.nn.Parameter):
                 t.data = host
