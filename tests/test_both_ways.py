@@ -119,6 +119,25 @@ def test_an_unexplained_escalation_does_not_steer_the_next_process(tmp_path):
     assert tuple(json.loads(path.read_text())["plan"]) == explained.autofit.plan != planned
 
 
+def test_an_escalation_a_retry_could_not_avoid_steers_the_next_process(tmp_path):
+    """An OOM with no figures (cuDNN's) repeats past the same-plan retry and forces an
+    escalation: no figure blames another process, so it is remembered, and a second process
+    with the same cache starts on that plan with no OOM."""
+    first = autofit(tiny_sdxl(), cache=tmp_path)
+    run(first, "sdxl")
+    planned = first.autofit.plan
+    with inject_oom(first, stage="denoise", at=2, times=2, kind="cudnn"):
+        run(first, "sdxl")
+    assert [(r.action == "retry_same_plan", r.cause) for r in first.autofit.history] == [(True, "unknown"),
+                                                                                        (False, "unknown")]
+    assert first.autofit.plan != planned
+    (path,) = (tmp_path / "plans").glob("*.json")
+    assert tuple(json.loads(path.read_text())["plan"]) == first.autofit.plan
+    second = autofit(tiny_sdxl(), cache=tmp_path)
+    run(second, "sdxl")
+    assert second.autofit.plan == first.autofit.plan and second.autofit.history == ()
+
+
 def test_alternating_stage_ooms_do_not_flip_the_plan(backoff_waits):
     """Encode and denoise OOMs in turn: each escalation goes to a plan not visited before (the old
     ladder flipped between two rungs for ever), and no call fails."""

@@ -240,3 +240,63 @@ def test_a_pipeline_without_an_offload_sequence_never_gets_model_offload(mib):
                 assert plan.placement != "model_offload"
                 plan, _, skipped = next_plan(plan, stage, host_oom=False, ctx=ctx)
             assert ("model_offload", "pipeline class has no model_cpu_offload_seq") in skipped or stage == "load"
+
+
+# ---- escalations sized from the failed allocation -----------------------------------------
+def _saving(old, new, stage, ctx):
+    from autofit.cost import activation_bytes
+
+    def peak(p):
+        r, f = stage_peak(p, stage, ctx.footprint, ctx.workload)
+        return r + int(activation_bytes(stage, ctx.footprint, ctx.workload) * f)
+    return peak(old) - peak(new)
+
+
+def test_a_sized_escalation_jumps_to_the_first_rung_that_frees_enough():
+    """Flux on a 24 GiB card, a denoise OOM short of 12 GiB: without a figure the ladder creeps
+    (the first rung that lowers the peak at all); with it, it jumps to the first rung, in ladder
+    order, predicted to free 12 GiB, passing over those that cannot, each with why."""
+    ctx = context(FLUX, Machine(24 * GIB, 10**15), Workload(height=1024, width=1024), policy="quality")
+    plan = Plan()
+    creep, creep_rung, _ = next_plan(plan, "denoise", host_oom=False, ctx=ctx)
+    need = 12 * GIB
+    jump, rung, skipped = next_plan(plan, "denoise", host_oom=False, ctx=ctx, need=need)
+    assert _saving(plan, jump, "denoise", ctx) >= need
+    assert _saving(plan, creep, "denoise", ctx) < need  # creeping would have taken a rung too small
+    small = [name for name, why in skipped if "less than the" in why]
+    assert creep_rung in small
+    # Nothing earlier in the ladder frees enough: the jump is the cheapest that does.
+    from autofit.ladder import LADDERS
+    from autofit.rungs import refusal, steps
+    order = LADDERS["denoise"]
+    for name in order[:order.index(rung)]:
+        for cand in steps(name, plan):
+            if refusal(name, cand, ctx) is None:
+                assert _saving(plan, cand, "denoise", ctx) < need, name
+
+
+def test_a_need_no_rung_meets_takes_the_lossless_rung_that_frees_most():
+    """When no rung is predicted to free what was lacking, the lossless one that frees the most."""
+    ctx = context(SDXL, Machine(8 * GIB, 10**15), Workload(height=1024, width=1024), policy="balanced")
+    plan = Plan()
+    new, rung, _ = next_plan(plan, "denoise", host_oom=False, ctx=ctx, need=1000 * GIB)
+    assert RUNGS[rung].quality == "lossless"
+    from autofit.ladder import LADDERS
+    from autofit.rungs import refusal, steps
+    for name in LADDERS["denoise"]:
+        for cand in steps(name, plan):
+            if refusal(name, cand, ctx) is None and RUNGS[name].quality == "lossless":
+                assert _saving(plan, cand, "denoise", ctx) <= _saving(plan, new, "denoise", ctx), name
+
+
+def test_shortfall_reads_the_figures_of_the_failed_allocation():
+    """What the allocation lacked: asked less free (or less the per-process cap's room); 0 without figures."""
+    from autofit.explain import shortfall
+    from autofit.testing import OOM_MESSAGES
+
+    assert shortfall(OOM_MESSAGES["cuda"][1]) == int(1.5 * GIB)  # 2.00 GiB asked, 512 MiB free
+    assert shortfall("cuDNN error: CUDNN_STATUS_ALLOC_FAILED") == 0
+    capped = ("CUDA out of memory. Tried to allocate 100.00 MiB. GPU 0 has a total capacity of 80.00 GiB of which "
+              "60.00 GiB is free. Including non-PyTorch memory, this process has 9.95 GiB memory in use. Of the "
+              "allocated memory 9.90 GiB is allocated by PyTorch, with 10.00 GiB allowed;")
+    assert abs(shortfall(capped) - (100 * 2**20 - 0.05 * GIB)) < 2**20

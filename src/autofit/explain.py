@@ -110,3 +110,20 @@ def judge(message: str, *, predicted_peak: int | None = None, budget: int | None
             return Verdict("plan", f"predicted peak {_gib(predicted_peak)} > budget {_gib(budget)}")
         return Verdict("unknown", f"predicted peak {_gib(predicted_peak)} fits the budget {_gib(budget)}")
     return Verdict("unknown", "no memory figures")
+
+
+def shortfall(message: str) -> int:
+    """The bytes the failed allocation lacked, from the OOM's own figures: what it asked for less
+    what the process could still have had (the per-process cap less what it held, else the
+    device's free memory). 0 when the message states no such figures (cuDNN, "CUDA error: out of
+    memory"): the ladder then takes the first rung that lowers the peak."""
+    f = OOMFigures.parse(message)
+    if not f.requested:
+        return 0
+    if f.allowed is not None and f.process is not None:
+        room = max(f.allowed - f.process, 0)
+    elif f.free is not None:
+        room = f.free
+    else:
+        return 0
+    return max(f.requested - room, 1)

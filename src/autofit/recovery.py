@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING, NoReturn
 from . import measurements
 from .errors import AutoFitExhausted, CheckpointChanged, exhausted_message
 from .events import emit
-from .explain import Verdict, judge
+from .explain import Verdict, judge, shortfall
 from .ladder import next_plan
+from .devices import memory_of
 from .oom import OOMInfo, OOMKind, free_memory
 from .plan import Plan
 from .records import EscalationRecord
-from .rungs import RUNGS
+from .rungs import RUNGS, split_name
 from .switch import suspended, switch, tear_down
 
 if TYPE_CHECKING:
@@ -66,7 +67,11 @@ def on_oom(rt: Runtime, stage: str, failure: OOMInfo, *, component: str | None, 
             record = _record(rt, stage, "retry_same_plan", failure, component, scope, target, verdict)
             emit("retry_same_plan", **record.event_fields(), reason=verdict.detail, **rt.memory())
         else:
-            target, action, skipped = _decide(rt, plan, (stage,) if stage == origin else (stage, origin), host_oom)
+            # Sized from the OOM's figures only where they are this device's (an allocator that
+            # counts bytes): on the CPU a CUDA-worded message describes some other device.
+            need = shortfall(failure.message or failure.head) if not host_oom and sized_here(rt.device) else 0
+            target, action, skipped = _decide(rt, plan, (stage,) if stage == origin else (stage, origin), host_oom,
+                                              need)
             for name, reason in skipped:
                 emit("rung_skipped", stage=stage, action=name, reason=reason, attempt=call.attempts)
             if target is None or action is None:
@@ -84,10 +89,14 @@ def on_oom(rt: Runtime, stage: str, failure: OOMInfo, *, component: str | None, 
             else:
                 record = _record(rt, stage, action, failure, component, scope, target, verdict, skipped)
                 emit("escalate", **record.event_fields(), explained=verdict.explained,
-                     lossless=RUNGS[action].quality != "lossy", **rt.memory())
+                     lossless=RUNGS[split_name(action)[0]].quality != "lossy", need_mib=round(need / 2**20, 2),
+                     **rt.memory())
                 state.relax.escalated_to(target)
-                if verdict.explained or state.steering is None:
-                    state.steering = target  # an escalation the OOM's figures explain steers the cache
+                if verdict.cause != "others" or state.steering is None:
+                    # An escalation steers the cache (the next process starts there) unless the
+                    # OOM's own figures put it on another process's memory: explained, or not
+                    # avoided by a retry of the same plan, it is no one-off.
+                    state.steering = target
                 choice = state.choice
                 state.budget_at_escalation = choice.machine.budget_bytes if choice and choice.machine else None
         new_failure = switch(rt, target) if (target != state.plan or state.applied != target) else None
@@ -100,6 +109,10 @@ def on_oom(rt: Runtime, stage: str, failure: OOMInfo, *, component: str | None, 
         # ladder goes on from the plan that was being placed.
         failure, stage, scope, component, plan = new_failure, "load", "load", None, target
         free_memory(rt.device)
+
+
+def sized_here(device) -> bool:  # noqa: ANN001
+    return memory_of(device).measures_peaks
 
 
 def _judge(rt: Runtime, stage: str, plan: Plan, failure: OOMInfo) -> Verdict:
@@ -122,7 +135,7 @@ def _record(rt: Runtime, stage: str, action: str, failure: OOMInfo, component: s
     return record
 
 
-def _decide(rt: Runtime, plan: Plan, stages: tuple[str, ...], host_oom: bool):
+def _decide(rt: Runtime, plan: Plan, stages: tuple[str, ...], host_oom: bool, need: int = 0):
     """(next plan, rung applied, rungs skipped with why) for the first of ``stages`` with a rung left.
     Plans already on the way up from the planned plan are not taken again: two stages' OOMs
     would otherwise flip the plan between two rungs for ever."""
@@ -131,7 +144,9 @@ def _decide(rt: Runtime, plan: Plan, stages: tuple[str, ...], host_oom: bool):
     skipped: list[tuple[str, str]] = []
     target = action = None
     for stage in stages:
-        target, action, more = next_plan(plan, stage, host_oom=host_oom, ctx=ctx, avoid=avoid)
+        measured = rt.state.measured.get(rt.state.key) if rt.state.key is not None else None
+        target, action, more = next_plan(plan, stage, host_oom=host_oom, ctx=ctx, avoid=avoid, need=need,
+                                         measured=measured)
         skipped += more
         if target is not None:
             break

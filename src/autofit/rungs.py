@@ -112,7 +112,10 @@ def pinned_ram(plan: Plan, ctx: Context) -> str | None:
 
 @need
 def disk_room(plan: Plan, ctx: Context) -> str | None:
-    """group_disk writes the offloaded weights to the offload folder (autofit.disk)."""
+    """group_disk writes the offloaded weights to the offload folder (autofit.disk), which must
+    be writable (an unwritable one is a reason to pass the rung over, not an error)."""
+    if ctx.machine.disk_unusable:
+        return ctx.machine.disk_unusable
     free = ctx.machine.disk_available_bytes
     written = cost.disk_bytes(plan, ctx.footprint)
     if free is None:
@@ -326,15 +329,23 @@ def step(name: str, plan: Plan, ctx: Context) -> Plan | None:
     has nothing more to give. Adding a rung is one candidate; ``resident_stream`` steps down in
     quarters of the resident bytes (from the whole denoiser when it is not in force yet), jumping
     to the first step predicted to fit when one is, else one step (the prediction just failed)."""
+    candidates = steps(name, plan)
+    if len(candidates) <= 1:
+        return candidates[0] if candidates else None
+    return next((s for s in candidates if _fits(s, ctx)), candidates[0])
+
+
+def steps(name: str, plan: Plan) -> list[Plan]:
+    """Every candidate of rung ``name`` after ``plan``, lightest last: one plan for most rungs,
+    each quarter step down of the resident bytes for ``resident_stream``; [] when the rung has
+    nothing more to give."""
     if name != "resident_stream":
-        return None if name in (plan.family, *plan.extras) else plan.with_rung(name)
+        return [] if name in (plan.family, *plan.extras) else [plan.with_rung(name)]
     current = plan.resident if plan.family == name else 100
-    steps, p = [], current
+    out, p = [], current
     while (p := int(p * RESIDENT_STEP)) >= RESIDENT_MIN:
-        steps.append(resident_plan(plan, min(p, RESIDENT_MAX)))
-    if not steps:
-        return None
-    return next((s for s in steps if _fits(s, ctx)), steps[0])
+        out.append(resident_plan(plan, min(p, RESIDENT_MAX)))
+    return out
 
 
 def refusal(name: str, plan: Plan, ctx: Context) -> str | None:
