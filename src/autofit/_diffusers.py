@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import CodeType
@@ -123,26 +124,94 @@ def disk_offload_folders(module: torch.nn.Module) -> set[str]:
     return {g.offload_to_disk_path for g in disk_groups(module)}
 
 
+def hold_disk_groups(module: torch.nn.Module, skew: dict[int, int] | None = None) -> None:
+    """Keep the file of each of ``module``'s disk-offloaded groups open, and read its weights from
+    that descriptor into fresh tensors from now on (``autofit.disk.HeldFile``), aligned as each
+    weight was before it was offloaded: ``skew`` maps ``id(tensor)`` to the bytes its data
+    started past a 64-byte boundary (absent: 0, the allocator's alignment).
+
+    diffusers reads a group back by its file's name with ``safetensors.load_file``: a removed
+    file fails every later call, and the tensors it returns view one buffer at the file's
+    offsets (other kernels run on the CPU there, and the output differs in the last bits).
+    Groups that stream (a CUDA side stream) keep diffusers' own reads."""
+    from . import disk
+
+    for group in disk_groups(module):
+        if getattr(group, "stream", None) is not None or getattr(group, "_autofit_file", None) is not None:
+            continue
+        try:
+            held = disk.HeldFile(group.safetensors_file_path)
+        except FileNotFoundError:  # removed in the moment between diffusers' write and this open
+            raise disk.OffloadUnreadable(f"{group.safetensors_file_path} was removed as soon as diffusers wrote it, "
+                                         f"before autofit could hold it: the weights of {type(module).__name__} "
+                                         "in it are lost; reload the pipeline") from None
+        try:
+            _check_held(group, held)
+        except BaseException:
+            held.close()
+            raise
+        group._autofit_file = held
+        group._autofit_skew = {key: (skew or {}).get(id(t), 0) for key, t in group.key_to_tensor.items()}
+        ref = weakref.ref(group)  # no cycle through the group's own dict
+        group._onload_from_disk = lambda ref=ref: _onload_held(ref())
+
+
+def _check_held(group: Any, held: Any) -> None:
+    from .disk import OffloadUnreadable
+
+    if set(held.index) != set(group.key_to_tensor):
+        raise OffloadUnreadable(f"{held.path} does not hold the tensors of its group (replaced since it was written?)")
+    for key, tensor in group.key_to_tensor.items():
+        dtype, shape = held.index[key][:2]
+        if dtype != tensor.dtype or shape != tuple(tensor.shape):
+            raise OffloadUnreadable(f"{held.path}: {key} is {dtype} {list(shape)} in the file, {tensor.dtype} "
+                                    f"{list(tensor.shape)} in the module (replaced since it was written?)")
+
+
+def _onload_held(group: Any) -> None:
+    """ModuleGroup._onload_from_disk without a stream, from the held file."""
+    loaded = group._autofit_file.read(group._autofit_skew)
+    for key, tensor in group.key_to_tensor.items():
+        tensor.data = loaded[key].to(group.onload_device)
+
+
 def restore_disk_groups(module: torch.nn.Module) -> int:
     """Read the weights of disk-offloaded groups back into host RAM; returns the bytes read.
 
     Offloaded to disk, a group's tensors are placeholders (``torch.empty_like``) and its weights
     live only in its safetensors file: removing the hooks as they are would leave the module with
-    uninitialised weights. diffusers does not read them back on removal."""
-    import safetensors.torch
+    uninitialised weights. diffusers does not read them back on removal. A file autofit holds is
+    read through its descriptor (removed files included) and closed; the user's own files are
+    read by name. Either way into fresh, aligned tensors; a file that cannot be read raises
+    ``autofit.disk.OffloadUnreadable`` (the module is never left with placeholders silently)."""
+    from . import disk
 
     read = 0
     for group in disk_groups(module):
-        if not getattr(group, "_is_offloaded_to_disk", False) or not os.path.exists(group.safetensors_file_path):
-            continue
-        on_device = [t for t in group.key_to_tensor.values() if t.device != group.offload_device]
-        if on_device:  # onloaded now: the live tensors hold the weights
-            continue
-        loaded = safetensors.torch.load_file(group.safetensors_file_path, device="cpu")
-        for key, tensor in group.key_to_tensor.items():
-            tensor.data = loaded[key]
-            read += loaded[key].numel() * loaded[key].element_size()
-        group._is_offloaded_to_disk = False
+        held = getattr(group, "_autofit_file", None)
+        if getattr(group, "_is_offloaded_to_disk", False) and not any(
+                t.device != group.offload_device for t in group.key_to_tensor.values()):  # onloaded: live ones hold them
+            if held is not None:
+                loaded = held.read(group._autofit_skew)
+            else:
+                try:
+                    source = disk.HeldFile(group.safetensors_file_path)
+                except FileNotFoundError:
+                    raise disk.OffloadUnreadable(
+                        f"{group.safetensors_file_path} is gone, and with it the only copy of weights of "
+                        f"{type(module).__name__} (diffusers left placeholders in the module): reload the "
+                        "pipeline") from None
+                try:
+                    loaded = source.read()
+                finally:
+                    source.close()
+            for key, tensor in group.key_to_tensor.items():
+                tensor.data = loaded[key]
+                read += loaded[key].numel() * loaded[key].element_size()
+            group._is_offloaded_to_disk = False
+        if held is not None:
+            held.close()
+            del group._autofit_file, group._autofit_skew, group._onload_from_disk
     return read
 
 

@@ -67,6 +67,7 @@ class Machine:
     quant_missing: str | None = None  # why bitsandbytes cannot quantize here (see quantize.missing)
     pinned_available_bytes: int | None = None  # what can be page-locked (None: all of host_available)
     disk_available_bytes: int | None = None  # free disk at the offload folder (None: not known)
+    disk_unusable: str | None = None  # why no offload folder can be written there (None: it can, or not known)
 
     @property
     def pinned_room(self) -> int:

@@ -121,7 +121,7 @@ class Runtime:
         if base is None:
             base = Machine(0, room, self.device.type, quant_missing=quantize.missing(self.device.type))
         machine = replace(base, host_available_bytes=room, pinned_available_bytes=pinned,
-                          disk_available_bytes=disk.free_bytes())
+                          disk_available_bytes=disk.free_bytes(), disk_unusable=disk.unusable())
         broken = {(r, n) for r, names in self.state.unusable.items() for n in names}
         broken |= {(r, n) for r, names in (unusable or {}).items() for n in names}
         pipeline = PipelineFacts(

@@ -97,7 +97,8 @@ def on_demand(role: str | None, plan: Plan) -> bool:
 
 def _disk_offload(comps: dict[str, torch.nn.Module], device: torch.device, *, skip: set[str]) -> None:
     """Block-level group offload whose offloaded blocks live in files (``autofit.disk``), one
-    folder per component; the skipped components (the VAE, quantized ones) go to the device."""
+    folder per component, each file held open while the placement lasts; the skipped components
+    (the VAE, quantized ones) go to the device."""
     from diffusers.hooks import apply_group_offloading
 
     folder = disk.new_folder()
@@ -108,10 +109,25 @@ def _disk_offload(comps: dict[str, torch.nn.Module], device: torch.device, *, sk
             continue
         kwargs: dict[str, Any] = dict(onload_device=device, offload_device=CPU, offload_type="block_level",
                                       num_blocks_per_group=1, offload_to_disk_path=str(folder / name))
+        skew = _skew(module)
         if hasattr(module, "enable_group_offload"):
             module.enable_group_offload(**kwargs)
         else:
             apply_group_offloading(module=module, **kwargs)
+        # Its files open from now on: read through the descriptor into tensors aligned as the
+        # weights were, and readable still when a cleaner removes them.
+        _diffusers.hold_disk_groups(module, skew)
+
+
+def _skew(module: torch.nn.Module) -> dict[int, int]:
+    """id(tensor) -> bytes its data starts past a 64-byte boundary, for the host tensors not on
+    one: weights mapped from a checkpoint on the CPU sit at the file's offsets. Read back from
+    disk at the same place, they run the same kernels as before (identical outputs)."""
+    out = {}
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type == "cpu" and t.data_ptr() % 64:
+            out[id(t)] = t.data_ptr() % 64
+    return out
 
 
 def place(pipe: Any, plan: Plan, device: torch.device, *, force: bool = False) -> None:
