@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .events import emit
+from .paths import default_dir
 
 if TYPE_CHECKING:
     from .footprint import Footprint
@@ -36,14 +37,6 @@ except ImportError:  # not POSIX: the last writer wins
     fcntl = None  # type: ignore[assignment]
 
 SCHEMA = 1
-
-
-def default_dir() -> Path:
-    env = os.environ.get("AUTOFIT_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "autofit"
 
 
 @functools.lru_cache(maxsize=1)
@@ -378,6 +371,12 @@ class PlanCache:
 
         n = 0
         for entry in self.entries():
-            if match(entry) and self.remove(entry.key):
-                n += 1
+            if not match(entry):
+                continue
+            try:
+                n += self.remove(entry.key)
+            except (OSError, ValueError) as exc:  # a folder where a record should be, a name not a key
+                reason = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+                emit("cache_write_failed", level="warning", error=f"cannot remove {entry.path}: {reason}; "
+                                                                  "remove it by hand")
         return n

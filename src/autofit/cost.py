@@ -191,29 +191,6 @@ def activation_factor(plan: Plan, stage: str, wl: Workload) -> float:
     return f
 
 
-def activation_ceiling(stage: str, wl: Workload, device_total: int) -> int:
-    """The most activation bytes a measurement of ``stage`` on a device of ``device_total`` bytes
-    can have stored: the peak of a run that completed fits the device, and the stored value is
-    that peak divided by the lightest plan's factor (smallest tiles, every batch split)."""
-    from .plan import Plan  # plan -> rungs -> cost: imported where used
-
-    lightest = Plan(extras=frozenset({"vae_tiling_small", "vae_slicing", "split_batch_max"}))
-    factor = activation_factor(lightest, stage, wl)
-    return int(device_total / factor) if factor > 0 else device_total
-
-
-def plausible_activations(stored: dict[str, int], wl: Workload, device_total: int | None,
-                          ) -> tuple[dict[str, int], dict[str, int]]:
-    """(kept, dropped): stored activations a run on this device could have measured, and those
-    it could not (a corrupt or foreign value would make every plan look too big, for good)."""
-    if not device_total:
-        return dict(stored), {}
-    kept, dropped = {}, {}
-    for stage, value in stored.items():
-        (kept if value <= activation_ceiling(stage, wl, device_total) else dropped)[stage] = value
-    return kept, dropped
-
-
 def _moved_each_call(plan: Plan, fp: Footprint) -> list[str]:
     """Components the ``device`` placement moves on and off the device through autofit's reusable
     host buffers (strategies/residency.py), pinned on CUDA."""

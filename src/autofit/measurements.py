@@ -9,9 +9,9 @@ from .devices import memory_of
 from .events import emit
 from .footprint import Footprint
 from .context import Workload
-from .cost import activation_factor, plausible_activations, resident_bytes
+from .cost import activation_factor, resident_bytes
 from .plan import Plan
-from .preflight import predicted_peaks
+from .preflight import plausible_activations, predicted_peaks
 
 if TYPE_CHECKING:
     from .runtime import Runtime

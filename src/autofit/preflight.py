@@ -17,7 +17,7 @@ from .events import emit
 from .hardware import probe
 from .plan import Plan
 from .context import Context, Machine, Workload
-from .cost import plausible_activations
+from .cost import activation_factor
 from .planner import choose as planner_choose, predict
 from .state import Choice
 from .strategies import quantize
@@ -192,6 +192,27 @@ def choose(rt: Runtime, args: Sequence[Any], kwargs: dict[str, Any]) -> Choice |
          **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in cand.peaks.items()},
          budget_gib=round(hw.budget_bytes / 2**30, 3))
     return choice
+
+
+def activation_ceiling(stage: str, wl: Workload, device_total: int) -> int:
+    """The most activation bytes a measurement of ``stage`` on a device of ``device_total`` bytes
+    can have stored: the peak of a run that completed fits the device, and the stored value is
+    that peak divided by the lightest plan's factor (smallest tiles, every batch split)."""
+    lightest = Plan(extras=frozenset({"vae_tiling_small", "vae_slicing", "split_batch_max"}))
+    factor = activation_factor(lightest, stage, wl)
+    return int(device_total / factor) if factor > 0 else device_total
+
+
+def plausible_activations(stored: dict[str, int], wl: Workload, device_total: int | None,
+                          ) -> tuple[dict[str, int], dict[str, int]]:
+    """(kept, dropped): stored activations a run on this device could have measured, and those
+    it could not (a corrupt or foreign value would make every plan look too big, for good)."""
+    if not device_total:
+        return dict(stored), {}
+    kept, dropped = {}, {}
+    for stage, value in stored.items():
+        (kept if value <= activation_ceiling(stage, wl, device_total) else dropped)[stage] = value
+    return kept, dropped
 
 
 def stored_activations(record: dict[str, Any], wl: Workload, device_total: int, key: str) -> dict[str, int]:
