@@ -60,6 +60,15 @@ CASES = {
     "plan --batch 0": (["plan", "{model}", "--batch", "0"], "at least 1"),
     "plan --frames -5": (["plan", "{model}", "--frames", "-5"], "at least 1"),
     "plan --vram lots": (["plan", "{model}", "--vram", "lots"], "not a size"),
+    # issue 27: a broken index, a partial download, an --out that cannot be written
+    "plan: model_index.json not JSON": (["plan", "{notjson}"], "not valid JSON"),
+    "plan: model_index.json a list": (["plan", "{listindex}"], "not a JSON object"),
+    "plan: components missing": (["plan", "{broken}"], "unet (no unet/ folder)"),
+    "cache clear --model: index not JSON": (["cache", "clear", "--model", "{notjson}", "--cache-dir", "{tmp}/c"],
+                                            "not valid JSON"),
+    "run --out under a file": (["run", "{model}", "--prompt", "x", "--out", "{afile}/o.png"], "is a file"),
+    "run --out a folder": (["run", "{model}", "--prompt", "x", "--out", "{tmp}/d.png"], "is a folder"),
+    "batch --out under a file": (["batch", "{model}", "--prompts", "{prompts}", "--out", "{afile}/o"], "is a file"),
 }
 
 
@@ -74,8 +83,17 @@ def test_user_errors_are_one_line_and_exit_2(case, sdxl_dir, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}')
+    notjson = tmp_path / "notjson"
+    notjson.mkdir()
+    (notjson / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline", "unet": [')
+    listindex = tmp_path / "listindex"
+    listindex.mkdir()
+    (listindex / "model_index.json").write_text('["StableDiffusionXLPipeline"]')
+    (tmp_path / "afile").write_text("a regular file")
+    (tmp_path / "d.png").mkdir()
     fill = {"missing": tmp_path / "nope", "tmp": tmp_path, "prompts": prompts, "model": sdxl_dir,
-            "latin1": tmp_path / "l.txt", "broken": broken}
+            "latin1": tmp_path / "l.txt", "broken": broken, "notjson": notjson, "listindex": listindex,
+            "afile": tmp_path / "afile"}
     _one_line_error(capsys, [a.format(**fill) for a in argv], match)
     assert not (tmp_path / "o.png").exists() and not (tmp_path / "o.txt").exists()
 

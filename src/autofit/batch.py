@@ -4,8 +4,10 @@ Unattended jobs are the point: every image is written atomically (temporary file
 every finished item is appended to the manifest and flushed to disk, and a rerun after a crash
 or Ctrl-C skips what is finished with the same content (prompt, seed, settings, model), so an
 edited prompts file regenerates what changed. An item that fails (a bad value, an error raised
-by the pipeline, memory exhausted at the last rung) is recorded with its error and the job goes
-on; a rerun tries failed items again.
+by the pipeline, memory exhausted at the last rung, an image the file system refuses for its name)
+is recorded with its error and the job goes on; a rerun tries failed items again. Only what
+concerns the output folder as a whole (it cannot be made, the disk is full, the manifest cannot be
+appended) stops the job, with one line (:class:`BatchError`).
 
 Several GPUs: launch one process per GPU with ``accelerate launch`` and pass ``distributed=True``
 (``autofit batch --distributed``): accelerate's ``PartialState`` splits the items, each process
@@ -15,6 +17,7 @@ share the plan cache.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,7 +29,8 @@ from typing import Any
 
 import torch
 
-from .batch_items import CALL_KEYS, KNOWN_KEYS, BatchItem, RejectedItem, load_items, read_items
+from .batch_items import (CALL_KEYS, KNOWN_KEYS, BatchItem, RejectedItem, aside_id, id_problem, load_items,
+                          read_items, shown_id)
 from .errors import AutoFitExhausted
 from .events import emit
 from .proxy import AutoFitPipeline, autofit
@@ -37,6 +41,12 @@ __all__ = ["CALL_KEYS", "KNOWN_KEYS", "BatchError", "BatchItem", "BatchReport", 
 
 class BatchError(RuntimeError):
     """The job cannot go on at all (the output folder cannot be written: a full disk, no rights)."""
+
+
+# Errors of saving one image that concern that image alone (its name, a folder standing where it
+# goes): the item fails and the job goes on. Any other OSError (no space, a file-size limit, a
+# read-only or vanished folder, an I/O error) would fail every later item too and stops the job.
+_ITEM_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EISDIR, errno.EINVAL, errno.EILSEQ})
 
 
 @dataclass(slots=True)
@@ -61,7 +71,11 @@ def item_key(item: BatchItem, settings: dict[str, Any], model: str) -> str:
 def _finished(out_dir: Path) -> dict[str, dict[str, Any]]:
     """The last record of each id whose images are all on disk and that succeeded."""
     last: dict[str, dict[str, Any]] = {}
-    for rec in iter_manifest(out_dir):
+    try:
+        records = list(iter_manifest(out_dir))
+    except OSError as exc:
+        raise BatchError(f"cannot read the manifest in {out_dir}: {exc.strerror or exc}") from None
+    for rec in records:
         if isinstance(rec, dict) and isinstance(rec.get("id"), str):
             last[rec["id"]] = rec
     return {i: r for i, r in last.items()
@@ -131,6 +145,30 @@ def _planned_names(item: BatchItem, settings: dict[str, Any]) -> list[str]:
     return [f"{item.id}.png"] if n == 1 else [f"{item.id}_{k}.png" for k in range(n)]
 
 
+def _screen(items: Sequence[BatchItem | RejectedItem]) -> list[BatchItem | RejectedItem]:
+    """Items built in code skip the prompts file's checks: an id that cannot name a file, or that
+    an earlier item has, fails its item. A rejected item whose id a good item has is recorded
+    under ``<id>@line<N>``, so its failure record never marks the good item (which a rerun would
+    then make again). Items read by :func:`read_items` pass unchanged."""
+    owner: set[str] = set()
+    screened: list[BatchItem | RejectedItem] = []
+    for position, item in enumerate(items):
+        if isinstance(item, BatchItem):
+            where = f"line {item.line}: " if item.line else ""
+            problem = id_problem(item.id)
+            if problem:
+                item = RejectedItem(item.id, item.line, f"{where}item {shown_id(item.id)} {problem}")
+            elif item.id.casefold() in owner:
+                item = RejectedItem(aside_id(item.id, item.line, position), item.line,
+                                    f"{where}duplicate id {item.id!r}; ids name the output files")
+            else:
+                owner.add(item.id.casefold())
+        screened.append(item)
+    return [RejectedItem(aside_id(it.id, it.line, position), it.line, it.error)
+            if isinstance(it, RejectedItem) and it.id.casefold() in owner else it
+            for position, it in enumerate(screened)]
+
+
 def _claim_names(items: Sequence[BatchItem | RejectedItem], defaults: dict[str, Any]) -> dict[str, str]:
     """Items whose output names another item already uses (``a`` with two images writes ``a_0.png``,
     which item ``a_0`` would overwrite): id -> the error that rejects them."""
@@ -171,8 +209,13 @@ def run_batch(
     if isinstance(items, (str, os.PathLike)):
         good, rejected = read_items(items)
         items = [*rejected, *good]
+    items = _screen(list(items))  # over every item, so ranks agree
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "it is a file" if out.exists() else (exc.strerror or str(exc))
+        raise BatchError(f"cannot create the output folder {out}: {what}") from None
     rank, my_items = 0, list(items)
     if distributed:
         from accelerate import PartialState
@@ -212,33 +255,47 @@ def run_batch(
     t_start = time.perf_counter()
     try:
         _end_torn_line(manifest)
-        log = open(manifest, "a")
+        # Unbuffered: a failed append raises once, here; a buffered file would try the same bytes
+        # again when closed and raise over the one-line error.
+        log = open(manifest, "ab", buffering=0)
     except OSError as exc:
         raise BatchError(f"cannot write the manifest {manifest}: {exc.strerror or exc}") from None
-    with log:
+    try:
         for item, key in todo:
             record = _run_one(pipe, item, key, defaults, out, clashes, report)
             try:
-                log.write(json.dumps(record, default=str) + "\n")
-                log.flush()
+                _append(log, (json.dumps(record, default=str) + "\n").encode("utf-8", "surrogatepass"))
                 os.fsync(log.fileno())
             except OSError as exc:
-                raise BatchError(f"cannot write the manifest {manifest}: {exc.strerror or exc}; "
+                raise BatchError(f"cannot append to the manifest {manifest}: {exc.strerror or exc}; "
                                  "free space and rerun to resume") from None
             if bar is not None:
                 bar.update(1)
-    if bar is not None:
-        bar.close()
+    finally:
+        try:
+            log.close()
+        except OSError:
+            pass  # every record written was fsynced; nothing is left to flush
+        if bar is not None:
+            bar.close()
     report.seconds = time.perf_counter() - t_start
     emit("batch_done", stage="batch", action="none", attempt=0, done=len(report.done),
          skipped=len(report.skipped), failed=len(report.failed), seconds=round(report.seconds, 3))
     return report
 
 
+def _append(log: Any, data: bytes) -> None:
+    """Write all of ``data`` to an unbuffered file (a write near a limit can be short)."""
+    view = memoryview(data)
+    while view:
+        view = view[log.write(view):]
+
+
 def _run_one(pipe: Any, item: BatchItem | RejectedItem, key: str | None, defaults: dict[str, Any], out: Path,
              clashes: dict[str, str], report: BatchReport) -> dict[str, Any]:
-    """Generate one item and return its manifest record; any failure but a full disk, a
-    KeyboardInterrupt or a kill is the item's own and recorded."""
+    """Generate one item and return its manifest record; any failure but one of the output folder
+    (a full disk, a file-size limit, a read-only folder), a KeyboardInterrupt or a kill is the
+    item's own and recorded."""
     if isinstance(item, RejectedItem):
         return _failed(report, {"id": item.id, "line": item.line}, item.error, stage="input")
     kwargs = {**defaults, **item.settings}
@@ -265,8 +322,14 @@ def _run_one(pipe: Any, item: BatchItem | RejectedItem, key: str | None, default
         try:
             _save_atomic(image, out / name)
         except OSError as exc:
-            raise BatchError(f"cannot write {out / name}: {exc.strerror or exc}; free space and rerun "
-                             "to resume") from None
+            if exc.errno not in _ITEM_ERRNOS:
+                raise BatchError(f"cannot write {out / name}: {exc.strerror or exc}; free space and rerun "
+                                 "to resume") from None
+            return _failed(report, record, f"cannot write {name}: {exc.strerror or exc}", stage="save",
+                           **_after(pipe, t, history_before, kwargs))
+        except Exception as exc:  # the image cannot be encoded (not a PIL image, a mode PNG refuses)
+            return _failed(report, record, f"cannot save {name}: {type(exc).__name__}: {exc}", stage="save",
+                           **_after(pipe, t, history_before, kwargs))
         files.append(name)
     report.done.append(item.id)
     return {**record, "status": "ok", "files": files, **_after(pipe, t, history_before, kwargs)}
@@ -292,6 +355,8 @@ def _failed(report: BatchReport, record: dict[str, Any], error: str, *, stage: s
 def iter_manifest(out_dir: str | os.PathLike) -> Iterable[dict[str, Any]]:
     """Every manifest record of a batch folder (all shards), in file order."""
     for shard in sorted(Path(out_dir).glob("manifest*.jsonl")):
+        if not shard.is_file():
+            continue  # a folder of that name: the append says what is wrong
         for line in shard.read_text(errors="replace").splitlines():
             try:
                 rec = json.loads(line)

@@ -23,6 +23,11 @@ CALL_KEYS = ("negative_prompt", "num_inference_steps", "guidance_scale", "height
              "num_images_per_prompt", "max_sequence_length")
 KNOWN_KEYS = ("id", "prompt", "seed", *CALL_KEYS)
 SUFFIXES = (".jsonl", ".ndjson", ".csv", ".txt")
+# An id names the item's files: ``<id>.png``, ``<id>_<k>.png`` for several images, and while one is
+# written ``.<id>_<k>.<pid>.tmp.png``. File names are limited to 255 bytes (ext4, XFS, APFS, NTFS),
+# so ids are limited to 128 bytes of UTF-8 (128 ASCII characters), which leaves room for suffixes.
+MAX_ID_LENGTH = 128
+ID_RULE = "letters, digits, '-', '_' or '.' (not first)"
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed's range
 # key -> (lowest, highest, multiple of)
 _INT_RANGES: dict[str, tuple[int, int, int]] = {
@@ -93,6 +98,32 @@ def _value(key: str, value: Any) -> Any:
     return value
 
 
+def shown_id(item_id: str, width: int = 40) -> str:
+    """An id as messages show it: quoted, a long one shortened."""
+    return repr(item_id) if len(item_id) <= width else repr(item_id[:width]) + "..."
+
+
+def id_problem(item_id: str) -> str | None:
+    """What makes ``item_id`` unusable as the name of the item's files, or None. The message
+    completes "item <id> ..."."""
+    if not isinstance(item_id, str) or not item_id:
+        return "has an empty id"
+    size = len(item_id.encode("utf-8", "surrogatepass"))
+    if size > MAX_ID_LENGTH:
+        length = f"{len(item_id)} characters" + (f", {size} bytes of UTF-8" if size != len(item_id) else "")
+        return (f"has an id of {length}; use at most {MAX_ID_LENGTH} (ids name the output files, and file "
+                "names are limited to 255 bytes)")
+    if not all(c.isalnum() or c in "-_." for c in item_id) or item_id.startswith("."):
+        return f"id {item_id!r} must use {ID_RULE}"
+    return None
+
+
+def aside_id(item_id: str, line: int, position: int = 0) -> str:
+    """The id a rejected item's failure is recorded under when a good item owns its id: '@' is in
+    no valid id, so the record never marks the good item failed."""
+    return f"{item_id}@line{line}" if line else f"{item_id}@item{position}"
+
+
 def _check(row: Any, index: int, base_seed: int) -> tuple[str, BatchItem | str]:
     """The item's id and the item, or the id and what is wrong with it."""
     default_id = f"{index:06d}"
@@ -100,8 +131,9 @@ def _check(row: Any, index: int, base_seed: int) -> tuple[str, BatchItem | str]:
         return default_id, f"is {type(row).__name__}, not an object with a 'prompt'"
     raw_id = row.get("id")
     item_id = default_id if raw_id in (None, "") else str(raw_id)
-    if not all(c.isalnum() or c in "-_." for c in item_id) or item_id.startswith("."):
-        return item_id, f"id {item_id!r} must use letters, digits, '-', '_' or '.' (not first)"
+    problem = id_problem(item_id)
+    if problem:
+        return item_id, problem
     if row.get("prompt") in (None, ""):
         return item_id, "has no 'prompt'"
     unknown = sorted(set(row) - set(KNOWN_KEYS))
@@ -167,7 +199,7 @@ def read_items(path: str | os.PathLike, *, base_seed: int = 0) -> tuple[list[Bat
         raise AutoFitUsageError(f"{path}: cannot read the prompts file ({exc.strerror or exc})") from None
     items: list[BatchItem] = []
     rejected: list[RejectedItem] = []
-    seen: set[str] = set()
+    owner: dict[str, int] = {}  # casefolded id -> the line of the good item that has it
     for index, (line, row) in enumerate(rows):
         if isinstance(row, _NotJSON):
             rejected.append(RejectedItem(f"{index:06d}", line, f"{path.name}:{line}: not JSON ({row.msg}); "
@@ -175,14 +207,20 @@ def read_items(path: str | os.PathLike, *, base_seed: int = 0) -> tuple[list[Bat
             continue
         item_id, checked = _check(row, index, base_seed)
         if isinstance(checked, str):
-            rejected.append(RejectedItem(item_id, line, f"{path.name}:{line}: item {item_id!r} {checked}"))
+            rejected.append(RejectedItem(item_id, line, f"{path.name}:{line}: item {shown_id(item_id)} {checked}"))
             continue
-        if item_id.casefold() in seen:  # casefold: A.png and a.png are one file on macOS/Windows
-            rejected.append(RejectedItem(item_id, line, f"{path.name}:{line}: duplicate id {item_id!r}; "
-                                                        "ids name the output files"))
+        first = owner.get(item_id.casefold())  # casefold: A.png and a.png are one file on macOS/Windows
+        if first is not None:
+            rejected.append(RejectedItem(aside_id(item_id, line), line,
+                                         f"{path.name}:{line}: duplicate id {item_id!r} (line {first} has it); "
+                                         "ids name the output files"))
             continue
-        seen.add(item_id.casefold())
+        owner[item_id.casefold()] = line
         items.append(BatchItem(checked.id, checked.prompt, checked.seed, checked.settings, line))
+    # A rejected line whose id a good item has (a bad line before its good twin, or a line that is
+    # not JSON whose default id is another line's id) is recorded apart too.
+    rejected = [RejectedItem(aside_id(r.id, r.line), r.line, r.error) if r.id.casefold() in owner else r
+                for r in rejected]
     return items, rejected
 
 

@@ -1,19 +1,22 @@
 """``autofit`` command line: ``plan``, ``doctor``, ``run``, ``batch`` and ``cache``.
 
-User errors are one line on stderr and exit code 2, found before any model is loaded; results go
-to stdout and log events to stderr. torch and diffusers are imported only by the commands that
-need them, so ``--help`` and ``--version`` are fast.
+User errors are one line on stderr and exit code 2, found before any model is loaded (an output
+path that cannot be written among them); results go to stdout and log events to stderr. torch and
+diffusers are imported only by the commands that need them, so ``--help`` and ``--version`` are fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import json
 import logging
+import os
 import platform
 import re
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -28,6 +31,15 @@ _PIPELINE_IMAGES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 class UsageError(Exception):
     """A mistake in what the user asked: one line, exit code 2."""
+
+
+class OutputError(Exception):
+    """An output that cannot be written for want of space (not a mistake in the command: a rerun
+    after freeing space works): one line, exit code 1."""
+
+
+# A full disk, a quota, a file-size limit: not a mistake in the command.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,6 +128,70 @@ def _check_model_dir(model_dir: str) -> None:
                          "(the one save_pretrained() wrote, or a snapshot from the hub cache)")
 
 
+def _check_out_dir(folder: Path, option: str, given: str, probe: str) -> None:
+    """``folder`` exists or can be made, and a file named ``probe`` can be made in it (and is
+    removed again): checked before the model loads, so a bad --out costs a second, not a load and
+    a generation. A regular file in the way, a read-only file system, a name too long: UsageError
+    (exit 2); no space: OutputError (exit 1)."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"{option} {given}: {blocker} is a file, not a folder; choose another {option}")
+    step = f"cannot create the folder {folder}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        step = f"cannot write in {folder}"
+        fd = os.open(folder / probe, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        os.unlink(folder / probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        if exc.errno in _NO_SPACE:
+            raise OutputError(f"{option} {given}: {step} ({reason}); free space and rerun") from None
+        raise UsageError(f"{option} {given}: {step} ({reason}); choose another {option}") from None
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def _save_image(image: Any, out: Path) -> tuple[Path, str | None]:
+    """Save ``image`` at ``out`` (a temporary file renamed into place). When that fails, the image,
+    made at the cost of a whole generation, goes to a fresh name in the current folder, else in the
+    temp folder: never lost, never over another file. Returns where it went and why not at ``out``
+    (None when it is there)."""
+    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    try:
+        image.save(tmp)
+        os.replace(tmp, out)
+        return out, None
+    except Exception as exc:  # OSError mostly; PIL's own errors for a format it cannot write
+        problem = (exc.strerror if isinstance(exc, OSError) else None) or f"{type(exc).__name__}: {exc}"
+        _unlink_quietly(tmp)
+    folders: list[Path] = []
+    try:
+        folders.append(Path.cwd())
+    except OSError:  # the current folder was removed
+        pass
+    folders.append(Path(tempfile.gettempdir()))
+    for folder in dict.fromkeys(folders):
+        for suffix in dict.fromkeys((out.suffix, ".png")):
+            try:
+                fd, name = tempfile.mkstemp(prefix=f"{out.stem[:64]}-", suffix=suffix, dir=folder)
+            except OSError:
+                break
+            os.close(fd)
+            try:
+                image.save(name)
+                return Path(name), problem
+            except Exception:
+                _unlink_quietly(Path(name))
+    where = " or ".join(map(str, dict.fromkeys(folders)))
+    raise OutputError(f"cannot write {out} ({problem}), nor a copy in {where}")
+
+
 def _hardware(args: argparse.Namespace):
     from .hardware import probe
 
@@ -141,7 +217,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _check_model_dir(args.model_dir)
     if args.vram is None:
         _check_device(args.device)  # with --vram, planning for another machine's device is the point
-    pipeline, fp = measure_folder(args.model_dir, dtype=args.dtype)
+    pipeline, fp = measure_folder(args.model_dir, dtype=args.dtype)  # a broken index: AutoFitUsageError
+    if not fp.components:
+        raise UsageError(f"{args.model_dir}: no component with weights found (model_index.json lists none that "
+                         "has *.safetensors or *.bin files); pass the folder of a complete diffusers pipeline")
     hw = _hardware(args)
     budget = args.vram if args.vram is not None else hw.budget_bytes
     host = args.ram if args.ram is not None else hw.host_available_bytes
@@ -150,7 +229,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     pinned = args.pinned if args.pinned is not None else (hw.pinned_available_bytes if args.ram is None else None)
     free_disk = args.disk if args.disk is not None else disk.free_bytes()
     machine = Machine(budget, host, device_type, hw.pinned_gbps, hw.pageable_gbps, quant_missing=missing(device_type),
-                      pinned_available_bytes=pinned, disk_available_bytes=free_disk)
+                      pinned_available_bytes=pinned, disk_available_bytes=free_disk,
+                      disk_unusable=disk.unusable() if args.disk is None else None)
     cfg = "Flux" not in pipeline
     wl = Workload(height=args.height, width=args.width, frames=args.frames, batch=args.batch, steps=args.steps, cfg=cfg)
     # Rank under the permissive policy so lossy rows show too; the pick honours --policy.
@@ -337,6 +417,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                          f"use one of {', '.join(_PIPELINE_IMAGES)}")
     _check_model_dir(args.model_dir)
     _check_device(args.device)
+    if out.is_dir():
+        raise UsageError(f"--out {args.out}: is a folder; name the image file, e.g. {out / 'image.png'}")
+    _check_out_dir(out.parent, "--out", args.out, probe=f".{out.name}.tmp{out.suffix}")
 
     from . import AutoFitExhausted, autofit
 
@@ -354,10 +437,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except AutoFitExhausted as exc:
         print(f"autofit run: {exc}", file=sys.stderr)
         return 3
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
-    image.save(tmp)
-    tmp.replace(out)
+    saved, problem = _save_image(image, out)
     record = {
         "plan": list(proxy.autofit.plan),
         "last_call": proxy.autofit.last_call,
@@ -368,8 +448,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         "prompt": args.prompt,
         "seed": args.seed,
     }
-    out.with_suffix(".plan.json").write_text(json.dumps(record, indent=2, default=str))
-    print(f"wrote {out} and {out.with_suffix('.plan.json')} (plan: {'+'.join(proxy.autofit.plan) or 'device'})")
+    plan_path = saved.with_suffix(".plan.json")
+    try:
+        plan_path.write_text(json.dumps(record, indent=2, default=str))
+        plan_problem = None
+    except OSError as exc:
+        plan_problem = exc.strerror or str(exc)
+    if problem is not None:
+        print(f"autofit run: cannot write {out} ({problem}); the image is saved as {saved} instead"
+              + (f", its plan as {plan_path}" if plan_problem is None else ""), file=sys.stderr)
+        return 1
+    if plan_problem is not None:
+        print(f"autofit run: wrote {out}, but cannot write {plan_path} ({plan_problem})", file=sys.stderr)
+        return 1
+    print(f"wrote {out} and {plan_path} (plan: {'+'.join(proxy.autofit.plan) or 'device'})")
     return 0
 
 
@@ -387,6 +479,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
         print(f"autofit batch: skipping {bad.error}", file=sys.stderr)
     _check_model_dir(args.model_dir)
     _check_device(args.device)
+    out = Path(args.out)
+    _check_out_dir(out, "--out", args.out, probe=f".autofit-probe.{os.getpid()}.tmp")
+    for shard in out.glob("manifest*.jsonl"):
+        if not shard.is_file():
+            raise UsageError(f"--out {args.out}: {shard.name} there is not a file; move it away or choose "
+                             "another --out")
 
     from . import autofit
     from .batch import BatchError, run_batch
@@ -565,6 +663,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, AutoFitUsageError) as exc:
         print(f"autofit {args.command}: {exc}", file=sys.stderr)
         return 2
+    except OutputError as exc:
+        print(f"autofit {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"autofit {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -304,6 +304,53 @@ def _pickled_header(files: list[Path]) -> dict:
     return header
 
 
+# Files a component's weights can be stored in; a model's folder with none of them is a partial
+# download (the configs fetched, the weights not).
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf")
+
+
+def read_index(root: Path) -> dict[str, Any]:
+    """The folder's ``model_index.json``, checked: JSON, an object, and every model it lists (a
+    class that is a torch module: not a tokenizer or scheduler) present with weights. Raises
+    AutoFitUsageError with one line that says what is wrong."""
+    import importlib
+
+    from .errors import AutoFitUsageError
+
+    index_path = root / "model_index.json"
+    try:
+        index = json.loads(index_path.read_bytes().decode("utf-8-sig"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise AutoFitUsageError(f"{index_path}: not valid JSON ({getattr(exc, 'msg', type(exc).__name__)}{where}); "
+                                "download the pipeline again or fix the file") from None
+    except OSError as exc:
+        raise AutoFitUsageError(f"{index_path}: cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(index, dict):
+        raise AutoFitUsageError(f"{index_path}: not a JSON object (it is a {type(index).__name__}); "
+                                "download the pipeline again or fix the file")
+    missing = []
+    for name, spec in index.items():
+        if (name.startswith("_") or not isinstance(spec, list) or len(spec) != 2
+                or spec[0] not in ("diffusers", "transformers") or not isinstance(spec[1], str)):
+            continue  # a class of another library (a community pipeline's) is not judged
+        try:  # from the library the index names (diffusers' lazy search for a transformers name is slow)
+            cls = getattr(importlib.import_module(spec[0]), spec[1], None)
+        except Exception:  # a broken install must not break `autofit plan`
+            cls = None
+        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+            continue  # a tokenizer, a scheduler, a processor: no weights
+        folder = root / name
+        if not folder.is_dir():
+            missing.append(f"{name} (no {name}/ folder)")
+        elif not any(any(folder.glob(p)) for p in _WEIGHT_FILES):
+            missing.append(f"{name} ({name}/ has no weights)")
+    if missing:
+        raise AutoFitUsageError(f"{root}: model_index.json lists components the folder lacks: {', '.join(missing)}; "
+                                "download the whole pipeline (a partial download?)")
+    return index
+
+
 def measure_folder(path: "str | Path", dtype: str | None = None) -> tuple[str, Footprint]:
     """(pipeline class name, footprint) of a diffusers model folder, from headers only."""
     root = Path(path)
@@ -313,7 +360,7 @@ def measure_folder(path: "str | Path", dtype: str | None = None) -> tuple[str, F
             f"{root} has no model_index.json; pass the folder of a diffusers pipeline "
             "(the one save_pretrained() wrote, or a snapshot from the hub cache)"
         )
-    index = json.loads(index_path.read_text())
+    index = read_index(root)
     comps: dict[str, ComponentFootprint] = {}
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
