@@ -77,7 +77,9 @@ class Machine:
 
     @property
     def streams(self) -> bool:
-        return self.device_type in ("cuda", "xpu")
+        # diffusers' group offload takes its side stream from torch.accelerator: any accelerator
+        # with streams (CUDA, ROCm, XPU, a PrivateUse1 backend such as autofit.simdev); MPS has none.
+        return self.device_type not in ("cpu", "mps", "meta")
 
 
 @dataclass(frozen=True, slots=True)

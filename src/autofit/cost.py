@@ -28,6 +28,7 @@ HOST_SHARE = 0.9
 
 GB = 1e9
 GIB = 2**30
+VAE_REFERENCE_WIDTH = 128  # block_out_channels[0] of the SDXL VAE the decode figure was measured with
 
 # Calibrated on the H200 figures above (SDXL 1024x1024 with CFG: 0.058 s/step for 5.13 GB of UNet).
 COMPUTE_S_PER_GB_MP = 0.0054
@@ -291,8 +292,10 @@ def activation_bytes(stage: str, fp: Footprint, wl: Workload, measured: dict[str
         share = 0.5 if stage == "vae_encode" else 1.0
         vae = fp.by_role("decode")
         width = 2 if vae and vae[0].dtype == "float32" else 1
+        # Feature maps at full resolution hold most of it: they scale with the VAE's channels there.
+        channels = (vae[0].feature_width or VAE_REFERENCE_WIDTH) / VAE_REFERENCE_WIDTH if vae else 1.0
         frames = 1 if wl.frames <= 1 else min(wl.frames, 2 * max(wl.temporal_factor, 1))
-        return int(share * 2.4 * GIB * wl.height * wl.width / 1e6 * frames * wl.batch * width)
+        return int(share * 2.4 * GIB * wl.height * wl.width / 1e6 * frames * wl.batch * width * channels)
     return 0
 
 

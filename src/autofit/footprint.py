@@ -95,6 +95,9 @@ class ComponentFootprint:
     restorable: bool = False
     # Page-locked bytes a pinned copy of every tensor takes (each rounded up; see pinned_size).
     pinned_bytes: int = 0
+    # A VAE's channels at full resolution (``block_out_channels[0]``): its decode activations scale
+    # with it (SDXL's, Flux's and SD3's VAEs: 128). None: not known, taken as 128.
+    feature_width: int | None = None
 
     def pinned_stored(self, storage: str | None) -> int:
         """Pinned size of the component's tensors under a storage rung (scaled with the weights;
@@ -208,8 +211,16 @@ def measure_component(name: str, module: torch.nn.Module, role: str | None = Non
         dtype=str(dtype).replace("torch.", ""),
         restorable=restorable,
         pinned_bytes=pinned,
+        feature_width=_feature_width(module) if role == "decode" else None,
         **_quant_fields(role, cls, total, linear_bytes, linear_numel),
     )
+
+
+def _feature_width(module: torch.nn.Module) -> int | None:
+    channels = getattr(getattr(module, "config", None), "block_out_channels", None)
+    if isinstance(channels, (list, tuple)) and channels and isinstance(channels[0], int) and channels[0] > 0:
+        return channels[0]
+    return None
 
 
 def measure(pipe: Any) -> Footprint:

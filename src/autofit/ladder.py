@@ -11,7 +11,7 @@ stage's activation factor, must both be no higher and one of them lower.
 from __future__ import annotations
 
 from .context import Context
-from .cost import activation_bytes, host_bytes, stage_peak
+from .cost import activation_bytes, host_bytes, stage_peak, usable
 from .plan import Plan
 from .rungs import RUNGS, refusal, split_name, step, steps
 
@@ -43,7 +43,7 @@ def _peak(plan: Plan, stage: str, ctx: Context, measured: dict[str, int] | None)
 
 
 def next_plan(plan: Plan, stage: str, *, host_oom: bool, ctx: Context, avoid: frozenset[Plan] = frozenset(),
-              need: int = 0, measured: dict[str, int] | None = None,
+              need: int = 0, measured: dict[str, int] | None = None, budget: int | None = None,
               ) -> tuple[Plan | None, str | None, list[tuple[str, str]]]:
     """The next plan to try after an OOM in ``stage``: (plan, rung name, skipped rungs with reasons).
     Plans in ``avoid`` (already left behind on the way up) are skipped.
@@ -57,6 +57,11 @@ def next_plan(plan: Plan, stage: str, *, host_oom: bool, ctx: Context, avoid: fr
     fp, wl = ctx.footprint, ctx.workload
     current = (host_bytes(plan, fp), 0.0) if host_oom else stage_peak(plan, stage, fp, wl)
     peak_now = 0 if host_oom or not need else _peak(plan, stage, ctx, measured)
+    if need and budget is not None:
+        # The stage goes on allocating past the allocation that failed: with the activations
+        # corrected by what the OOM showed (``measured``), what the plan must shed is what its
+        # predicted peak exceeds the usable budget by, when that is more.
+        need = max(need, peak_now - usable(budget))
     best: tuple[tuple[bool, int], Plan, str] | None = None
     for name in HOST_LADDER if host_oom else LADDERS[stage]:
         candidates = steps(name, plan)

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 from .devices import memory_of
 from .events import emit
+from .explain import OOMFigures
 from .footprint import Footprint
 from .context import Workload
-from .cost import activation_factor, resident_bytes
+from .cost import activation_bytes, activation_factor, resident_bytes
 from .plan import Plan
 from .preflight import plausible_activations, predicted_peaks
 
@@ -59,6 +60,28 @@ def learned_activations(peaks: dict[str, int], plans: dict[str, Plan], plan: Pla
         if factor > 0:
             out[stage] = int(max(peak - resident_bytes(ran, stage, footprint), 0) / factor)
     return out
+
+
+def raise_activation_floor(rt: Runtime, stage: str, plan: Plan, message: str) -> int | None:
+    """After a device OOM whose message states this process's bytes: the stage's peak under
+    ``plan`` was at least those bytes plus the request, so its activations were at least that
+    less the weights resident for the stage. Where the estimate (or an earlier measurement) says
+    less, the floor replaces it: the ladder and the planner size the next plan from it. Returns
+    the floor (unscaled, as stored), or None when the message has no such figures."""
+    figures = OOMFigures.parse(message)
+    held = figures.allocated if figures.allocated is not None else figures.process
+    key, call = rt.state.key, rt.state.call
+    if held is None or not figures.requested or key is None:
+        return None
+    shape = call.shape if call is not None else Workload()
+    factor = activation_factor(plan, stage, shape)
+    if factor <= 0:
+        return None
+    floor = int(max(held + figures.requested - resident_bytes(plan, stage, rt.footprint), 0) / factor)
+    known = rt.state.measured.setdefault(key, {})
+    if floor > known.get(stage, activation_bytes(stage, rt.footprint, shape, known)):
+        known[stage] = floor
+    return floor
 
 
 def remember(rt: Runtime, seconds: float) -> None:

@@ -69,9 +69,14 @@ def on_oom(rt: Runtime, stage: str, failure: OOMInfo, *, component: str | None, 
         else:
             # Sized from the OOM's figures only where they are this device's (an allocator that
             # counts bytes): on the CPU a CUDA-worded message describes some other device.
-            need = shortfall(failure.message or failure.head) if not host_oom and sized_here(rt.device) else 0
+            need, budget = 0, None
+            if not host_oom and sized_here(rt.device):
+                need = shortfall(failure.message or failure.head)
+                measurements.raise_activation_floor(rt, stage, plan, failure.message or failure.head)
+                choice = state.choice
+                budget = choice.machine.budget_bytes if choice is not None and choice.machine is not None else None
             target, action, skipped = _decide(rt, plan, (stage,) if stage == origin else (stage, origin), host_oom,
-                                              need)
+                                              need, budget)
             for name, reason in skipped:
                 emit("rung_skipped", stage=stage, action=name, reason=reason, attempt=call.attempts)
             if target is None or action is None:
@@ -135,7 +140,8 @@ def _record(rt: Runtime, stage: str, action: str, failure: OOMInfo, component: s
     return record
 
 
-def _decide(rt: Runtime, plan: Plan, stages: tuple[str, ...], host_oom: bool, need: int = 0):
+def _decide(rt: Runtime, plan: Plan, stages: tuple[str, ...], host_oom: bool, need: int = 0,
+            budget: int | None = None):
     """(next plan, rung applied, rungs skipped with why) for the first of ``stages`` with a rung left.
     Plans already on the way up from the planned plan are not taken again: two stages' OOMs
     would otherwise flip the plan between two rungs for ever."""
@@ -146,7 +152,7 @@ def _decide(rt: Runtime, plan: Plan, stages: tuple[str, ...], host_oom: bool, ne
     for stage in stages:
         measured = rt.state.measured.get(rt.state.key) if rt.state.key is not None else None
         target, action, more = next_plan(plan, stage, host_oom=host_oom, ctx=ctx, avoid=avoid, need=need,
-                                         measured=measured)
+                                         measured=measured, budget=budget)
         skipped += more
         if target is not None:
             break
