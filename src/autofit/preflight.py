@@ -181,6 +181,15 @@ def choose(rt: Runtime, args: Sequence[Any], kwargs: dict[str, Any]) -> Choice |
             chosen = state.initial_plan if last is None else state.plan
         else:
             chosen = best.plan
+        if chosen.tiling is not None and "decode" not in (measured or {}):
+            # Tiling changes the image; an estimate alone does not justify it. The decode runs
+            # untiled and, if it does run out, is retried alone (the denoised latents are kept)
+            # on the decode ladder, which the cache then remembers.
+            deferred = [n for n in chosen.names if n in ("vae_tiling", "vae_tiling_small")]
+            for name in deferred:
+                chosen = chosen.without(name)
+            emit("tiling_deferred", stage="decode", action=",".join(deferred), attempt=0,
+                 reason="decode activations not measured yet: decoding untiled first")
     locked = rt.ledger.locked()
     if locked and chosen.storage != locked:
         # Weights changed one way with no copy to undo it: the plan says so rather than pretend.

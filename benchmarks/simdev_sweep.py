@@ -1,0 +1,129 @@
+"""autofit on the simulated capped device (autofit.simdev): real OOMs, real moves, no GPU.
+
+    python benchmarks/simdev_sweep.py [--size 128] [--steps 2] [--caps 30,24,20,17,16.25]
+
+Two tables, both SIMULATED (sim computes on the CPU; its allocator has no cache, so peaks are
+exact and there is no fragmentation):
+1. Per placement, with no cap: the planner's predicted stage peaks against the peaks measured on
+   the device, and host->device bytes per denoising step against the bytes the cost model says
+   a step streams.
+2. Per cap, default options (preflight and cache on): the plan reached, real OOMs on the first
+   call, on the second call and in a new wrapper with the same cache, the highest stage peak
+   against the cap, and host->device bytes per step of a steady call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import tempfile
+import time
+from dataclasses import replace
+
+import structlog
+import torch
+
+from autofit import autofit, simdev
+from autofit.context import Workload
+from autofit.cost import resident_bytes
+from autofit.planner import predict_peaks
+from autofit.testing import rung_context, tiny_sdxl
+
+MiB = 2**20
+PLACEMENTS = [(), ("model_offload",), ("group_block",), ("group_leaf",), ("group_leaf_stream",), ("sequential",),
+              ("resident_stream:50",)]
+
+
+def _call(pipe, args):
+    return pipe("a photo of an astronaut", generator=torch.Generator().manual_seed(0), num_inference_steps=args.steps,
+                height=args.size, width=args.size, output_type="pt").images
+
+
+def _ooms(history) -> int:
+    return sum(r.oom_kind != "none" for r in history)
+
+
+def placements(sim, args) -> None:
+    print(f"\n## Predicted vs measured stage peaks, tiny_sdxl {args.size}px, {args.steps} steps (simulated)")
+    print("| plan | stage | predicted MiB | measured MiB | ratio | h2d MiB/step | predicted streamed MiB/step |")
+    print("|---|---|---|---|---|---|---|")
+    for plan in PLACEMENTS:
+        simdev.set_cap(None)
+        proxy = autofit(tiny_sdxl(), device=sim, plan=plan, cache=False)
+        _call(proxy, args)  # places the weights, warms up
+        simdev.reset_counters()
+        _call(proxy, args)
+        h2d = simdev.counters()["h2d_bytes"] / args.steps
+        ctx = replace(rung_context(proxy), workload=Workload(height=args.size, width=args.size, steps=args.steps))
+        from autofit.plan import Plan
+        p = Plan.from_names(plan)
+        predicted = predict_peaks(p, ctx)
+        measured = proxy.autofit.last_call["stage_peaks_gib"]
+        fp = ctx.footprint
+        streamed = sum(c.bytes for c in fp.by_role("denoise")) - resident_bytes(p, "denoise", fp) \
+            if p.placement != "device" else 0
+        for stage in ("encode", "denoise", "decode"):
+            m = measured.get(stage)
+            if not m:
+                continue
+            m_mib = m * 2**30 / MiB
+            pr = predicted[stage] / MiB
+            print(f"| {'+'.join(plan) or 'device'} | {stage} | {pr:.2f} | {m_mib:.2f} | {pr / m_mib:.2f} | "
+                  f"{h2d / MiB:.2f} | {streamed / MiB:.2f} |")
+        del proxy
+        gc.collect()
+
+
+def sweep(sim, args) -> None:
+    print(f"\n## Cap sweep, default options, tiny_sdxl {args.size}px, {args.steps} steps (simulated)")
+    print("| cap MiB | plan | OOMs 1st call | OOMs 2nd call | OOMs new wrapper | peak/cap | h2d MiB/step | 1st call s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for cap_mib in [float(c) for c in args.caps.split(",")]:
+        cache = tempfile.mkdtemp()
+        simdev.set_cap(int(cap_mib * MiB))
+        first = autofit(tiny_sdxl(), device=sim, cache=cache)
+        t0 = time.perf_counter()
+        try:
+            _call(first, args)
+        except torch.OutOfMemoryError as exc:
+            print(f"| {cap_mib:g} | exhausted: {str(exc)[:80]} | | | | | | |")
+            continue
+        seconds = time.perf_counter() - t0
+        n1 = _ooms(first.autofit.history)
+        seen = len(first.autofit.history)
+        simdev.reset_counters()
+        _call(first, args)
+        h2d = simdev.counters()["h2d_bytes"] / args.steps
+        n2 = _ooms(first.autofit.history[seen:])
+        peak = max(first.autofit.last_call["stage_peaks_gib"].values()) * 2**30
+        plan = "+".join(first.autofit.plan) or "device"
+        del first
+        gc.collect()
+        second = autofit(tiny_sdxl(), device=sim, cache=cache)
+        _call(second, args)
+        n3 = _ooms(second.autofit.history)
+        del second
+        gc.collect()
+        print(f"| {cap_mib:g} | {plan} | {n1} | {n2} | {n3} | {peak / (cap_mib * MiB):.2f} | {h2d / MiB:.2f} | "
+              f"{seconds:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--caps", default="30,28,24,22,20,18,17,16.25")
+    parser.add_argument("--skip-placements", action="store_true")
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
+    sim = simdev.install()
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}; device {sim}; one thread")
+    if not args.skip_placements:
+        placements(sim, args)
+    sweep(sim, args)
+
+
+if __name__ == "__main__":
+    main()
