@@ -26,17 +26,18 @@ import torch
 
 from autofit import autofit, simdev
 from autofit.context import Workload
-from autofit.cost import resident_bytes
+from autofit.cost import resident_split
 from autofit.planner import predict_peaks
-from autofit.testing import rung_context, tiny_sdxl
+from autofit.testing import measured_activations, rung_context, tiny_sdxl
 
 MiB = 2**20
 PLACEMENTS = [(), ("model_offload",), ("group_block",), ("group_leaf",), ("group_leaf_stream",), ("sequential",),
               ("resident_stream:50",)]
 
 
-def _call(pipe, args):
-    return pipe("a photo of an astronaut", generator=torch.Generator().manual_seed(0), num_inference_steps=args.steps,
+def _call(pipe, args, steps=None):
+    return pipe("a photo of an astronaut", generator=torch.Generator().manual_seed(0),
+                num_inference_steps=steps or args.steps,
                 height=args.size, width=args.size, output_type="pt").images
 
 
@@ -46,30 +47,46 @@ def _ooms(history) -> int:
 
 def placements(sim, args) -> None:
     print(f"\n## Predicted vs measured stage peaks, tiny_sdxl {args.size}px, {args.steps} steps (simulated)")
-    print("| plan | stage | predicted MiB | measured MiB | ratio | h2d MiB/step | predicted streamed MiB/step |")
-    print("|---|---|---|---|---|---|---|")
+    print("| plan | stage | predicted MiB (estimate) | predicted MiB (measured activations) | measured MiB | ratios | "
+          "h2d MiB/step | predicted streamed MiB/step |")
+    print("|---|---|---|---|---|---|---|---|")
+    learned = None
     for plan in PLACEMENTS:
         simdev.set_cap(None)
-        proxy = autofit(tiny_sdxl(), device=sim, plan=plan, cache=False)
+        proxy = autofit(tiny_sdxl(), device=sim, plan=plan, cache=tempfile.mkdtemp())
         _call(proxy, args)  # places the weights, warms up
         simdev.reset_counters()
         _call(proxy, args)
-        h2d = simdev.counters()["h2d_bytes"] / args.steps
+        short = simdev.counters()["h2d_bytes"]
+        simdev.reset_counters()
+        _call(proxy, args, steps=2 * args.steps)
+        h2d = (simdev.counters()["h2d_bytes"] - short) / args.steps  # per denoising step: the extra steps' bytes
+        simdev.reset_counters()
+        _call(proxy, args)  # last_call is for the workload the table predicts
         ctx = replace(rung_context(proxy), workload=Workload(height=args.size, width=args.size, steps=args.steps))
         from autofit.plan import Plan
         p = Plan.from_names(plan)
         predicted = predict_peaks(p, ctx)
+        if learned is None:  # the first plan is everything on the device: its activations
+            learned = measured_activations(proxy)
+        corrected = predict_peaks(p, ctx, measured=learned)
         measured = proxy.autofit.last_call["stage_peaks_gib"]
         fp = ctx.footprint
-        streamed = sum(c.bytes for c in fp.by_role("denoise")) - resident_bytes(p, "denoise", fp) \
-            if p.placement != "device" else 0
+        if p.family == "resident_stream":
+            split = resident_split(p, fp)
+            streamed = sum(split[c.name][1] for c in fp.by_role("denoise"))
+        elif p.placement in ("device", "model_offload"):
+            streamed = 0  # the denoiser stays on the device for the whole denoising loop
+        else:
+            streamed = sum(c.bytes for c in fp.by_role("denoise"))  # every weight, every step
         for stage in ("encode", "denoise", "decode"):
             m = measured.get(stage)
             if not m:
                 continue
             m_mib = m * 2**30 / MiB
-            pr = predicted[stage] / MiB
-            print(f"| {'+'.join(plan) or 'device'} | {stage} | {pr:.2f} | {m_mib:.2f} | {pr / m_mib:.2f} | "
+            pr, co = predicted[stage] / MiB, corrected[stage] / MiB
+            print(f"| {'+'.join(plan) or 'device'} | {stage} | {pr:.2f} | {co:.2f} | {m_mib:.2f} | "
+                  f"{pr / m_mib:.2f} / {co / m_mib:.2f} | "
                   f"{h2d / MiB:.2f} | {streamed / MiB:.2f} |")
         del proxy
         gc.collect()

@@ -35,7 +35,7 @@ from .errors import AutoFitExhausted
 from .events import emit
 from .proxy import AutoFitPipeline, autofit
 
-__all__ = ["CALL_KEYS", "KNOWN_KEYS", "BatchError", "BatchItem", "BatchReport", "RejectedItem", "iter_manifest",
+__all__ = ["CALL_KEYS", "KNOWN_KEYS", "BatchError", "BatchItem", "BatchReport", "RejectedItem", "iter_manifest", "pending",
            "item_key", "load_items", "read_items", "run_batch"]
 
 
@@ -188,6 +188,22 @@ def _claim_names(items: Sequence[BatchItem | RejectedItem], defaults: dict[str, 
         for n in names:
             owner[n.casefold()] = item.id
     return clashes
+
+
+def pending(items: Sequence[BatchItem | RejectedItem], out_dir: str | os.PathLike, *,
+            defaults: dict[str, Any] | None = None, model: str) -> list[str]:
+    """The ids of the items :func:`run_batch` would generate in ``out_dir`` (a rejected item, one
+    not finished, or finished with other content), read from the manifest alone: ``autofit batch``
+    asks before loading the model, so resuming a finished batch takes a second. ``model`` is
+    ``"<pipeline class>:<name_or_path>"``, as the items' keys record it."""
+    items = _screen(list(items))
+    defaults = dict(defaults or {})
+    clashes = _claim_names(items, defaults)
+    out = Path(out_dir)
+    finished = _finished(out) if out.is_dir() else {}
+    return [item.id for item in items
+            if isinstance(item, RejectedItem) or item.id in clashes
+            or finished.get(item.id, {}).get("key") != item_key(item, {**defaults, **item.settings}, model)]
 
 
 def run_batch(

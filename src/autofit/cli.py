@@ -1,8 +1,11 @@
 """``autofit`` command line: ``plan``, ``doctor``, ``run``, ``batch`` and ``cache``.
 
-User errors are one line on stderr and exit code 2, found before any model is loaded (an output
-path that cannot be written among them); results go to stdout and log events to stderr. torch and
-diffusers are imported only by the commands that need them, so ``--help`` and ``--version`` are fast.
+One error boundary (:func:`main`): every failure is one line on stderr that says what to do, with
+the exit code of :data:`EXIT_CODES`; ``--debug`` shows the traceback of an unexpected error. User
+errors are found before any model is loaded (an output path that cannot be written among them).
+Results go to stdout (``--json``: one JSON document), log events to stderr; a closed stdout
+(``| head``) ends the command quietly. torch and diffusers are imported only by the commands that
+need them, so ``--help`` and ``--version`` are fast.
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ GIB = 2**30
 SIZE_HELP = "sizes take a unit (8GiB, 512MiB, 16GB); a bare number is read as GiB, with a warning"
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu)(:\d+)?")
 _PIPELINE_IMAGES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# What each exit code means (README, "Command line"; the --help epilog).
+EXIT_CODES = {
+    0: "done",
+    1: "failed: nothing fits (plan), an output that cannot be written, an unexpected error",
+    2: "a mistake in the command, found before any model is loaded",
+    3: "run: memory ran out at the last rung",
+    4: "batch: some items failed (see manifest.jsonl)",
+    130: "interrupted (Ctrl-C)",
+    141: "stdout was closed early (| head): nothing more is printed",
+}
 
 
 class UsageError(Exception):
@@ -205,6 +218,45 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _folder_defaults(folder: Path, pipeline: str) -> dict[str, Any]:
+    """What a call of the pipeline in ``folder`` makes when it is given no size or frames: its
+    ``__call__``'s defaults, else the denoiser's ``sample_size`` x the VAE's scale (as SD 1.5
+    and SDXL compute it), else 1024; and whether it makes videos (takes ``num_frames``)."""
+    from .preflight import call_defaults
+
+    params: dict[str, Any] = {}
+    try:
+        with _quiet(True):  # importing the class imports its encoders' libraries, with their notices
+            import diffusers
+
+            cls = getattr(diffusers, pipeline, None)
+        params = call_defaults(cls) if isinstance(cls, type) else {}
+    except Exception:  # a class this diffusers lacks or cannot import: plan with the fallbacks
+        params = {}
+
+    def config(name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((folder / name / "config.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    blocks = config("vae").get("block_out_channels")
+    scale = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else 8
+    side = None
+    for name in ("unet", "transformer"):
+        size = config(name).get("sample_size")
+        if isinstance(size, list) and size:
+            size = size[0]
+        if isinstance(size, int) and size > 0:
+            side = size * scale
+            break
+    pick = (lambda v: v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None)
+    frames = pick(params.get("num_frames"))
+    return {"height": pick(params.get("height")) or side or 1024, "width": pick(params.get("width")) or side or 1024,
+            "frames": frames or 1, "video": "num_frames" in params}
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from .footprint import measure_folder
     from . import disk
@@ -221,10 +273,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not fp.components:
         raise UsageError(f"{args.model_dir}: no component with weights found (model_index.json lists none that "
                          "has *.safetensors or *.bin files); pass the folder of a complete diffusers pipeline")
-    hw = _hardware(args)
+    defaults = _folder_defaults(Path(args.model_dir), pipeline)
+    if args.frames is not None and args.frames > 1 and not defaults["video"]:
+        raise UsageError(f"--frames {args.frames}: {pipeline} makes images, not videos; leave --frames out "
+                         "(it is for video pipelines: Wan, CogVideoX, LTX, HunyuanVideo...)")
+    args.frames = args.frames or defaults["frames"]
+    args.height = args.height or defaults["height"]
+    args.width = args.width or defaults["width"]
+    if args.vram is not None and args.device is not None:
+        # Planning for another machine's device: its kind decides streams and quantization
+        # backends; the bandwidths are this machine's when it has that device, else the host's.
+        try:
+            _check_device(args.device)
+            hw = _hardware(args)
+        except UsageError:
+            hw = _hardware(argparse.Namespace(**{**vars(args), "device": "cpu"}))
+        device_type = args.device.split(":")[0]
+    else:
+        hw = _hardware(args)
+        device_type = hw.device_type if args.vram is None else "cuda"
     budget = args.vram if args.vram is not None else hw.budget_bytes
     host = args.ram if args.ram is not None else hw.host_available_bytes
-    device_type = hw.device_type if args.vram is None else "cuda"
     # What can be page-locked: --pinned, else this machine's (unless --ram describes another one).
     pinned = args.pinned if args.pinned is not None else (hw.pinned_available_bytes if args.ram is None else None)
     free_disk = args.disk if args.disk is not None else disk.free_bytes()
@@ -237,7 +306,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rows = rank(context(fp, machine, wl, policy="speed"))
     ranked = rank(context(fp, machine, wl, policy=args.policy))
     pick = next((c for c in ranked if c.fits), None)
-    fastest = min((c.seconds for c in rows if c.fits), default=None)
+    # Speeds compare with the fastest plan --policy allows, not with one it forbids.
+    fastest = min((c.seconds for c in ranked if c.fits), default=None)
 
     def row(c, strategy: str | None = None) -> dict[str, Any]:
         out = {"strategy": strategy} if strategy is not None else {}
@@ -334,10 +404,16 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     _check_device(args.device)
     hw = _hardware(args)
+    from . import __version__
+
     report: dict[str, Any] = {
         "python": platform.python_version(),
+        # This distribution is autofit-diffusers (the PyPI name `autofit` is another project).
+        "autofit": {"version": __version__, "distribution": "autofit-diffusers", "path": str(Path(__file__).parent),
+                    "other_autofit": ver("autofit")},
         "versions": {n: ver(n) for n in ("torch", "diffusers", "accelerate", "transformers", "bitsandbytes",
-                                        "torchao", "nvidia-ml-py", "structlog", "autofit")},
+                                        "torchao", "nvidia-ml-py", "structlog")}
+                    | {"autofit-diffusers": __version__},
         "device": hw.as_dict(),
         "cuda_available": torch.cuda.is_available(),
         "host_available_gib": round(host_available_bytes() / GIB, 2),
@@ -366,7 +442,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return 0
     print(f"python {report['python']}")
     for name, v in report["versions"].items():
-        print(f"  {name:<14} {v or '-'}")
+        print(f"  {name:<17} {v or '-'}")
+    if report["autofit"]["other_autofit"]:
+        print(f"  warning: the unrelated PyPI project `autofit` (PyAutoFit) {report['autofit']['other_autofit']} is "
+              "installed too and also imports as `autofit`; `pip uninstall autofit` unless you need it")
     d = report["device"]
     print(f"device: {d['device_name']} ({d['device_type']}, via {d['source']}): total {d['total_bytes'] / GIB:.2f} GiB, "
           f"free {d['free_bytes'] / GIB:.2f} GiB, budget {d['budget_bytes'] / GIB:.2f} GiB"
@@ -424,7 +503,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import AutoFitExhausted, autofit
 
     pipe = _load_pipeline(args)
-    pipe.set_progress_bar_config(disable=False)
+    pipe.set_progress_bar_config(disable=bool(getattr(args, "quiet", False)))
     proxy = autofit(pipe, device=args.device, policy=args.policy, max_vram=args.vram, max_ram=args.ram,
                     cache=args.cache_dir or True)
     kwargs: dict[str, Any] = dict(num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed))
@@ -435,7 +514,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         image = proxy(args.prompt, **kwargs).images[0]
     except AutoFitExhausted as exc:
-        print(f"autofit run: {exc}", file=sys.stderr)
+        print(f"autofit run: {_one_line(exc)}; try a smaller --height/--width, --policy speed (lossy rungs) "
+              "or free device memory", file=sys.stderr)
         return 3
     saved, problem = _save_image(image, out)
     record = {
@@ -461,7 +541,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if plan_problem is not None:
         print(f"autofit run: wrote {out}, but cannot write {plan_path} ({plan_problem})", file=sys.stderr)
         return 1
-    print(f"wrote {out} and {plan_path} (plan: {'+'.join(proxy.autofit.plan) or 'device'})")
+    if args.json:
+        print(json.dumps({"image": str(out), "plan_file": str(plan_path), **record}, default=str))
+    else:
+        print(f"wrote {out} and {plan_path} (plan: {'+'.join(proxy.autofit.plan) or 'device'})")
     return 0
 
 
@@ -487,20 +570,39 @@ def cmd_batch(args: argparse.Namespace) -> int:
                              "another --out")
 
     from . import autofit
-    from .batch import BatchError, run_batch
+    from .batch import BatchError, pending, run_batch
 
-    pipe = _load_pipeline(args)
-    pipe.set_progress_bar_config(disable=True)
-    options = dict(policy=args.policy, max_vram=args.vram, max_ram=args.ram, cache=args.cache_dir or True)
-    if not args.distributed:
-        pipe = autofit(pipe, device=args.device, **options)
     defaults: dict[str, Any] = {"num_inference_steps": args.steps}
     if args.height is not None:
         defaults["height"] = args.height
     if args.width is not None:
         defaults["width"] = args.width
+    if not rejected:
+        # Resuming a finished batch: the manifest says so in a second, without loading the model.
+        try:
+            index = json.loads((Path(args.model_dir) / "model_index.json").read_text())
+        except (OSError, ValueError):
+            index = {}  # the load below says what is wrong with it
+        pipeline = index.get("_class_name", "") if isinstance(index, dict) else ""
+        try:
+            todo = pending(items, out, defaults=defaults, model=f"{pipeline}:{args.model_dir}")
+        except BatchError as exc:
+            print(f"autofit batch: {exc}", file=sys.stderr)
+            return 1
+        if not todo:
+            summary = {"done": 0, "skipped": len(items), "failed": {}, "seconds": 0.0, "out": str(args.out)}
+            print(json.dumps(summary) if args.json else
+                  f"done 0, skipped {len(items)} (finished before), failed 0 -> {args.out} (nothing to do: "
+                  "the model was not loaded)")
+            return 0
+    pipe = _load_pipeline(args)
+    pipe.set_progress_bar_config(disable=True)
+    options = dict(policy=args.policy, max_vram=args.vram, max_ram=args.ram, cache=args.cache_dir or True)
+    if not args.distributed:
+        pipe = autofit(pipe, device=args.device, **options)
     try:
-        report = run_batch(pipe, [*rejected, *items], args.out, defaults=defaults, progress=not args.json,
+        report = run_batch(pipe, [*rejected, *items], args.out, defaults=defaults,
+                           progress=not (args.json or getattr(args, "quiet", False)),
                            distributed=args.distributed, options=options)
     except BatchError as exc:
         print(f"autofit batch: {exc}", file=sys.stderr)
@@ -552,10 +654,22 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
+    codes = "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items())
     parser = _Parser(prog="autofit", description="Fit diffusers pipelines to the memory you have.",
-                     epilog=f"{SIZE_HELP}. User errors exit with code 2.")
+                     epilog=f"{SIZE_HELP}. Exit codes: {codes}.")
     parser.add_argument("--version", action="version", version=f"autofit {__version__}")
+    # --debug and --quiet go before or after the command (SUPPRESS: a subcommand's default does
+    # not override what was given before it).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an unexpected error, show the traceback instead of one line")
+    common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars, and only errors from autofit and its dependencies on stderr")
+    for action in common._actions:
+        parser._add_action(action)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)  # type: ignore[method-assign]
 
     def hw_opts(p: argparse.ArgumentParser) -> None:
         p.add_argument("--vram", type=_size, default=None, help=f"device memory to plan for, e.g. 8GiB ({SIZE_HELP})")
@@ -567,9 +681,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="every strategy with predicted VRAM, RAM, speed and quality")
     p.add_argument("model_dir")
     hw_opts(p)
-    p.add_argument("--height", type=_pixels, default=1024)
-    p.add_argument("--width", type=_pixels, default=1024)
-    p.add_argument("--frames", type=_count, default=1)
+    p.add_argument("--height", type=_pixels, default=None,
+                   help="default: the pipeline's own (its __call__'s, else sample_size x the VAE's scale)")
+    p.add_argument("--width", type=_pixels, default=None, help="default: as --height")
+    p.add_argument("--frames", type=_count, default=None,
+                   help="video pipelines only (default: the pipeline's num_frames)")
     p.add_argument("--batch", type=_count, default=1)
     p.add_argument("--steps", type=_count, default=30)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
@@ -580,7 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", type=_size, default=None,
                    help="free disk for group_disk's offload folder (default: this machine's, at "
                         "$AUTOFIT_OFFLOAD_DIR or the cache folder's offload/)")
-    p.add_argument("--all", action="store_true", help="also list strategies that do not fit")
+    p.add_argument("--all", action="store_true",
+                   help="after the one-row-per-strategy table, list every combination of strategies, "
+                        "fitting or not")
     p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("doctor", help="devices, memory, limits, versions, what each strategy lacks")
@@ -599,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["quality", "balanced", "speed", "memory"], default="quality")
     p.add_argument("--cache-dir", default=None)
     hw_opts(p)
-    p.set_defaults(fn=cmd_run)
+    p.set_defaults(fn=cmd_run)  # --json: the plan record, with where the image and plan went
 
     p = sub.add_parser("batch", help="resumable batch: prompts file in, images + manifest.jsonl out")
     p.add_argument("model_dir")
@@ -629,23 +747,79 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of the record."""
+    """Writes to whatever ``sys.stderr`` is at the time of the record; while a tqdm progress bar
+    is on the terminal, through ``tqdm.write``, which clears the bar, writes the line and draws
+    the bar again below it (a log line never lands in the middle of a bar)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
-        super().emit(record)
+        tqdm_std = sys.modules.get("tqdm.std")
+        bars = getattr(getattr(tqdm_std, "tqdm", None), "_instances", None)
+        if not bars:
+            super().emit(record)
+            return
+        try:
+            tqdm_std.tqdm.write(self.format(record), file=sys.stderr)  # type: ignore[union-attr]
+        except Exception:
+            self.handleError(record)
+
+
+# Loggers of dependencies that write warnings and notices on import or load (transformers'
+# torchvision fallbacks, bitsandbytes' kernel downloads...): --quiet raises them to ERROR.
+_NOISY = ("transformers", "diffusers", "accelerate", "bitsandbytes", "huggingface_hub", "torchao", "torch")
+_QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+              "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TQDM_DISABLE": "1"}
 
 
 @contextmanager
-def _logs_to_stderr() -> Iterator[None]:
-    """Results go to stdout, logs to stderr, always (``autofit batch --json | jq`` works). The
-    logger is left as it was afterwards: ``main()`` called in-process configures nothing for good."""
+def _quiet(on: bool) -> Iterator[None]:
+    """--quiet: dependencies' loading bars, warnings and notices silenced (errors still show), for
+    the command's duration; environment, loggers and warning filters are restored afterwards."""
+    if not on:
+        yield
+        return
+    import warnings
+
+    saved_env = {k: os.environ.get(k) for k in _QUIET_ENV}
+    os.environ.update(_QUIET_ENV)
+    loggers = {name: logging.getLogger(name) for name in _NOISY}
+    levels = {name: log.level for name, log in loggers.items()}
+    for log in loggers.values():
+        log.setLevel(logging.ERROR)
+    bars = []  # (module, was enabled) for libraries already imported
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "is_progress_bar_enabled"):
+            bars.append((module, module.is_progress_bar_enabled()))
+            module.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for name, log in loggers.items():
+            log.setLevel(levels[name])
+        for module, enabled in bars:
+            if enabled:
+                module.enable_progress_bar()
+
+
+@contextmanager
+def _logs_to_stderr(quiet: bool = False) -> Iterator[None]:
+    """Results go to stdout, logs to stderr, always (``autofit batch --json | jq`` works); INFO
+    and up, WARNING and up under --quiet. The logger is left as it was afterwards: ``main()``
+    called in-process configures nothing for good."""
     log = logging.getLogger("autofit")
     level = log.level
     handler = _StderrHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         yield
     finally:
@@ -653,22 +827,57 @@ def _logs_to_stderr() -> Iterator[None]:
         log.setLevel(level)
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (the first line, at most 300 characters)."""
+    text = " ".join(str(exc).split("\n")[0].split())[:300]
+    return text or type(exc).__name__
+
+
+def _stdout_gone() -> None:
+    """stdout's reader went away (``| head``): point stdout at /dev/null so that the flush at exit
+    does not raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (a test's capture)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The error boundary: whatever goes wrong is one line on stderr and an exit code of
+    :data:`EXIT_CODES` (``--debug``: an unexpected error's traceback too)."""
     args = build_parser().parse_args(argv)
     from .errors import AutoFitUsageError
 
+    debug, quiet = getattr(args, "debug", False), getattr(args, "quiet", False)
+    say = f"autofit {args.command}:"
     try:
-        with _logs_to_stderr():
-            return int(args.fn(args))
+        with _quiet(quiet), _logs_to_stderr(quiet):
+            code = int(args.fn(args))
+            sys.stdout.flush()  # a closed pipe shows here, inside the boundary
+            return code
     except (UsageError, AutoFitUsageError) as exc:
-        print(f"autofit {args.command}: {exc}", file=sys.stderr)
+        print(f"{say} {exc}", file=sys.stderr)
         return 2
     except OutputError as exc:
-        print(f"autofit {args.command}: {exc}", file=sys.stderr)
+        print(f"{say} {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"autofit {args.command}: interrupted", file=sys.stderr)
+        print(f"{say} interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _stdout_gone()
+        return 141
+    except Exception as exc:
+        if debug:
+            raise
+        import torch
+
+        what = "out of memory" if isinstance(exc, torch.OutOfMemoryError) else "unexpected error"
+        print(f"{say} {what}: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback; "
+              "if it looks like a bug in autofit, report it with that traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ class AutoFitPipeline(wrapt.ObjectProxy):
     def __copy__(self) -> Any:
         raise TypeError(_NO_COPY.format(what="copied", todo=(
             "Share the proxy itself, or wrap another pipeline: autofit(Pipeline.from_pipe(proxy.__wrapped__))"
-            " makes a pipeline sharing the weights (see README, 'Pipelines made from a proxy').")))
+            " makes a pipeline sharing the weights (see README, 'After wrapping').")))
 
     def __deepcopy__(self, memo: dict) -> Any:
         raise TypeError(_NO_COPY.format(what="deep-copied", todo=(
@@ -213,13 +213,54 @@ def _check_available(dev: torch.device) -> None:
         raise AutoFitUsageError(f"device={str(dev)!r}, but MPS is not available here; pass device='cpu'.")
 
 
+def valid_plan_names() -> str:
+    """Every name ``plan=`` accepts, placements first, as an error message lists them."""
+    from .rungs import EXTRAS, PLACEMENTS, QUANTIFIED, RESIDENT_MAX, RESIDENT_MIN
+
+    places = [f"{p}:N (N = {RESIDENT_MIN}..{RESIDENT_MAX}, % of the denoiser kept on the device; "
+              f"bare: {QUANTIFIED[p]})" if p in QUANTIFIED else p for p in PLACEMENTS]
+    return (f"one placement of {', '.join(places)}; plus any of {', '.join(EXTRAS)} (what each one is and the "
+            "diffusers call it corresponds to: docs/recipes.md, 'Rungs and the diffusers calls they stand for')")
+
+
+def parse_plan(plan: Any) -> tuple[str, ...]:
+    """``plan=`` as names: a string (``"model_offload"``, ``"model_offload+vae_tiling"``; ``,``
+    also separates) or a sequence of strings. Raises AutoFitUsageError naming every valid name."""
+    import difflib
+
+    from .rungs import PLACEMENTS, RUNGS, split_name
+
+    if isinstance(plan, str):
+        names = tuple(n.strip() for n in re.split(r"[+,]", plan) if n.strip())
+    elif isinstance(plan, (list, tuple)) and all(isinstance(n, str) for n in plan):
+        names = tuple(n.strip() for n in plan)
+    else:
+        raise AutoFitUsageError(f"plan={plan!r}: give strategy names as a string (\"model_offload\", "
+                                f"\"model_offload+vae_tiling\") or a list of strings; {valid_plan_names()}")
+    known = {"device", *RUNGS}
+    for name in names:
+        family = name.partition(":")[0]
+        if family not in known:
+            close = difflib.get_close_matches(family, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise AutoFitUsageError(f"plan={plan!r}: unknown strategy {name!r}{hint}; {valid_plan_names()}")
+        try:
+            split_name(name)
+        except ValueError as exc:
+            raise AutoFitUsageError(f"plan={plan!r}: {exc}") from None
+    placements = [n for n in names if n.partition(":")[0] in PLACEMENTS]
+    if len(placements) > 1:
+        raise AutoFitUsageError(f"plan={plan!r}: a plan has one placement, got {placements}; {valid_plan_names()}")
+    return names
+
+
 def autofit(
     pipe: Any,
     *,
     device: str | torch.device | None = None,
     policy: str = DEFAULT_POLICY,
     max_retries: int = 8,
-    plan: tuple[str, ...] | list[str] | None = None,
+    plan: str | tuple[str, ...] | list[str] | None = None,
     preflight: bool = True,
     cache: bool | str | os.PathLike = True,
     max_vram: int | str | None = None,
@@ -234,8 +275,10 @@ def autofit(
         policy: which rungs are allowed. ``"quality"`` (default): lossless rungs and VAE tiling;
             ``"balanced"``, ``"speed"``, ``"memory"``: also lossy ones (fp8 weight storage).
         max_retries: escalations allowed within one call before giving up.
-        plan: strategy names to start from (see ``proxy.autofit.plan``), e.g. ``("model_offload",)``;
-            turns preflight off.
+        plan: strategy names to start from (see ``proxy.autofit.plan``): a string
+            (``"model_offload"``, ``"model_offload+vae_tiling"``) or a sequence of names, e.g.
+            ``("group_leaf_stream", "vae_tiling")``; turns preflight off. Every name, and the
+            diffusers call each stands for: docs/recipes.md.
         preflight: at the first call of a workload, start from the plan predicted fastest among
             those that fit (or the cached plan that worked before), instead of from everything on
             the device.
@@ -279,10 +322,11 @@ def autofit(
         plan_cache = PlanCache(cache)
     adopted = _diffusers.detect_placement(pipe)
     if plan is not None:
+        names = parse_plan(plan)
         try:
-            start = Plan.from_names(tuple(plan))
+            start = Plan.from_names(names)
         except ValueError as exc:
-            raise AutoFitUsageError(f"plan={plan!r}: {exc}") from None
+            raise AutoFitUsageError(f"plan={plan!r}: {exc}; {valid_plan_names()}") from None
         if start.storage in ("int8", "nf4"):
             why = quantize.missing(dev.type)
             if why:
