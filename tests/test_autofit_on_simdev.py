@@ -179,3 +179,19 @@ def test_a_second_process_with_the_same_cache_raises_no_oom(sim, reference, tmp_
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"plan": list(first.autofit.plan), "ooms": 0}
+
+
+def test_group_disk_streams_from_files_to_the_device(sim, reference, tmp_path, monkeypatch):
+    """Disk offload on a non-CUDA device (safetensors cannot load to 'sim': read on the host,
+    then moved): the image equals the CPU run and every step moved the UNet's bytes to the device."""
+    monkeypatch.setenv("AUTOFIT_OFFLOAD_DIR", str(tmp_path / "offload"))
+    image = reference[0]
+    simdev.set_cap(24 * MiB)
+    proxy = autofit(tiny_sdxl(), device=sim, plan=("group_disk",), cache=False)
+    _call(proxy)
+    simdev.reset_counters()
+    out = _call(proxy)
+    torch.testing.assert_close(out.cpu(), image, rtol=0, atol=1e-5)
+    unet = sum(p.numel() * p.element_size() for p in tiny_sdxl().unet.parameters())
+    assert simdev.counters()["h2d_bytes"] >= CALL["num_inference_steps"] * unet
+    assert proxy.autofit.history == ()
