@@ -195,3 +195,28 @@ def test_group_disk_streams_from_files_to_the_device(sim, reference, tmp_path, m
     unet = sum(p.numel() * p.element_size() for p in tiny_sdxl().unet.parameters())
     assert simdev.counters()["h2d_bytes"] >= CALL["num_inference_steps"] * unet
     assert proxy.autofit.history == ()
+
+
+def test_raising_the_cap_lets_the_plan_relax(sim, reference, tmp_path):
+    """Pushed to a lighter plan by a real OOM at 17 MiB, the wrapper probes back down once calls
+    succeed: while the cap holds the probe fails (a real OOM) and the plan stays; once the cap is
+    raised above what everything-on-the-device needs, the probe holds and the plan is relaxed."""
+    from autofit.testing import pace_probes
+
+    _, peak, _ = reference
+    simdev.set_cap(17 * MiB)
+    proxy = autofit(tiny_sdxl(), device=sim, cache=False, preflight=False)
+    pace_probes(proxy, first_wait=1, max_wait=1)
+    _call(proxy)
+    pushed = proxy.autofit.plan
+    assert pushed != ()
+    _call(proxy)  # the probe: a real OOM at the lighter plan, back to the pushed one
+    assert proxy.autofit.plan == pushed
+    assert any(r.action == "probe_failed" for r in proxy.autofit.history)
+    simdev.set_cap(peak + 4 * MiB)
+    for _ in range(8):
+        _call(proxy)
+        if proxy.autofit.plan == ():
+            break
+    assert proxy.autofit.plan == ()
+    assert any(r.action == "relaxed" for r in proxy.autofit.history)

@@ -70,10 +70,11 @@ def raise_activation_floor(rt: Runtime, stage: str, plan: Plan, message: str) ->
     the floor (unscaled, as stored), or None when the message has no such figures."""
     figures = OOMFigures.parse(message)
     held = figures.allocated if figures.allocated is not None else figures.process
-    key, call = rt.state.key, rt.state.call
-    if held is None or not figures.requested or key is None:
+    call = rt.state.call
+    if held is None or not figures.requested:
         return None
     shape = call.shape if call is not None else Workload()
+    key = floor_key(rt, shape)
     factor = activation_factor(plan, stage, shape)
     if factor <= 0:
         return None
@@ -82,6 +83,12 @@ def raise_activation_floor(rt: Runtime, stage: str, plan: Plan, message: str) ->
     if floor > known.get(stage, activation_bytes(stage, rt.footprint, shape, known)):
         known[stage] = floor
     return floor
+
+
+def floor_key(rt: Runtime, shape: Workload) -> str:
+    """Where a workload's activations are kept in this process: its plan-cache key, or, with no
+    cache and no preflight, the workload itself."""
+    return rt.state.key if rt.state.key is not None else f"workload:{shape!r}"
 
 
 def remember(rt: Runtime, seconds: float) -> None:

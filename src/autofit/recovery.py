@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, NoReturn
 from . import measurements
 from .errors import AutoFitExhausted, CheckpointChanged, exhausted_message
 from .events import emit
+from .context import Workload
 from .explain import Verdict, judge, shortfall
+from .hardware import probe
 from .ladder import next_plan
 from .devices import memory_of
 from .oom import OOMInfo, OOMKind, free_memory
@@ -74,7 +76,8 @@ def on_oom(rt: Runtime, stage: str, failure: OOMInfo, *, component: str | None, 
                 need = shortfall(failure.message or failure.head)
                 measurements.raise_activation_floor(rt, stage, plan, failure.message or failure.head)
                 choice = state.choice
-                budget = choice.machine.budget_bytes if choice is not None and choice.machine is not None else None
+                budget = (choice.machine.budget_bytes if choice is not None and choice.machine is not None
+                          else probe(rt.device, max_vram=rt.max_vram, max_ram=rt.max_ram).budget_bytes)
             target, action, skipped = _decide(rt, plan, (stage,) if stage == origin else (stage, origin), host_oom,
                                               need, budget)
             for name, reason in skipped:
@@ -150,7 +153,8 @@ def _decide(rt: Runtime, plan: Plan, stages: tuple[str, ...], host_oom: bool, ne
     skipped: list[tuple[str, str]] = []
     target = action = None
     for stage in stages:
-        measured = rt.state.measured.get(rt.state.key) if rt.state.key is not None else None
+        call = rt.state.call
+        measured = rt.state.measured.get(measurements.floor_key(rt, call.shape if call is not None else Workload()))
         target, action, more = next_plan(plan, stage, host_oom=host_oom, ctx=ctx, avoid=avoid, need=need,
                                          measured=measured, budget=budget)
         skipped += more
