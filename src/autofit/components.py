@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .compiled import eager_module
 from .events import emit
 
 STAGES = ("load", "encode", "vae_encode", "denoise", "decode")
@@ -58,7 +59,8 @@ def _named_class(class_name: str) -> type | None:
 
 
 def _mro_names(module: Any = None, class_name: str | None = None) -> list[str]:
-    cls = type(module) if module is not None else _named_class(class_name) if class_name else None
+    # A compiled component (torch.compile(module)) is what the module under it is.
+    cls = type(eager_module(module)) if module is not None else _named_class(class_name) if class_name else None
     if cls is None:
         return [class_name] if class_name else []
     # Mixins say what a class can do, not what it is (every diffusers model is a PeftAdapterMixin).
@@ -139,7 +141,7 @@ def entry_points(name: str, module: torch.nn.Module, role: str | None) -> list[t
     """(method, stage) of each call of ``module`` a pipeline makes, to be wrapped."""
     if role is None:
         return []
-    if is_vae(module):
+    if is_vae(eager_module(module)):
         out = [("decode", "decode")]
         if callable(getattr(module, "encode", None)):
             out.append(("encode", "vae_encode"))

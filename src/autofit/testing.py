@@ -7,6 +7,14 @@ frames a real one would. Use it in your own tests of code that runs autofit.
     with inject_oom(pipe, stage="decode") as fault:
         image = proxy(prompt, ...).images[0]
     assert fault.fired == 1 and fault.freed_before_retry == [True]
+
+Compiled components (``torch.compile(pipe.unet)``, ``compile_repeated_blocks``, a compiled
+``vae.decode``) are injected into too: the raising hook is ``torch.compiler.disable``d, so dynamo
+breaks the graph to run it, and the component's compiled code is dropped when the injection is
+set up and removed, so it is traced again with (then without) the hook. An injection that could
+not see its target is an error: leaving the ``with`` block raises ``AssertionError`` when the
+target's call number ``at`` was reached and nothing fired (``expect_fire=True``: whenever nothing
+fired; ``expect_fire=False``: never).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any
 import torch
 
 from ._tiny import make_tokenizer, tiny_flux, tiny_sdxl
+from . import compiled
 from .components import module_components, roles
 from .switch import switch
 
@@ -105,6 +114,9 @@ class FaultInjection:
     freed_before_retry: list[bool] = field(default_factory=list)
     _ballast: list[weakref.ref] = field(default_factory=list, repr=False)
     _remove: Callable[[], None] | None = field(default=None, repr=False)
+    # None: fail on exit when the target was reached (``_reached``) and nothing fired.
+    expect_fire: bool | None = field(default=None, repr=False)
+    _reached: Callable[[], bool] = field(default=lambda: False, repr=False)
 
     def _check_ballast(self) -> None:
         while len(self.freed_before_retry) < len(self._ballast):
@@ -119,8 +131,15 @@ class FaultInjection:
     def __enter__(self) -> "FaultInjection":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         self.remove()
+        if exc_type is not None or self.fired or self.expect_fire is False:
+            return
+        if self.expect_fire or self._reached():
+            raise AssertionError(
+                f"inject_oom(stage={self.stage!r}, component={self.component!r}) never fired "
+                f"({self.calls} calls seen): the injection did not reach the component's code "
+                "(pass expect_fire=False if that is expected)")
 
 
 def _leaves(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -159,6 +178,7 @@ def inject_oom(
     component: str | None = None,
     when: Callable[[int], bool] | None = None,
     ballast_bytes: int = 1 << 20,
+    expect_fire: bool | None = None,
 ) -> FaultInjection:
     """Raise a real OOM from inside a real component.
 
@@ -172,6 +192,9 @@ def inject_oom(
         kind: which exception to raise (a key of ``OOM_MESSAGES``).
         when: optional predicate on the call number, instead of ``at``/``times``.
         ballast_bytes: a tensor of this size is alive in the raising frame, to check it is freed.
+        expect_fire: leaving the ``with`` block with nothing fired raises ``AssertionError``:
+            ``True`` always, ``None`` (default) when the target ran its ``at``-th call (an
+            injection that could not see into the component), ``False`` never.
     """
     error_kind = kind
     oom_error(error_kind)  # validate early
@@ -197,12 +220,15 @@ def inject_oom(
 
         scheduler.step = failing_step
         fault._remove = lambda: scheduler.__dict__.pop("step", None)
+        fault.expect_fire = expect_fire
+        fault._reached = lambda: when is None and fault.calls >= at
         return fault
 
     name, module = _pick(pipe, stage, component)
-    fault = FaultInjection(stage, name)
+    fault = FaultInjection(stage, name, expect_fire=expect_fire)
 
     if stage == "load":
+        fault._reached = lambda: when is None and fault.calls >= at
         had = "_apply" in module.__dict__
 
         def failing_apply(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -230,11 +256,17 @@ def inject_oom(
     top = getattr(module, part, module) if part else module
     leaves = _leaves(top)
     in_call = [False]
+    removed = [False]
+    # The component's own calls, seen outside any compiled code (torch.compile(module) runs the
+    # module's hooks eagerly): an injection that sees fewer could not see into it.
+    entered = [0]
 
     # An attempt starts at the first layer that runs inside the component, whichever it is;
     # retries made by autofit re-enter forward directly, so they count as attempts too.
+    # Disabled for dynamo: inside a compiled component the graph breaks and this runs eagerly.
+    @torch.compiler.disable
     def pre_hook(mod: torch.nn.Module, args: tuple[Any, ...]) -> None:
-        if in_call[0]:
+        if in_call[0] or removed[0]:
             return
         in_call[0] = True
         fault.calls += 1
@@ -248,17 +280,41 @@ def inject_oom(
             fault._ballast.append(weakref.ref(ballast))
             raise oom_error(error_kind)
 
+    @torch.compiler.disable
     def done(*_: Any) -> None:
         in_call[0] = False
 
+    def enter(*_: Any) -> None:
+        entered[0] += 1
+
+    regions = compiled.regions(module)
+    if regions:
+        # Compiled: one hook on the eager module itself, not one per layer (each would break
+        # the graph). torch.compile(module) runs the inner module's hooks outside the graph; a
+        # compiled method (vae.decode) traces them, and breaks the graph once to run this one.
+        leaves = [compiled.eager_module(top)]
+        top = leaves[0]
     handles = [leaf.register_forward_pre_hook(pre_hook) for leaf in leaves]
     handles.append(top.register_forward_hook(done))
+    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        handles.append(module.register_forward_pre_hook(enter))
+    retrace = any(r.kind == "method" for r in regions)
+    if retrace:
+        compiled.invalidate(module)  # traced again, with the hook (dynamo does not guard on hooks)
 
     def remove_hooks() -> None:
+        removed[0] = True
         for h in handles:
             h.remove()
+        if retrace:
+            compiled.invalidate(module)  # and again without them: no graph break left behind
+
+    def reached() -> bool:
+        seen = max(fault.calls, entered[0])
+        return (entered[0] > 0 and fault.calls == 0) or (when is None and seen >= at)
 
     fault._remove = remove_hooks
+    fault._reached = reached
     return fault
 
 

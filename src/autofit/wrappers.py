@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 
 import weakref
 
+from . import compiled
 from .components import entry_points, next_stage, roles
 from .oom import OOMInfo, classify
 
@@ -44,6 +45,7 @@ class _Slot:
     inner: Callable[..., Any] | None = None
     wrapper: Callable[..., Any] | None = None
     had_instance_attr: bool = False
+    compiled: list[compiled.Region] | None = None  # the component's compiled regions (empty: eager)
 
 
 class StageWrappers:
@@ -90,6 +92,7 @@ class StageWrappers:
             return
         for slot in self._targets():
             slot.had_instance_attr = slot.attr in slot.module.__dict__
+            slot.compiled = compiled.regions(slot.module) if slot.attr != "to" else []
             slot.inner = getattr(slot.module, slot.attr)
             slot.wrapper = self._make_wrapper(slot)
             setattr(slot.module, slot.attr, slot.wrapper)
@@ -156,7 +159,8 @@ class StageWrappers:
                     # Re-read the inner callable: recovery may have re-hooked the module.
                     inner = wrappers._inner_of(slot)
                     chunks = hooks.denoise_chunks if stage == "denoise" else 1
-                    out = inner(*args, **kwargs) if chunks == 1 else split_call(inner, args, kwargs, chunks)
+                    with wrappers._mode(slot, stage):
+                        out = inner(*args, **kwargs) if chunks == 1 else split_call(inner, args, kwargs, chunks)
                 except BaseException as exc:
                     failure = classify(exc)
                     if failure is None:
@@ -185,12 +189,23 @@ class StageWrappers:
         autofit_stage_call.__wrapped__ = slot.inner  # type: ignore[attr-defined]
         return autofit_stage_call
 
+    def _mode(self, slot: _Slot, stage: str) -> Any:
+        """Compiled components run eager under a plan their compiled code does not work with
+        (see :mod:`autofit.compiled`); everything else runs as it is."""
+        if not slot.compiled:
+            return _NOTHING
+        plan = getattr(self._hooks, "plan", None)
+        return compiled.run_context(slot.name, slot.module, getattr(plan, "placement", None), stage, slot.compiled)
+
     def _inner_of(self, slot: _Slot) -> Callable[..., Any]:
         for live in self._slots:
             if live.name == slot.name and live.attr == slot.attr:
                 return live.inner  # type: ignore[return-value]
         # Suspended (between uninstall and install): call whatever the module has now.
         return getattr(slot.module, slot.attr)
+
+
+_NOTHING = nullcontext()
 
 
 def _device_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.device | None:
