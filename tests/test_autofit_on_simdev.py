@@ -220,3 +220,28 @@ def test_raising_the_cap_lets_the_plan_relax(sim, reference, tmp_path):
             break
     assert proxy.autofit.plan == ()
     assert any(r.action == "relaxed" for r in proxy.autofit.history)
+
+
+def test_a_cap_that_moves_between_calls_never_fails_a_call(sim, reference, tmp_path):
+    """Another process taking and giving back device memory, simulated by moving the cap between
+    calls over the whole range (everything fits .. just above sequential): every call returns
+    the CPU run's image, on real OOMs only, and the OOMs stay few."""
+    from autofit.testing import pace_probes
+
+    image = reference[0]
+    caps = [30, 17, 17, 24, 30, 30, 16.25, 22, 30, 30]
+    simdev.reset_counters()
+    proxy = autofit(tiny_sdxl(), device=sim, cache=tmp_path)
+    pace_probes(proxy, first_wait=1, max_wait=2)
+    for cap_mib in caps:
+        simdev.set_cap(int(cap_mib * MiB))
+        seen = len(proxy.autofit.history)
+        out = _call(proxy)
+        torch.testing.assert_close(out.cpu(), image, rtol=0, atol=1e-5)
+        # A drop costs one OOM (sized from its figures against the room left now, not the budget
+        # preflight saw); a failed probe back down one more.
+        escalations = [r for r in proxy.autofit.history[seen:] if r.oom_kind != "none" and r.action != "probe_failed"]
+        assert len(escalations) <= 1, (cap_mib, escalations)
+    assert len(_ooms(proxy.autofit.history)) <= 6
+    assert proxy.autofit.plan == ()  # relaxed back once the room came back
+    assert simdev.counters()["device_ooms"] == len([r for r in proxy.autofit.history if r.oom_kind == "device"])

@@ -300,3 +300,13 @@ def test_shortfall_reads_the_figures_of_the_failed_allocation():
               "60.00 GiB is free. Including non-PyTorch memory, this process has 9.95 GiB memory in use. Of the "
               "allocated memory 9.90 GiB is allocated by PyTorch, with 10.00 GiB allowed;")
     assert abs(shortfall(capped) - (100 * 2**20 - 0.05 * GIB)) < 2**20
+
+
+def test_room_at_failure_is_what_the_process_could_have_had():
+    """The cap stated in the message, else free plus held; None without figures."""
+    from autofit.explain import room_at_failure
+    from autofit.testing import OOM_MESSAGES
+
+    spike = OOM_MESSAGES["cuda_spike"][1]  # 40 MiB free, this process 1.20 GiB
+    assert abs(room_at_failure(spike) - (40 * 2**20 + 1.2 * GIB)) < 2**20
+    assert room_at_failure("cuDNN error: CUDNN_STATUS_ALLOC_FAILED") is None

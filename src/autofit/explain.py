@@ -127,3 +127,14 @@ def shortfall(message: str) -> int:
     else:
         return 0
     return max(f.requested - room, 1)
+
+
+def room_at_failure(message: str) -> int | None:
+    """The device memory this process could have used when the OOM was raised: the per-process
+    cap when one is stated, else what was free plus what the process held. None without figures."""
+    f = OOMFigures.parse(message)
+    if f.allowed is not None:
+        return f.allowed
+    if f.free is not None and f.process is not None:
+        return f.free + f.process
+    return None

@@ -12,7 +12,7 @@ from . import measurements
 from .errors import AutoFitExhausted, CheckpointChanged, exhausted_message
 from .events import emit
 from .context import Workload
-from .explain import Verdict, judge, shortfall
+from .explain import Verdict, judge, room_at_failure, shortfall
 from .hardware import probe
 from .ladder import next_plan
 from .devices import memory_of
@@ -75,9 +75,12 @@ def on_oom(rt: Runtime, stage: str, failure: OOMInfo, *, component: str | None, 
             if not host_oom and sized_here(rt.device):
                 need = shortfall(failure.message or failure.head)
                 measurements.raise_activation_floor(rt, stage, plan, failure.message or failure.head)
-                choice = state.choice
-                budget = (choice.machine.budget_bytes if choice is not None and choice.machine is not None
-                          else probe(rt.device, max_vram=rt.max_vram, max_ram=rt.max_ram).budget_bytes)
+                # What this process could have had at the moment of failure (the OOM's own
+                # figures: free plus what it held), else the budget probed now; memory other
+                # processes took since preflight is not ours.
+                budget = room_at_failure(failure.message or failure.head)
+                if budget is None:
+                    budget = probe(rt.device, max_vram=rt.max_vram, max_ram=rt.max_ram).budget_bytes
             target, action, skipped = _decide(rt, plan, (stage,) if stage == origin else (stage, origin), host_oom,
                                               need, budget)
             for name, reason in skipped:
