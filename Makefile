@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench mutate clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,17 @@ demo: install
 bench: install
 	$(PY) benchmarks/overhead.py
 
+# Mutation testing of the decision modules (docs/testing.md), outside `make test`: first the hand-made
+# mutants of issue 26 (a few minutes), then mutmut over the modules and tests in pyproject's
+# [tool.mutmut] (~30 min on 2 cores). One OpenMP thread: torch's spinning threads would starve the
+# parallel workers. `make mutate MUTANTS='autofit.oom*'` runs mutmut on some mutants only.
+MUTANTS ?=
+mutate: install
+	$(PY) -m pip install --quiet -e ".[test,mutate]"
+	OMP_NUM_THREADS=1 $(PY) benchmarks/mutate.py
+	OMP_NUM_THREADS=1 $(PY) -m mutmut run $(MUTANTS)
+	$(PY) -m mutmut export-cicd-stats
+	$(PY) -m mutmut results
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache demo.png demo.plan.json
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache demo.png demo.plan.json mutants
