@@ -245,3 +245,24 @@ def test_a_cap_that_moves_between_calls_never_fails_a_call(sim, reference, tmp_p
     assert len(_ooms(proxy.autofit.history)) <= 6
     assert proxy.autofit.plan == ()  # relaxed back once the room came back
     assert simdev.counters()["device_ooms"] == len([r for r in proxy.autofit.history if r.oom_kind == "device"])
+
+
+@pytest.mark.parametrize("start", [(), ("offload_encoders",), ("offload_for_decode",), ("model_offload",),
+                                   ("group_block",), ("resident_stream:50",)])
+def test_the_fault_matrix_on_real_ooms(sim, reference, start):
+    """Each starting plan, explicitly given (no preflight, no cache), under a 17 MiB cap that only
+    sequential-class placements fit: the real OOMs (wherever they fall: placing the weights, a
+    denoise step, the decode) are recovered within the default max_retries, no step is redone
+    twice, and the image equals the CPU run."""
+    image = reference[0]
+    simdev.set_cap(17 * MiB)
+    pipe = tiny_sdxl()
+    steps = []
+    handle = pipe.unet.register_forward_hook(lambda *a: steps.append(1))
+    proxy = autofit(pipe, device=sim, plan=start, cache=False)
+    out = _call(proxy)
+    handle.remove()
+    torch.testing.assert_close(out.cpu(), image, rtol=0, atol=1e-5)
+    ooms = _ooms(proxy.autofit.history)
+    assert 1 <= len(ooms) <= 3
+    assert len(steps) == CALL["num_inference_steps"]  # completed UNet calls: none made twice
