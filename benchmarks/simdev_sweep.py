@@ -126,12 +126,44 @@ def sweep(sim, args) -> None:
               f"{seconds:.1f} |")
 
 
+def soak(sim, args) -> None:
+    """Calls under a cap that moves at random between calls (another process taking and giving
+    back memory), one wrapper and cache: failed calls, real OOMs, time lost to them."""
+    import random
+
+    from autofit.testing import pace_probes
+
+    rng = random.Random(0)
+    lo, hi = [float(c) for c in args.soak_range.split(",")]
+    proxy = autofit(tiny_sdxl(), device=sim, cache=tempfile.mkdtemp())
+    pace_probes(proxy, first_wait=4, max_wait=16, probe_share=0.03)
+    failed = 0
+    t0 = time.perf_counter()
+    lost = 0.0
+    for _ in range(args.soak):
+        cap = rng.uniform(lo, hi) if rng.random() < 0.2 else None  # a new cap every ~5 calls
+        if cap is not None:
+            simdev.set_cap(int(cap * MiB))
+        try:
+            _call(proxy, args)
+            lost += proxy.autofit.last_call["seconds_lost"]
+        except torch.OutOfMemoryError:
+            failed += 1
+    total = time.perf_counter() - t0
+    ooms = [r for r in proxy.autofit.history if r.oom_kind != "none"]
+    print(f"\n## Soak, {args.soak} calls, cap moving in {lo:g}-{hi:g} MiB (simulated)")
+    print(f"failed calls {failed}; real OOMs {len(ooms)} ({sum(r.action == 'probe_failed' for r in ooms)} failed "
+          f"probes); seconds lost {lost:.1f} of {total:.1f}; final plan {'+'.join(proxy.autofit.plan) or 'device'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--caps", default="30,28,24,22,20,18,17,16.25")
     parser.add_argument("--skip-placements", action="store_true")
+    parser.add_argument("--soak", type=int, default=0, help="calls under a moving cap (0: no soak)")
+    parser.add_argument("--soak-range", default="16.25,30")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     sim = simdev.install()
@@ -139,7 +171,10 @@ def main() -> None:
     print(f"torch {torch.__version__}; device {sim}; one thread")
     if not args.skip_placements:
         placements(sim, args)
-    sweep(sim, args)
+    if args.caps:
+        sweep(sim, args)
+    if args.soak:
+        soak(sim, args)
 
 
 if __name__ == "__main__":
