@@ -615,22 +615,65 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0 if not report.failed else 4
 
 
+def _cache_row(entry: Any, now: float) -> dict[str, Any]:
+    """One `autofit cache list` row: what the record's key says of the workload (model, size,
+    batch, budget, policy), its plan and age. Fields a record lacks are None."""
+    record = entry.record or {}
+    key = record.get("key") if isinstance(record.get("key"), dict) else {}
+
+    def number(value: Any) -> Any:
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    size = record.get("size")
+    size = size if isinstance(size, list) and len(size) == 2 and all(number(v) for v in size) else None
+    pixels, budget, updated = number(key.get("pixels_bucket")), number(key.get("budget_bucket")), number(record.get("updated"))
+    return {"key": entry.key, "pipeline": key.get("pipeline"), "model": key.get("pipeline"),
+            "size": size,  # [height, width] of the last call stored, where the record has it
+            "megapixels": round(pixels * 65536 / 1e6, 2) if pixels is not None else None,  # the key's bucket
+            "frames": number(key.get("frames")), "batch": number(key.get("batch")),
+            "budget_gib": budget * 0.5 if budget is not None else None,  # the 512 MiB bucket's floor
+            "policy": key.get("policy"), "device": key.get("device"),
+            "plan": record.get("plan"), "updated": updated,
+            "age_s": round(max(0.0, now - updated), 1) if updated is not None else None,
+            "problem": entry.problem}
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    for unit, length in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= length:
+            return f"{int(seconds // length)} {unit} ago"
+    return f"{int(seconds)} s ago"
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     from .cache import PlanCache
 
     cache = PlanCache(args.cache_dir)
     if args.action == "list":
-        entries = cache.entries()
-        rows = [{"key": e.key, "pipeline": ((e.record or {}).get("key") or {}).get("pipeline"),
-                 "plan": (e.record or {}).get("plan"), "updated": (e.record or {}).get("updated"),
-                 "problem": e.problem} for e in entries]
+        import time
+
+        now = time.time()
+        rows = [_cache_row(e, now) for e in cache.entries()]
         if args.json:
             print(json.dumps({"directory": str(cache.directory), "records": rows}, indent=2))
             return 0
         print(f"{cache.directory}: {len(rows)} record(s)")
+        table = [("MODEL", "SIZE", "BATCH", "BUDGET", "POLICY", "PLAN", "AGE", "KEY")]
         for r in rows:
-            what = f"ignored: {r['problem']}" if r["problem"] else f"plan {'+'.join(r['plan'] or []) or 'device'}"
-            print(f"  {r['key']}  {r['pipeline'] or '?':<32} {what}")
+            what = f"ignored: {r['problem']}" if r["problem"] else "+".join(r["plan"] or []) or "device"
+            size = r["size"] and "x".join(map(str, r["size"]))
+            if not size and r["megapixels"] is not None:
+                size = f"~{r['megapixels']:g} MP"
+            if size and (r["frames"] or 1) > 1:
+                size += f" x{r['frames']}f"
+            budget = f"{r['budget_gib']:g} GiB" if r["budget_gib"] is not None else "?"
+            table.append((r["model"] or "?", size or "?", str(r["batch"] or "?"), budget, r["policy"] or "?",
+                          what, _age(r["age_s"]), r["key"]))
+        widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+        for row in table:
+            print("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
         return 0
     if args.action == "show":
         if not args.key:

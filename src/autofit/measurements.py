@@ -115,6 +115,10 @@ def remember(rt: Runtime, seconds: float) -> None:
              **{f"measured_{k}_gib": round(v / 2**30, 3) for k, v in now.items()},
              **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in state.predicted.items() if k in now})
 
+    # The resolution itself, for `autofit cache list` (the key holds only its 64K-pixel bucket).
+    wl = choice.workload if choice is not None else None
+    size = {"size": [wl.height, wl.width]} if wl is not None else {}
+
     def change(record: dict | None) -> dict:
         # Another process may have stored meanwhile: its broken rungs are kept, and each
         # stage keeps the larger activation measured (plans are predicted from them), unless the
@@ -125,7 +129,8 @@ def remember(rt: Runtime, seconds: float) -> None:
         return {"plan": list(steer.names), "running": list(plan.names), "explained": steer == plan,
                 "activations": {**stored, **merge_activations(stored, activations, key)},
                 "seconds": round(seconds, 4),
-                "key": choice.fields if choice is not None else {}, "unusable": _merged_unusable(rt, record)}
+                "key": choice.fields if choice is not None else {}, "unusable": _merged_unusable(rt, record),
+                **size}
 
     # The plan that steers the next process: raised only by escalations the OOM's figures
     # explained (a spike from another process does not make every later process slower).

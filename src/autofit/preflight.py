@@ -243,7 +243,7 @@ def _stale(rt: Runtime, chosen: Plan, ctx: Context, measured: dict[str, int] | N
     within the whole budget, so no working reserve is asked of it."""
     stale = predict(chosen, ctx, measured=measured, margin=1.0)
     if not stale.fits and stale.vram > ctx.machine.budget_bytes and not measured:
-        # Without measured activations (peaks are measured on CUDA only) a device-memory
+        # Without measured activations (no peaks on the CPU: autofit.devices) a device-memory
         # misfit is the estimate's word against a plan that ran: set it aside, and keep
         # every other reason (host RAM, pinning, a missing library, the policy).
         stale = predict(chosen, replace(ctx, machine=replace(ctx.machine, budget_bytes=stale.vram)), measured=None,

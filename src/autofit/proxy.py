@@ -61,8 +61,60 @@ class AutoFitControl:
         or the plan autofit started with when preflight is off."""
         self._rt.reset()
 
+    def _counts(self) -> str:
+        state = self._rt.state
+        ooms = sum(r.oom_kind in ("device", "host") for r in state.history)
+        return (f"{state.calls} call(s), {state.calls_recovered} recovered, {ooms} OOM(s), "
+                f"{len(state.history)} escalation record(s)")
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        return [(str(i), r.stage, r.component or "-", r.action, r.scope, r.oom_kind, r.cause or "-",
+                 "+".join(r.plan) or "device") for i, r in enumerate(self.history, 1)]
+
+    def _last_call_lines(self) -> list[str]:
+        last = self._rt.state.last_call
+        if not last:
+            return ["last call: none yet"]
+        lines = [f"last call: {last.get('seconds', 0):.3f} s, {last.get('attempts', 0)} failed attempt(s), "
+                 f"{last.get('seconds_lost', 0):.3f} s lost, plan {'+'.join(last.get('plan', ())) or 'device'}"]
+        peaks = last.get("stage_peaks_gib") or {}
+        lines.append("stage peaks: " + (", ".join(f"{k} {v:.3f} GiB" for k, v in peaks.items())
+                                        or "not measured (the CPU has no device allocator to count them)"))
+        return lines
+
+    def summary(self) -> str:
+        """What autofit did, as plain text: the plan and counts, one row per :attr:`history`
+        record (stage, component, action, scope, OOM kind, cause, plan after), then the last
+        call's seconds, seconds lost and stage peaks."""
+        lines = [f"autofit on {self.device} (policy {self.policy}): plan {'+'.join(self.plan) or 'device'}",
+                 self._counts()]
+        rows = self._rows()
+        if rows:
+            table = [_SUMMARY_COLUMNS, *rows]
+            widths = [max(len(row[i]) for row in table) for i in range(len(_SUMMARY_COLUMNS))]
+            lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+        else:
+            lines.append("no escalations")
+        return "\n".join(lines + self._last_call_lines())
+
+    def _repr_html_(self) -> str:
+        """:meth:`summary` as an HTML table, for notebooks."""
+        from html import escape
+
+        head = "".join(f"<th>{escape(c)}</th>" for c in _SUMMARY_COLUMNS)
+        body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in self._rows())
+        table = (f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>" if body
+                 else "<p>no escalations</p>")
+        tail = "".join(f"<p>{escape(line)}</p>" for line in self._last_call_lines())
+        return (f"<div><p><b>autofit</b> on {escape(str(self.device))} (policy {escape(self.policy)}): plan "
+                f"<code>{escape('+'.join(self.plan) or 'device')}</code>; {escape(self._counts())}</p>"
+                f"{table}{tail}</div>")
+
     def __repr__(self) -> str:
-        return f"AutoFitControl(device={self.device}, policy={self.policy!r}, plan={self.plan})"
+        return f"AutoFitControl(device={self.device}, policy={self.policy!r}, plan={self.plan}): {self._counts()}"
+
+
+_SUMMARY_COLUMNS = ("#", "stage", "component", "action", "scope", "oom", "cause", "plan after")
 
 
 # Methods the user may call after wrapping to offload the pipeline: autofit adopts the result as

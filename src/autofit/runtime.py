@@ -314,12 +314,14 @@ class Runtime:
         plan = state.plan
         stage_peaks = {k: round(v / 2**30, 3) for k, v in call.stage_peaks.items()
                        if call.stage_plans.get(k, plan) == plan}  # the plan reported below
+        state.calls += 1
+        state.calls_recovered += bool(call.attempts)
         state.last_call = {
             "seconds": round(total, 4),
             "attempts": call.attempts,
             "seconds_lost": round(call.seconds_lost, 4),
             "plan": plan.names,
-            "stage_peaks_gib": stage_peaks,  # CUDA only: max_memory_allocated per stage
+            "stage_peaks_gib": stage_peaks,  # peak allocated per stage, on any accelerator (autofit.devices)
         }
         if state.relax.probing is not None:
             state.relax.call_succeeded()  # the probe held for a whole call: the step down stays

@@ -93,6 +93,8 @@ class WrapperState:
         self.unusable: dict[str, set[str]] = {}  # rung -> components it broke (plan cache too)
         self.measured: dict[str, dict[str, int]] = {}  # cache key -> stage -> activation bytes
         self.last_call: dict[str, Any] = {}
+        self.calls = 0  # calls that succeeded (proxy.autofit.summary())
+        self.calls_recovered = 0  # of which recovered from at least one failure
         self.call: CallState | None = None
         self.wrappers: Any = None  # the StageWrappers of the call in progress
         self.denoise_chunks = 1

@@ -388,7 +388,7 @@ def host_room(proxy: Any) -> tuple[int, int]:
 
 
 def measured_activations(proxy: Any) -> dict[str, int]:
-    """Activation bytes per stage learned for the workload of the last call (CUDA only)."""
+    """Activation bytes per stage learned for the workload of the last call (measured on accelerators, not the CPU)."""
     rt = _runtime(proxy)
     with rt.lock:
         return dict(rt.state.measured.get(rt.state.key, {}))
