@@ -228,3 +228,24 @@ def test_update_still_writes_where_the_filesystem_has_no_flock(tmp_path, monkeyp
     cache = PlanCache(tmp_path)
     cache.update("k", lambda r: {"plan": ["model_offload"]})
     assert cache.get("k")["plan"] == ["model_offload"]
+
+
+def test_tiling_picked_from_estimates_alone_is_deferred():
+    """With no decode activation measured, the planner's VAE tiling (it changes the image) is not
+    applied up front: the plan starts as the planner's pick less the tiling, and says so."""
+    from autofit.planner import choose as planner_choose
+    from autofit.testing import rung_context
+
+    proxy = autofit(tiny_sdxl(), max_vram="9MiB", cache=False)
+    with structlog.testing.capture_logs() as logs:
+        run(proxy, "sdxl", num_inference_steps=1)
+    ctx = rung_context(proxy)
+    from dataclasses import replace
+    from autofit.context import Workload
+    wl = Workload(height=64, width=64, steps=1)
+    planned = planner_choose(replace(ctx, workload=wl)).plan  # the planner's own pick, independently
+    assert planned.tiling is not None  # the estimate alone asks for tiling here
+    (deferred,) = [e for e in logs if e["event"] == "autofit.tiling_deferred"]
+    assert deferred["action"] in ("vae_tiling", "vae_tiling_small")
+    assert proxy.autofit.plan == planned.without(deferred["action"]).names
+    assert not {"vae_tiling", "vae_tiling_small"} & set(proxy.autofit.plan)

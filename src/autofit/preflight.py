@@ -181,10 +181,11 @@ def choose(rt: Runtime, args: Sequence[Any], kwargs: dict[str, Any]) -> Choice |
             chosen = state.initial_plan if last is None else state.plan
         else:
             chosen = best.plan
-        if chosen.tiling is not None and "decode" not in (measured or {}):
+        if chosen.tiling is not None and "decode" not in (measured or {}) and rt.policy != "memory":
             # Tiling changes the image; an estimate alone does not justify it. The decode runs
             # untiled and, if it does run out, is retried alone (the denoised latents are kept)
-            # on the decode ladder, which the cache then remembers.
+            # on the decode ladder, which the cache then remembers. policy="memory" asked for the
+            # least device memory over the image: its tiling stays.
             deferred = [n for n in chosen.names if n in ("vae_tiling", "vae_tiling_small")]
             for name in deferred:
                 chosen = chosen.without(name)
