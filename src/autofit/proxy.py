@@ -12,6 +12,7 @@ import torch
 import wrapt
 
 from . import _diffusers
+from .units import parse_bytes
 from .errors import AutoFitUsageError
 from .events import emit
 from .context import DEFAULT_POLICY, POLICIES
@@ -199,26 +200,6 @@ class AutoFitPipeline(wrapt.ObjectProxy):
 
     def __repr__(self) -> str:
         return f"<AutoFitPipeline plan={self._self_control.plan} wrapping {self.__wrapped__!r}>"
-
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_bytes(text: int | str) -> int:
-    """``8GiB``, ``512MiB``, ``16GB``, ``1.5gib`` or a plain number of bytes."""
-    if isinstance(text, bool):
-        raise ValueError("a size, not a bool")
-    if isinstance(text, (int, float)):
-        value = int(text)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"{text!r} is not a size; write e.g. 8GiB, 512MiB or 16GB")
-        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if value <= 0:
-        raise ValueError(f"{text!r}: a size must be positive")
-    return value
 
 
 def _parse_bytes(option: str, value: int | str | None) -> int | None:

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ..units import parse_bytes
+
 __all__ = [
     "NAME", "SimDevUnavailable", "available", "build_dir", "counters", "get_cap", "get_pinned_cap", "install",
     "is_installed", "max_memory_allocated", "memory_allocated", "require", "reset_counters",
@@ -44,8 +46,6 @@ _SOURCE = Path(__file__).with_name("simdev.cpp")
 # optimisation buys nothing but build time.
 _CFLAGS = ("-O1",)
 _READY = "READY"
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 _lock = threading.RLock()
 _installed = False
@@ -57,19 +57,8 @@ class SimDevUnavailable(RuntimeError):
 
 # ------------------------------------------------------------------------------ sizes
 def _parse_size(value: int | str) -> int:
-    """``4GiB``, ``512MiB``, ``16GB``, ``1.5gib`` or a number of bytes (as autofit's max_vram)."""
-    if isinstance(value, bool):
-        raise ValueError("a size, not a bool")
-    if isinstance(value, (int, float)):
-        n = int(value)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"{value!r} is not a size; write e.g. 8GiB, 512MiB or 16GB")
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n < 0:
-        raise ValueError(f"{value!r}: a size cannot be negative")
-    return n
+    """``4GiB``, ``512MiB``, ``16GB``, ``1.5gib`` or a number of bytes (as autofit's max_vram); 0 is a cap too."""
+    return parse_bytes(value, allow_zero=True)
 
 
 def _host_ram() -> int:
