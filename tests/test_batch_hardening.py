@@ -337,3 +337,18 @@ def test_cache_clear_with_a_folder_where_a_record_should_be(tmp_path, capsys):
     (line,) = [x for x in captured.err.splitlines() if "deadbeef.json" in x]
     assert "WARNING" in line and "Is a directory" in line and "Traceback" not in captured.err
     assert [e.key for e in PlanCache(cache_dir).entries()] == ["deadbeef"]
+
+
+def test_the_writability_probes_never_touch_a_users_files(tmp_path):
+    """The checks that a folder can be written (--out before the model loads, the offload folder
+    before group_disk) make a file of a new name and remove only that: a user's files beside
+    them, whatever their names, are left as they were."""
+    from autofit import disk
+    from autofit.cli import _check_out_dir
+
+    mine = {".autofit-probe.123.tmp": "a", ".autofit-probe-x": "b", ".cat.png.tmp.png": "c", "cat.png": "d"}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    _check_out_dir(tmp_path, "--out", str(tmp_path))
+    assert disk.unusable(tmp_path) is None
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == mine

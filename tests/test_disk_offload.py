@@ -320,7 +320,7 @@ def test_weights_mapped_off_a_boundary_come_back_where_they_were(kind, tmp_path,
     assert torch.equal(run(proxy, kind, **STEPS), reference)
 
 
-@pytest.fixture(params=["read-only mount", "a file where the folder goes", "chmod 0o500"])
+@pytest.fixture(params=["read-only mount", "a file where the folder goes"])
 def unwritable_root(request, tmp_path):
     """An offload root nothing can be written in, made the real way."""
     root = tmp_path / "offload"
@@ -336,18 +336,9 @@ def unwritable_root(request, tmp_path):
             yield root
         finally:
             subprocess.run(["umount", str(root)], check=True)
-    elif how == "a file where the folder goes":
+    else:  # a file where the folder goes
         root.write_text("not a folder")
         yield root
-    else:
-        if not hasattr(os, "geteuid") or os.geteuid() == 0:
-            pytest.skip("root writes through chmod 0o500; the other two mechanisms cover it")
-        root.mkdir()
-        root.chmod(0o500)
-        try:
-            yield root
-        finally:
-            root.chmod(0o700)
 
 
 def test_an_unwritable_offload_folder_passes_group_disk_over_with_a_reason(unwritable_root, monkeypatch):

@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import re
+import secrets
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -141,9 +142,8 @@ def _check_model_dir(model_dir: str) -> None:
                          "(the one save_pretrained() wrote, or a snapshot from the hub cache)")
 
 
-def _check_out_dir(folder: Path, option: str, given: str, probe: str) -> None:
-    """``folder`` exists or can be made, and a file named ``probe`` can be made in it (and is
-    removed again): checked before the model loads, so a bad --out costs a second, not a load and
+def _check_out_dir(folder: Path, option: str, given: str) -> None:
+    """``folder`` exists or can be made, and a file can be made in it (and is removed again): checked before the model loads, so a bad --out costs a second, not a load and
     a generation. A regular file in the way, a read-only file system, a name too long: UsageError
     (exit 2); no space: OutputError (exit 1)."""
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
@@ -153,9 +153,9 @@ def _check_out_dir(folder: Path, option: str, given: str, probe: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         step = f"cannot write in {folder}"
-        fd = os.open(folder / probe, os.O_WRONLY | os.O_CREAT, 0o600)
+        fd, made = tempfile.mkstemp(prefix=".autofit-probe-", dir=folder)  # a new name: never a user's file
         os.close(fd)
-        os.unlink(folder / probe)
+        os.unlink(made)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         if exc.errno in _NO_SPACE:
@@ -175,7 +175,9 @@ def _save_image(image: Any, out: Path) -> tuple[Path, str | None]:
     made at the cost of a whole generation, goes to a fresh name in the current folder, else in the
     temp folder: never lost, never over another file. Returns where it went and why not at ``out``
     (None when it is there)."""
-    tmp = out.with_name(f".{out.name}.tmp{out.suffix}")
+    # A name no file has (pid and a random token): removing it on failure removes only what this
+    # save wrote. Saved by PIL itself, so the image gets the umask's usual permissions.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{out.suffix}")
     try:
         image.save(tmp)
         os.replace(tmp, out)
@@ -498,7 +500,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if out.is_dir():
         raise UsageError(f"--out {args.out}: is a folder; name the image file, e.g. {out / 'image.png'}")
-    _check_out_dir(out.parent, "--out", args.out, probe=f".{out.name}.tmp{out.suffix}")
+    _check_out_dir(out.parent, "--out", args.out)
 
     from . import AutoFitExhausted, autofit
 
@@ -563,7 +565,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     _check_model_dir(args.model_dir)
     _check_device(args.device)
     out = Path(args.out)
-    _check_out_dir(out, "--out", args.out, probe=f".autofit-probe.{os.getpid()}.tmp")
+    _check_out_dir(out, "--out", args.out)
     for shard in out.glob("manifest*.jsonl"):
         if not shard.is_file():
             raise UsageError(f"--out {args.out}: {shard.name} there is not a file; move it away or choose "

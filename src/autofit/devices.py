@@ -51,29 +51,26 @@ class DeviceMemory:
             return torch.cuda.current_device()
         return torch.accelerator.current_device_index()
 
+    def _statistic(self, name: str) -> int | None:
+        """An allocator statistic both ``torch.cuda`` and ``torch.accelerator`` name ``name``
+        (None on the CPU, or where a backend does not keep it)."""
+        if self.kind == "cuda":
+            return int(getattr(torch.cuda, name)(self._index()))
+        if self.kind == "accelerator":
+            return _or_none(lambda: int(getattr(torch.accelerator, name)(self._index())))
+        return None
+
     def allocated(self) -> int | None:
         """Bytes this process's tensors hold on the device (None on the CPU)."""
-        if self.kind == "cuda":
-            return int(torch.cuda.memory_allocated(self._index()))
-        if self.kind == "accelerator":
-            return _or_none(lambda: int(torch.accelerator.memory_allocated(self._index())))
-        return None
+        return self._statistic("memory_allocated")
 
     def reserved(self) -> int | None:
         """Bytes the allocator holds on the device, in use or cached (None on the CPU)."""
-        if self.kind == "cuda":
-            return int(torch.cuda.memory_reserved(self._index()))
-        if self.kind == "accelerator":
-            return _or_none(lambda: int(torch.accelerator.memory_reserved(self._index())))
-        return None
+        return self._statistic("memory_reserved")
 
     def peak(self) -> int | None:
         """The most bytes allocated since the last :meth:`reset_peak` (None where not counted)."""
-        if self.kind == "cuda":
-            return int(torch.cuda.max_memory_allocated(self._index()))
-        if self.kind == "accelerator":
-            return _or_none(lambda: int(torch.accelerator.max_memory_allocated(self._index())))
-        return None
+        return self._statistic("max_memory_allocated")
 
     def reset_peak(self) -> None:
         if self.kind == "cuda":

@@ -169,7 +169,8 @@ def choose(rt: Runtime, args: Sequence[Any], kwargs: dict[str, Any]) -> Choice |
     if record is not None:
         measured = choice.measured = stored_activations(record, wl, hw.total_bytes, key)
         source = "cache"
-    if record is not None and _stale(rt, chosen, rt.context(wl, unusable=unusable, machine=machine), measured):
+    ctx = rt.context(wl, unusable=unusable, machine=machine)
+    if record is not None and _stale(rt, chosen, ctx, measured):
         record = None
     if record is None:
         known = {s: state.unusable.get(s, set()) | unusable.get(s, set()) for s in {*state.unusable, *unusable}}
@@ -181,21 +182,13 @@ def choose(rt: Runtime, args: Sequence[Any], kwargs: dict[str, Any]) -> Choice |
             chosen = state.initial_plan if last is None else state.plan
         else:
             chosen = best.plan
-        if chosen.tiling is not None and "decode" not in (measured or {}) and rt.policy != "memory":
-            # Tiling changes the image; an estimate alone does not justify it. The decode runs
-            # untiled and, if it does run out, is retried alone (the denoised latents are kept)
-            # on the decode ladder, which the cache then remembers. policy="memory" asked for the
-            # least device memory over the image: its tiling stays.
-            deferred = [n for n in chosen.names if n in ("vae_tiling", "vae_tiling_small")]
-            for name in deferred:
-                chosen = chosen.without(name)
-            emit("tiling_deferred", stage="decode", action=",".join(deferred), attempt=0,
-                 reason="decode activations not measured yet: decoding untiled first")
+        if rt.policy != "memory":  # it asked for the least device memory over the image: tiling stays
+            chosen = _untiled_until_measured(chosen, measured)
     locked = rt.ledger.locked()
     if locked and chosen.storage != locked:
         # Weights changed one way with no copy to undo it: the plan says so rather than pretend.
         chosen = chosen.with_rung(locked)
-    cand = predict(chosen, rt.context(wl, unusable=unusable, machine=machine), measured=measured)
+    cand = predict(chosen, ctx, measured=measured)
     choice.plan, choice.predicted = chosen, cand.peaks
     emit("preflight", stage="load", action=",".join(chosen.names) or "device", attempt=0, source=source,
          predicted_seconds=round(cand.seconds, 3), predicted_vram_gib=round(cand.vram / 2**30, 3),
@@ -223,6 +216,21 @@ def plausible_activations(stored: dict[str, int], wl: Workload, device_total: in
     for stage, value in stored.items():
         (kept if value <= activation_ceiling(stage, wl, device_total) else dropped)[stage] = value
     return kept, dropped
+
+
+def _untiled_until_measured(plan: Plan, measured: dict[str, int] | None) -> Plan:
+    """``plan`` without the VAE tiling the planner chose from estimates alone. Tiling changes the
+    image; an estimate does not justify it. The decode runs untiled and, if it does run out, is
+    retried alone (the denoised latents are kept) on the decode ladder, which the cache then
+    remembers."""
+    if plan.tiling is None or "decode" in (measured or {}):
+        return plan
+    deferred = [n for n in plan.names if n in ("vae_tiling", "vae_tiling_small")]
+    for name in deferred:
+        plan = plan.without(name)
+    emit("tiling_deferred", stage="decode", action=",".join(deferred), attempt=0,
+         reason="decode activations not measured yet: decoding untiled first")
+    return plan
 
 
 def stored_activations(record: dict[str, Any], wl: Workload, device_total: int, key: str) -> dict[str, int]:

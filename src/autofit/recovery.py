@@ -72,7 +72,7 @@ def on_oom(rt: Runtime, stage: str, failure: OOMInfo, *, component: str | None, 
             # Sized from the OOM's figures only where they are this device's (an allocator that
             # counts bytes): on the CPU a CUDA-worded message describes some other device.
             need, budget = 0, None
-            if not host_oom and sized_here(rt.device):
+            if not host_oom and memory_of(rt.device).measures_peaks:
                 need = shortfall(failure.message or failure.head)
                 measurements.raise_activation_floor(rt, stage, plan, failure.message or failure.head)
                 # What this process could have had at the moment of failure (the OOM's own
@@ -120,10 +120,6 @@ def on_oom(rt: Runtime, stage: str, failure: OOMInfo, *, component: str | None, 
         # ladder goes on from the plan that was being placed.
         failure, stage, scope, component, plan = new_failure, "load", "load", None, target
         free_memory(rt.device)
-
-
-def sized_here(device) -> bool:  # noqa: ANN001
-    return memory_of(device).measures_peaks
 
 
 def _judge(rt: Runtime, stage: str, plan: Plan, failure: OOMInfo) -> Verdict:
