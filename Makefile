@@ -32,7 +32,7 @@ bench: install
 # Mutation testing of the decision modules (docs/testing.md), outside `make test`: first the hand-made
 # mutants of issue 26 (a few minutes), then mutmut over the modules and tests in pyproject's
 # [tool.mutmut] (~30 min on 2 cores). One OpenMP thread: torch's spinning threads would starve the
-# parallel workers. `make mutate MUTANTS='autofit.oom*'` runs mutmut on some mutants only.
+# parallel workers. `make mutate MUTANTS='autofit.engine.oom*'` runs mutmut on some mutants only.
 MUTANTS ?=
 mutate: install
 	$(PY) -m pip install --quiet -e ".[test,mutate]"

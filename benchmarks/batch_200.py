@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from autofit import autofit
-from autofit.batch import iter_manifest, run_batch
+from autofit.batch.runner import iter_manifest, run_batch
 from autofit.testing import tiny_sdxl
 
 BAD = [{"height": 7}, {"height": 60}, {"seed": 2**64}, {"seed": 1e30}, {"negative_prompt": 5},

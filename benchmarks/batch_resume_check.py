@@ -109,7 +109,7 @@ def child_main(args: argparse.Namespace) -> None:
     import torch
 
     from autofit import autofit
-    from autofit.batch import load_items, run_batch
+    from autofit.batch.runner import load_items, run_batch
 
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     info: dict[str, Any] = {"name": args.child, "pid": os.getpid(), "torch": torch.__version__,
@@ -202,7 +202,7 @@ def read_manifest(out_dir: Path) -> tuple[list[dict[str, Any]], int]:
 
 def finished_ids(out_dir: Path) -> set[str]:
     """What run_batch counts as finished: an ``ok`` record whose files exist, unless failed later.
-    Written out again on purpose (autofit.batch._finished): the parent stays torch-free and checks
+    Written out again on purpose (autofit.batch.runner._finished): the parent stays torch-free and checks
     run_batch against its own reading of the manifest."""
     done: set[str] = set()
     for rec in read_manifest(out_dir)[0]:

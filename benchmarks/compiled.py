@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from autofit import autofit, compiled
+from autofit import autofit
+from autofit.facts import compiled
 from autofit.testing import tiny_sdxl
 
 logging.getLogger("diffusers").setLevel(logging.ERROR)

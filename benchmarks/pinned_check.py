@@ -31,9 +31,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from autofit import autofit
-    from autofit.hardware import probe
-    from autofit.cost import pinned_bytes
-    from autofit.memory import pinned_in_use
+    from autofit.facts.hardware import probe
+    from autofit.planning.cost import pinned_bytes
+    from autofit.facts.memory import pinned_in_use
     from autofit.plan import Plan
 
     if args.tiny:
@@ -48,7 +48,7 @@ def main() -> None:
     result: dict = {"device": args.device, "torch": torch.__version__}
     cuda = args.device.startswith("cuda") and torch.cuda.is_available()
     proxy = autofit(pipe, plan=("group_leaf_stream",) if cuda else (), device=args.device, cache=False)
-    fp = proxy.autofit.footprint
+    fp = proxy.autofit.facts.footprint
     result["weights_gib"] = round(fp.total / GIB, 3)
     result["predicted_pinned_gib"] = round(pinned_bytes(stream, fp) / GIB, 3)
     if cuda:

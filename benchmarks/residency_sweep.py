@@ -77,7 +77,7 @@ def pinned_bandwidth_gbps(device: str) -> float | None:
 
 
 def pinned_gib() -> float:
-    from autofit.memory import pinned_in_use
+    from autofit.facts.memory import pinned_in_use
 
     return round(pinned_in_use() / GIB, 2)
 

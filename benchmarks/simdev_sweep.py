@@ -1,4 +1,4 @@
-"""autofit on the simulated capped device (autofit.simdev): real OOMs, real moves, no GPU.
+"""autofit on the simulated capped device (autofit.testing.simdev): real OOMs, real moves, no GPU.
 
     python benchmarks/simdev_sweep.py [--size 128] [--steps 2] [--caps 30,24,20,17,16.25]
 
@@ -24,10 +24,11 @@ from dataclasses import replace
 import structlog
 import torch
 
-from autofit import autofit, simdev
-from autofit.context import Workload
-from autofit.cost import resident_split
-from autofit.planner import predict_peaks
+from autofit import autofit
+from autofit.testing import simdev
+from autofit.planning.context import Workload
+from autofit.planning.cost import resident_split
+from autofit.planning.planner import predict_peaks
 from autofit.testing import measured_activations, rung_context, tiny_sdxl
 
 MiB = 2**20

@@ -1,5 +1,5 @@
 """Host RAM and time of the undo copy of a quantized component: kept in RAM vs read back from the
-checkpoint the component was loaded from (``autofit.checkpoint``).
+checkpoint the component was loaded from (``autofit.facts.checkpoint``).
 
 An SDXL-sized UNet (fp16, random weights) is saved to a folder, loaded back with from_pretrained,
 quantized in place, then restored; once keeping the original weights in RAM, once releasing the
@@ -59,7 +59,7 @@ def main() -> None:
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from autofit.checkpoint import Checkpoint
+    from autofit.facts.checkpoint import Checkpoint
     from autofit.strategies.quantize import quantize_module
 
     device = torch.device(args.device)

@@ -12,7 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from autofit import autofit
-from autofit.batch import run_batch
+from autofit.batch.runner import run_batch
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", required=True)

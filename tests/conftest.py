@@ -53,10 +53,10 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def backoff_waits(monkeypatch):
     """Recovery's backoff waits are recorded, not slept (the side effect as a parameter)."""
-    import autofit.recovery
+    import autofit.engine.recovery
 
     waits: list[float] = []
-    monkeypatch.setattr(autofit.recovery, "sleep", waits.append)
+    monkeypatch.setattr(autofit.engine.recovery, "sleep", waits.append)
     return waits
 
 

@@ -1,15 +1,15 @@
 """Footprints of the real SDXL and Flux pipelines, as measured on an H200 (gpu-facts.md), for the
 pure planner tests. Leaf/block sizes and counts are from the published architectures."""
 
-from autofit.footprint import ComponentFootprint, Footprint
-from autofit.components import role_of
+from autofit.facts.footprint import ComponentFootprint, Footprint
+from autofit.facts.components import role_of
 
 GIB = 2**30
 
 
 def _c(name, gib, leaf_mib, block_gib, lc_gib, leaves, dtype="float16", fp8_ok=True, cls="X", quant=None, pin=1.5):
     """``quant``: (nf4 GiB, int8 GiB) for quantization targets; these, the fp8 sizes and ``pin`` (pinned
-    size / size) are what autofit.footprint.measure reports for benchmarks/sized.py's pipelines
+    size / size) are what autofit.facts.footprint.measure reports for benchmarks/sized.py's pipelines
     (built on the meta device)."""
     nf4, int8 = quant or (gib, gib)
     return ComponentFootprint(name, role_of(name), cls, int(gib * GIB), int(leaf_mib * 2**20),

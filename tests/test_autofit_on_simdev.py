@@ -1,4 +1,4 @@
-"""autofit on a device whose memory really runs out (autofit.simdev): real OOMs from a capped
+"""autofit on a device whose memory really runs out (autofit.testing.simdev): real OOMs from a capped
 allocator, real weight moves, peaks read from the device. Skips where the device cannot be built.
 
 tiny_sdxl at 128 px, 2 steps, float32 (10.5 MiB of weights): everything on the device peaks at
@@ -16,8 +16,9 @@ import pytest
 import structlog
 import torch
 
-from autofit import autofit, simdev
-from autofit.memory import snapshot
+from autofit import autofit
+from autofit.testing import simdev
+from autofit.facts.memory import snapshot
 from autofit.testing import tiny_sdxl
 
 MiB = 1 << 20
@@ -154,7 +155,8 @@ def test_a_pinned_memory_cap_is_a_host_oom_and_is_handled(sim, reference, tmp_pa
 
 _SECOND = """
 import json, sys, torch
-from autofit import autofit, simdev
+from autofit import autofit
+from autofit.testing import simdev
 dev = simdev.install(cap=int(sys.argv[2]))
 torch.set_num_threads(1)
 from autofit.testing import tiny_sdxl

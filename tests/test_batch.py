@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from autofit import AutoFitUsageError, autofit
-from autofit.batch import iter_manifest, load_items, run_batch
+from autofit.batch.runner import iter_manifest, load_items, run_batch
 from autofit.testing import inject_oom, tiny_sdxl
 
 from helpers import BUILDERS, CallCounter, run
@@ -92,7 +92,7 @@ def _same_images(a_dir, b_dir, names):
 _KILL_JOB = """
 import sys
 from autofit import autofit
-from autofit.batch import run_batch
+from autofit.batch.runner import run_batch
 from autofit.testing import tiny_sdxl
 pipe = tiny_sdxl()
 pipe.set_progress_bar_config(disable=True)
@@ -200,7 +200,7 @@ def test_distributed_batch_with_accelerate_launch_on_cpu(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(f"""
 from diffusers import DiffusionPipeline
-from autofit.batch import run_batch
+from autofit.batch.runner import run_batch
 pipe = DiffusionPipeline.from_pretrained({str(model)!r})
 pipe.set_progress_bar_config(disable=True)
 run_batch(pipe, {str(prompts)!r}, {str(tmp_path / 'out')!r}, defaults={{"height": 64, "width": 64}},
@@ -364,7 +364,7 @@ def test_full_disk_stops_the_job_with_one_error_and_no_temporary(tmp_path):
 
     from PIL import Image
 
-    from autofit.batch import BatchError
+    from autofit.batch.runner import BatchError
 
     out = tmp_path / "out"
     real_save = Image.Image.save

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from autofit import autofit
-from autofit.batch import BatchError, iter_manifest, run_batch
-from autofit.batch_items import MAX_ID_LENGTH, BatchItem, read_items
+from autofit.batch.runner import BatchError, iter_manifest, run_batch
+from autofit.batch.items import MAX_ID_LENGTH, BatchItem, read_items
 from autofit.cli import main
 from autofit.testing import tiny_sdxl
 
@@ -326,7 +326,7 @@ def test_plan_names_the_components_a_folder_lacks(sdxl_dir, tmp_path, capsys):
 def test_cache_clear_with_a_folder_where_a_record_should_be(tmp_path, capsys):
     """A directory named like a record in the plans folder: `cache clear` removes the real records,
     warns about the directory in one line, and exits 0. Before: a traceback (unlink: EISDIR)."""
-    from autofit.cache import PlanCache
+    from autofit.facts.cache import PlanCache
 
     cache_dir = tmp_path / "c"
     PlanCache(cache_dir).put("other", {"plan": [], "key": {"pipeline": "FluxPipeline", "components": []}})

@@ -6,7 +6,7 @@ import json
 import torch
 
 from autofit import autofit
-from autofit.relax import FIRST_WAIT
+from autofit.engine.relax import FIRST_WAIT
 from autofit.testing import inject_oom, pace_probes, tiny_sdxl
 
 from helpers import DENOISER, CallCounter, run

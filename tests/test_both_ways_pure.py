@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autofit.explain import OOMFigures, judge
-from autofit.relax import Relaxation
+from autofit.planning.explain import OOMFigures, judge
+from autofit.engine.relax import Relaxation
 from autofit.testing import OOM_MESSAGES
 
 GIB = 2**30

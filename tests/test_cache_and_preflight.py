@@ -12,7 +12,7 @@ import structlog
 import torch
 
 from autofit import autofit
-from autofit.cache import PlanCache
+from autofit.facts.cache import PlanCache
 from autofit.testing import inject_oom, tiny_sdxl
 
 from helpers import run
@@ -161,12 +161,12 @@ def test_measured_activations_are_stored_without_the_plan_factor():
     """A decode peak measured under tiling is stored as the untiled activation (divided by the
     tiling factor), so predicting the tiled plan again gives the measured peak back, not a
     peak shrunk twice."""
-    from autofit.footprint import measure
-    from autofit.context import Machine, Workload, context
-    from autofit.cost import activation_factor, resident_bytes
-    from autofit.measurements import learned_activations
+    from autofit.facts.footprint import measure
+    from autofit.planning.context import Machine, Workload, context
+    from autofit.planning.cost import activation_factor, resident_bytes
+    from autofit.engine.measurements import learned_activations
     from autofit.plan import Plan
-    from autofit.planner import predict
+    from autofit.planning.planner import predict
 
     footprint = measure(tiny_sdxl())
     plan = Plan(extras=frozenset({"vae_tiling"}))
@@ -233,7 +233,7 @@ def test_update_still_writes_where_the_filesystem_has_no_flock(tmp_path, monkeyp
 def test_tiling_picked_from_estimates_alone_is_deferred():
     """With no decode activation measured, the planner's VAE tiling (it changes the image) is not
     applied up front: the plan starts as the planner's pick less the tiling, and says so."""
-    from autofit.planner import choose as planner_choose
+    from autofit.planning.planner import choose as planner_choose
     from autofit.testing import rung_context
 
     proxy = autofit(tiny_sdxl(), max_vram="9MiB", cache=False)
@@ -241,7 +241,7 @@ def test_tiling_picked_from_estimates_alone_is_deferred():
         run(proxy, "sdxl", num_inference_steps=1)
     ctx = rung_context(proxy)
     from dataclasses import replace
-    from autofit.context import Workload
+    from autofit.planning.context import Workload
     wl = Workload(height=64, width=64, steps=1)
     planned = planner_choose(replace(ctx, workload=wl)).plan  # the planner's own pick, independently
     assert planned.tiling is not None  # the estimate alone asks for tiling here

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from autofit import autofit
-from autofit.cache import MAX_RECORD_BYTES, SCHEMA, PlanCache, record_problem
+from autofit.facts.cache import MAX_RECORD_BYTES, SCHEMA, PlanCache, record_problem
 from autofit.plan import Plan
 from autofit.testing import tiny_sdxl
 
@@ -224,7 +224,7 @@ def test_a_poisoned_activation_is_dropped_and_the_record_repaired(tmp_path):
 def test_a_stored_activation_the_measurement_contradicts_is_replaced():
     """The merge keeps the larger of two measurements of one workload, unless the stored one is
     at least twice what this process measured: then the measurement replaces it."""
-    from autofit.measurements import merge_activations
+    from autofit.engine.measurements import merge_activations
 
     gib = 2**30
     assert merge_activations({"denoise": 64 * gib}, {"denoise": gib}, "k") == {"denoise": gib}
@@ -253,7 +253,7 @@ def test_an_unknown_rung_in_a_stored_plan_is_reported_not_dropped_silently(tmp_p
 
 _HANG_IN_PUT = """
 import sys, time
-from autofit.cache import PlanCache
+from autofit.facts.cache import PlanCache
 
 class Slow:
     def __str__(self):  # json.dump calls it while the temporary file is open
@@ -272,7 +272,7 @@ def test_a_killed_writers_temporary_file_is_removed_by_the_next_writer(tmp_path)
     import subprocess
     import sys
 
-    from autofit.cache import STALE_TEMPORARY_SECONDS
+    from autofit.facts.cache import STALE_TEMPORARY_SECONDS
 
     proc = subprocess.Popen([sys.executable, "-c", _HANG_IN_PUT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

@@ -14,9 +14,9 @@ from diffusers import DiffusionPipeline
 
 from autofit import autofit
 from autofit import CheckpointChanged
-from autofit.checkpoint import Checkpoint
-from autofit.footprint import measure
-from autofit.cost import host_bytes
+from autofit.facts.checkpoint import Checkpoint
+from autofit.facts.footprint import measure
+from autofit.planning.cost import host_bytes
 from autofit.plan import Plan
 from autofit.strategies.casting import FromCheckpoint, apply_fp8, restore_original
 from autofit.strategies.quantize import quantize_module, quantized_level
@@ -322,7 +322,7 @@ def test_a_checkpoint_truncated_in_place_is_a_mismatch_not_a_crash(tmp_path):
 
 def test_restore_layouts():
     """Only dense layouts are reproduced; an expanded or gapped stride restores contiguous."""
-    from autofit.checkpoint import _dense
+    from autofit.facts.checkpoint import _dense
 
     assert _dense(torch.Size([4, 3, 2, 2]), torch.empty(4, 3, 2, 2).to(memory_format=torch.channels_last).stride())
     assert _dense(torch.Size([3, 5]), (1, 3))  # transposed

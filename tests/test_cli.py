@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from autofit.cli import main
-from autofit.footprint import measure, measure_folder
+from autofit.facts.footprint import measure, measure_folder
 from autofit.testing import tiny_sdxl
 
 
@@ -68,7 +68,7 @@ def test_plan_has_one_row_per_strategy_fitting_or_not(sdxl_dir, capsys):
     """The guide's Step 3 table: every strategy, offloading, casting and quantization alike, with
     the fastest plan using it, whether it fits under the policy and why not; the pick is a row.
     The footprint figures of the guide's calculator come with it."""
-    from autofit.rungs import RUNGS
+    from autofit.planning.rungs import RUNGS
 
     main(["plan", str(sdxl_dir), "--vram", "12MiB", "--height", "64", "--width", "64", "--json"])
     out = json.loads(capsys.readouterr().out)

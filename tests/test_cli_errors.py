@@ -144,7 +144,7 @@ def test_cache_command_lists_shows_and_clears(sdxl_dir, tmp_path, capsys):
     """`autofit cache list/show/clear --model`: what the runtime stored, seen and forgotten;
     a record of another pipeline survives a --model clear."""
     from autofit import autofit
-    from autofit.cache import PlanCache
+    from autofit.facts.cache import PlanCache
     from diffusers import DiffusionPipeline
 
     cache_dir = tmp_path / "c"

@@ -8,8 +8,9 @@ import logging
 import pytest
 import torch
 
-from autofit import autofit, compiled
-from autofit.components import roles
+from autofit import autofit
+from autofit.facts import compiled
+from autofit.facts.components import roles
 from autofit.plan import Plan
 from autofit.testing import inject_oom, switch_plan, tiny_sdxl
 

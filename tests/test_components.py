@@ -4,7 +4,7 @@ only last (logged) from its name."""
 import structlog
 import torch
 
-from autofit.components import entry_points, next_stage, role_of
+from autofit.facts.components import entry_points, next_stage, role_of
 
 
 def test_components_named_unlike_sd_get_their_stage_from_their_class():

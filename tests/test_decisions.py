@@ -27,15 +27,15 @@ from PIL import Image
 
 from autofit import AutoFitExhausted, autofit
 from autofit import _diffusers
-from autofit.batch import iter_manifest, run_batch
-from autofit.batch_items import BatchItem, read_items
-from autofit.cache import PlanCache
-from autofit.ladder import LADDERS
-from autofit.oom import classify
+from autofit.batch.runner import iter_manifest, run_batch
+from autofit.batch.items import BatchItem, read_items
+from autofit.facts.cache import PlanCache
+from autofit.planning.ladder import LADDERS
+from autofit.engine.oom import classify
 from autofit.plan import Plan
-from autofit.recovery import LAST_RUNG_BACKOFF
-from autofit.relax import Relaxation
-from autofit.rungs import refusal
+from autofit.engine.recovery import LAST_RUNG_BACKOFF
+from autofit.engine.relax import Relaxation
+from autofit.planning.rungs import refusal
 from autofit.testing import inject_oom, oom_error, placed_plan, rung_context, switch_plan, tiny_sdxl
 
 from helpers import run
@@ -243,7 +243,7 @@ def test_host_ram_need_is_compared_against_the_share_the_rule_allows(ctx):
     """mutant: rungs.py comparing the host RAM a plan holds against all available RAM instead of
     the share (``cost.HOST_SHARE``) the rule allows. A plan that needs more than that share but
     less than all of it is refused: the rest is the process's and the system's."""
-    from autofit import cost
+    from autofit.planning import cost
 
     plan = Plan("model_offload")
     held = cost.host_bytes(plan, ctx.footprint)
@@ -274,7 +274,7 @@ def test_a_record_whose_running_field_is_not_a_list_of_rung_names_is_ignored(tmp
 
 _KILLED_MID_WRITE = """
 import json, os, sys
-from autofit.cache import PlanCache
+from autofit.facts.cache import PlanCache
 
 def half_then_killed(obj, f, **kwargs):  # the process dies with half of the record written
     text = json.dumps(obj, **kwargs)

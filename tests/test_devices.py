@@ -1,11 +1,11 @@
-"""The device layer (autofit.devices): one reader of device memory for CUDA, any other
+"""The device layer (autofit.facts.devices): one reader of device memory for CUDA, any other
 torch.accelerator device and the CPU; the log never names the host's RSS device memory."""
 
 import psutil
 import torch
 
-from autofit.devices import memory_of
-from autofit.memory import snapshot
+from autofit.facts.devices import memory_of
+from autofit.facts.memory import snapshot
 
 
 def test_the_cpu_is_read_as_the_host():

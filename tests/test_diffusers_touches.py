@@ -4,7 +4,7 @@ installed releases: a library upgrade that moves one fails here, by name."""
 import torch
 
 from autofit import _diffusers
-from autofit.footprint import fp8_cast_params
+from autofit.facts.footprint import fp8_cast_params
 from autofit.plan import Plan
 from autofit.strategies import place
 from autofit.testing import tiny_sdxl

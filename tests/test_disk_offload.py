@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from autofit import autofit, disk
+from autofit import autofit
+from autofit import disk
 from autofit.plan import Plan
 from autofit.testing import inject_oom, switch_plan, tiny_flux, tiny_sdxl
 
@@ -110,8 +111,8 @@ def test_a_killed_process_folder_is_removed_by_the_next_placement(tmp_path, monk
 
 def test_group_disk_is_refused_without_room_on_disk():
     """Less free disk than the weights it writes: the rung table says so."""
-    from autofit.context import Machine, context
-    from autofit.rungs import refusal
+    from autofit.planning.context import Machine, context
+    from autofit.planning.rungs import refusal
     from footprints import SDXL
 
     weights = sum(c.bytes for c in SDXL.components.values())
@@ -346,11 +347,11 @@ def test_an_unwritable_offload_folder_passes_group_disk_over_with_a_reason(unwri
     why (in the history), and recovery goes on with the next rung that fits (fp8, under policy
     'balanced'); the user sees no OSError. Before, every OOM turned into the OSError of the
     folder's making."""
-    from autofit.cost import HOST_SHARE, host_bytes
+    from autofit.planning.cost import HOST_SHARE, host_bytes
 
     monkeypatch.setenv(disk.OFFLOAD_ENV, str(unwritable_root))
     probe = autofit(tiny_flux(), cache=False)
-    fp = probe.autofit.footprint
+    fp = probe.autofit.facts.footprint
     del probe
     # Room for fp8's host RAM, not for the RAM-backed group offloads'.
     ram = (host_bytes(Plan("model_offload", frozenset({"fp8"})), fp) + host_bytes(Plan("group_block"), fp)) // 2
@@ -370,8 +371,8 @@ def test_an_unwritable_offload_folder_passes_group_disk_over_with_a_reason(unwri
 def test_an_unwritable_offload_folder_is_a_refusal_in_the_rung_table(unwritable_root, monkeypatch, tmp_path):
     """The probe (a file written and removed) says why; the rung table refuses with that; a
     writable root, existing or not yet made, passes and is left as it was."""
-    from autofit.context import Machine, context
-    from autofit.rungs import refusal
+    from autofit.planning.context import Machine, context
+    from autofit.planning.rungs import refusal
     from footprints import SDXL
 
     monkeypatch.setenv(disk.OFFLOAD_ENV, str(unwritable_root))

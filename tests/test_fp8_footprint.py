@@ -4,7 +4,7 @@ skip patterns, the class's own, and the modules the class keeps in fp32."""
 import pytest
 import torch
 
-from autofit.footprint import footprint_from_header, measure_component
+from autofit.facts.footprint import footprint_from_header, measure_component
 
 
 def _kandinsky6():
@@ -29,7 +29,7 @@ def test_cast_size_matches_enable_layerwise_casting_with_modules_kept_in_fp32(tm
     assert model._keep_in_fp32_modules
     predicted = measure_component("transformer", model).cast_bytes
     model.save_pretrained(tmp_path)
-    from autofit.checkpoint import read_safetensors_header
+    from autofit.facts.checkpoint import read_safetensors_header
 
     header = read_safetensors_header(next(tmp_path.glob("*.safetensors")))
     from_header = footprint_from_header("transformer", header, type(model).__name__)

@@ -52,7 +52,7 @@ def test_pinned_copies_are_credited_and_returned_after_a_switch():
     """Streamed group offload pins a copy of every tensor: held_on_host credits them to the
     pipeline (they are /dev mappings, not page cache), and switching to a plan that pins nothing
     returns them to the OS instead of leaving them in torch's pinned cache."""
-    from autofit.memory import held_on_host, pinned_in_use
+    from autofit.facts.memory import held_on_host, pinned_in_use
 
     pipe = tiny_sdxl()
     proxy = autofit(pipe, device="cuda", plan=("group_leaf_stream",), cache=False)
@@ -85,7 +85,7 @@ def test_partial_residency_on_cuda_streams_from_pinned_chunks_and_matches():
     """resident_stream:30 on CUDA: streamed weights sit in page-locked chunks holding only them
     (at most 1.1x the streamed bytes), copies run on a side stream, the image equals
     everything on the device, and leaving the plan returns the pinned memory."""
-    from autofit.memory import pinned_in_use
+    from autofit.facts.memory import pinned_in_use
     from autofit.strategies import partial
 
     reference = run(autofit(tiny_sdxl().to("cuda"), device="cuda", plan=(), cache=False), "sdxl")

@@ -6,9 +6,9 @@ import json
 import psutil
 import pytest
 
-from autofit import memory
+from autofit.facts import memory
 from autofit.cli import main
-from autofit.memory import cgroup_memory, host_available_bytes
+from autofit.facts.memory import cgroup_memory, host_available_bytes
 
 GIB = 2**30
 V1_NO_LIMIT = 9223372036854771712  # what v1 shows for "no limit" (2**63 rounded down to a page)

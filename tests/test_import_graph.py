@@ -1,5 +1,6 @@
-"""The import graph of src/autofit has no cycle: every import counts, function-level ones too;
-only ``if TYPE_CHECKING:`` blocks (never run) are left out."""
+"""The import graph of src/autofit: no cycle, and no import from a lower room up to a higher one.
+Every import counts: function-level ones and ``if TYPE_CHECKING:`` ones too (a type a module
+needs from a higher room says it is in the wrong room)."""
 
 import ast
 from pathlib import Path
@@ -26,12 +27,12 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imports(tree: ast.AST):
-    """Every Import / ImportFrom node, at any depth, outside ``if TYPE_CHECKING:`` bodies."""
+def _imports(tree: ast.AST, type_checking: bool = True):
+    """Every Import / ImportFrom node, at any depth (``if TYPE_CHECKING:`` bodies unless told not)."""
     todo = [tree]
     while todo:
         node = todo.pop()
-        if isinstance(node, ast.If) and _is_type_checking(node):
+        if not type_checking and isinstance(node, ast.If) and _is_type_checking(node):
             todo.extend(node.orelse)
             continue
         if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -39,7 +40,7 @@ def _imports(tree: ast.AST):
         todo.extend(ast.iter_child_nodes(node))
 
 
-def _edges(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+def _edges(name: str, path: Path, modules: dict[str, Path], type_checking: bool = True) -> set[str]:
     is_package = path.name == "__init__.py"
     here = name.split(".") if is_package else name.split(".")[:-1]  # the package a relative import starts from
     out: set[str] = set()
@@ -54,7 +55,7 @@ def _edges(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
             if candidate in modules and candidate != name and (candidate == target or not inside):
                 out.add(candidate)
 
-    for node in _imports(ast.parse(path.read_text(), str(path))):
+    for node in _imports(ast.parse(path.read_text(), str(path)), type_checking):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] == PACKAGE:
@@ -101,14 +102,46 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_the_import_graph_has_no_cycle():
-    """No module of autofit imports, directly or through others, a module that imports it."""
+# The rooms, lowest first (docs/architecture.md). A module may import its own room and those
+# below it. The package's own __init__ (the public surface, imported lazily) is the face.
+LAYERS = ["ground", "facts", "planning", "strategies", "engine", "face", "testing", "apps"]
+ROOM_LAYER = {"facts": "facts", "planning": "planning", "strategies": "strategies", "engine": "engine",
+              "testing": "testing", "cli": "apps", "batch": "apps"}
+TOP_LEVEL = {"autofit": "face", "autofit.proxy": "face", "autofit.demo": "apps", "autofit.ray": "apps"}
+
+
+def _layer(module: str) -> str:
+    if module in TOP_LEVEL:
+        return TOP_LEVEL[module]
+    parts = module.split(".")
+    return ROOM_LAYER.get(parts[1], "ground") if len(parts) > 2 or parts[1] in ROOM_LAYER else "ground"
+
+
+def _graph(type_checking: bool = True) -> dict[str, set[str]]:
     modules = _modules()
-    graph = {name: _edges(name, path, modules) for name, path in modules.items()}
-    assert sum(len(v) for v in graph.values()) > 50  # the parser found the imports
-    assert "autofit.components" in graph["autofit.wrappers"]
-    cycle = _cycle(graph)
-    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+    return {name: _edges(name, path, modules, type_checking) for name, path in modules.items()}
+
+
+def test_the_import_graph_has_no_cycle():
+    """No module of autofit imports, directly or through others, a module that imports it; counted
+    with the imports only type checkers read, and without them (what runs)."""
+    for type_checking in (False, True):
+        graph = _graph(type_checking)
+        assert sum(len(v) for v in graph.values()) > 50  # the parser found the imports
+        assert "autofit.facts.components" in graph["autofit.engine.wrappers"]
+        cycle = _cycle(graph)
+        assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_room_imports_a_higher_one():
+    """ground < facts < planning < strategies < engine < face < testing < apps: an import goes to
+    the importer's room or a lower one, never up."""
+    graph = _graph()
+    assert _layer("autofit.planning.cost") == "planning" and _layer("autofit.plan") == "ground"
+    assert "autofit.plan" in graph["autofit.planning.cost"]
+    upward = sorted(f"{a} ({_layer(a)}) -> {b} ({_layer(b)})" for a, targets in graph.items() for b in targets
+                    if LAYERS.index(_layer(b)) > LAYERS.index(_layer(a)))
+    assert not upward, "imports up the rooms:\n" + "\n".join(upward)
 
 
 def test_the_cycle_finder_finds_a_cycle():

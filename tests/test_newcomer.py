@@ -146,7 +146,7 @@ def test_plan_argument_takes_a_string_and_lists_every_name():
     """plan="vae_tiling" is one strategy (not split into characters); a wrong name lists the
     placements, resident_stream:N and the add-ons."""
     from autofit import AutoFitUsageError, autofit
-    from autofit.rungs import RUNGS
+    from autofit.planning.rungs import RUNGS
 
     pipe = tiny_sdxl()
 

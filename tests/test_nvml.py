@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from autofit import hardware
+from autofit.facts import hardware
 
 GiB = 1 << 30
 HEX0 = "aaaaaaaa-0000-1111-2222-333333333333"

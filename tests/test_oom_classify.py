@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from autofit.oom import OOMKind, classify
+from autofit.engine.oom import OOMKind, classify
 from autofit.testing import OOM_MESSAGES, oom_error
 
 

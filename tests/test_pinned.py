@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from autofit import autofit
-from autofit.footprint import footprint_from_header, measure_component, pinned_size
-from autofit.context import Machine, Workload, context
-from autofit.cost import host_bytes, pinned_bytes
-from autofit.ladder import next_plan
-from autofit.rungs import refusal
-from autofit.memory import held_on_host, pinned_ceiling
+from autofit.facts.footprint import footprint_from_header, measure_component, pinned_size
+from autofit.planning.context import Machine, Workload, context
+from autofit.planning.cost import host_bytes, pinned_bytes
+from autofit.planning.ladder import next_plan
+from autofit.planning.rungs import refusal
+from autofit.facts.memory import held_on_host, pinned_ceiling
 from autofit.plan import Plan
-from autofit.planner import choose, predict
+from autofit.planning.planner import choose, predict
 from autofit.testing import host_room, rung_context, tiny_sdxl
 from footprints import FLUX, SDXL
 
@@ -38,7 +38,7 @@ def test_pinned_copies_of_the_sdxl_sized_pipeline_match_the_h200():
     (benchmarks/sized.py, built on the meta device) that predicts the +8.6 GiB measured on an H200."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import sized
-    from autofit.footprint import measure
+    from autofit.facts.footprint import measure
 
     fp = measure(sized.sdxl_sized(device="meta"))
     assert fp.total / GIB == pytest.approx(6.46, rel=0.01)
@@ -107,7 +107,7 @@ def test_host_room_counts_the_weights_the_pipeline_already_holds():
     pipe = tiny_sdxl()
     held, pinned = held_on_host(m for m in pipe.components.values() if isinstance(m, torch.nn.Module))
     proxy = autofit(pipe, device="cpu", cache=False)
-    assert held == proxy.autofit.footprint.total and pinned == 0
+    assert held == proxy.autofit.facts.footprint.total and pinned == 0
     room, pinnable = host_room(proxy)
     assert room >= held and pinnable <= room
     assert rung_context(proxy).machine.host_available_bytes >= held

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from autofit import autofit
-from autofit.components import entry_points, roles
+from autofit.facts.components import entry_points, roles
 from autofit.testing import inject_oom
 
 from helpers import CallCounter

@@ -4,14 +4,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autofit.footprint import ComponentFootprint, Footprint
-from autofit.context import Machine, PipelineFacts, Workload, context
-from autofit.cost import stage_peak, usable
-from autofit.ladder import next_plan
+from autofit.facts.footprint import ComponentFootprint, Footprint
+from autofit.planning.context import Machine, PipelineFacts, Workload, context
+from autofit.planning.cost import stage_peak, usable
+from autofit.planning.ladder import next_plan
 from autofit.plan import Plan
-from autofit.planner import choose, predict, rank
-from autofit.rungs import RUNGS
-from autofit.components import role_of
+from autofit.planning.planner import choose, predict, rank
+from autofit.planning.rungs import RUNGS
+from autofit.facts.components import role_of
 
 from footprints import FLUX, GIB, SDXL
 
@@ -156,7 +156,7 @@ def test_video_activations_follow_latent_frames_not_frames():
     """A 5 s 960x544 clip at 24 fps (121 frames) is 31 latent frames for the denoiser: its
     activations come to the guide's "~7-8 GB", not 121 images' worth (31.6 GiB before). The VAE
     decodes a latent frame or two at a time, so the decode estimate stops growing with length."""
-    from autofit.cost import activation_bytes
+    from autofit.planning.cost import activation_bytes
 
     clip = Workload(height=544, width=960, frames=121, cfg=False)
     assert clip.latent_frames == 31
@@ -173,7 +173,7 @@ def test_calls_that_leave_arguments_out_are_planned_with_the_pipeline_defaults()
     """Wan makes 81 frames at 832x480 when the call does not say: that is the workload planned."""
     from diffusers import WanPipeline
 
-    from autofit.preflight import call_defaults
+    from autofit.engine.preflight import call_defaults
 
     defaults = call_defaults(WanPipeline)
     assert (defaults["num_frames"], defaults["height"], defaults["width"]) == (81, 480, 832)
@@ -212,8 +212,8 @@ def contexts(draw):
 def test_a_plan_the_planner_calls_fitting_is_one_the_ladder_accepts(ctx):
     """For every candidate: if the planner says it fits, the ladder accepts each of its rungs from
     the plan without it; if the planner refuses it for a rung's reason, the ladder gives the same."""
-    from autofit.planner import candidate_plans
-    from autofit.rungs import refusal
+    from autofit.planning.planner import candidate_plans
+    from autofit.planning.rungs import refusal
 
     for plan in candidate_plans(ctx.footprint):
         cand = predict(plan, ctx)
@@ -244,7 +244,7 @@ def test_a_pipeline_without_an_offload_sequence_never_gets_model_offload(mib):
 
 # ---- escalations sized from the failed allocation -----------------------------------------
 def _saving(old, new, stage, ctx):
-    from autofit.cost import activation_bytes
+    from autofit.planning.cost import activation_bytes
 
     def peak(p):
         r, f = stage_peak(p, stage, ctx.footprint, ctx.workload)
@@ -266,8 +266,8 @@ def test_a_sized_escalation_jumps_to_the_first_rung_that_frees_enough():
     small = [name for name, why in skipped if "less than the" in why]
     assert creep_rung in small
     # Nothing earlier in the ladder frees enough: the jump is the cheapest that does.
-    from autofit.ladder import LADDERS
-    from autofit.rungs import refusal, steps
+    from autofit.planning.ladder import LADDERS
+    from autofit.planning.rungs import refusal, steps
     order = LADDERS["denoise"]
     for name in order[:order.index(rung)]:
         for cand in steps(name, plan):
@@ -281,8 +281,8 @@ def test_a_need_no_rung_meets_takes_the_lossless_rung_that_frees_most():
     plan = Plan()
     new, rung, _ = next_plan(plan, "denoise", host_oom=False, ctx=ctx, need=1000 * GIB)
     assert RUNGS[rung].quality == "lossless"
-    from autofit.ladder import LADDERS
-    from autofit.rungs import refusal, steps
+    from autofit.planning.ladder import LADDERS
+    from autofit.planning.rungs import refusal, steps
     for name in LADDERS["denoise"]:
         for cand in steps(name, plan):
             if refusal(name, cand, ctx) is None and RUNGS[name].quality == "lossless":
@@ -291,7 +291,7 @@ def test_a_need_no_rung_meets_takes_the_lossless_rung_that_frees_most():
 
 def test_shortfall_reads_the_figures_of_the_failed_allocation():
     """What the allocation lacked: asked less free (or less the per-process cap's room); 0 without figures."""
-    from autofit.explain import shortfall
+    from autofit.planning.explain import shortfall
     from autofit.testing import OOM_MESSAGES
 
     assert shortfall(OOM_MESSAGES["cuda"][1]) == int(1.5 * GIB)  # 2.00 GiB asked, 512 MiB free
@@ -304,7 +304,7 @@ def test_shortfall_reads_the_figures_of_the_failed_allocation():
 
 def test_room_at_failure_is_what_the_process_could_have_had():
     """The cap stated in the message, else free plus held; None without figures."""
-    from autofit.explain import room_at_failure
+    from autofit.planning.explain import room_at_failure
     from autofit.testing import OOM_MESSAGES
 
     spike = OOM_MESSAGES["cuda_spike"][1]  # 40 MiB free, this process 1.20 GiB

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from autofit import AutoFitUsageError, autofit
-from autofit.footprint import Footprint, measure
+from autofit.facts.footprint import Footprint, measure
 from dataclasses import replace
 
-from autofit.context import Machine, PipelineFacts, Workload, context
-from autofit.ladder import next_plan
+from autofit.planning.context import Machine, PipelineFacts, Workload, context
+from autofit.planning.ladder import next_plan
 from autofit.plan import Plan
-from autofit.planner import choose, predict, rank
-from autofit.rungs import refusal
+from autofit.planning.planner import choose, predict, rank
+from autofit.planning.rungs import refusal
 from autofit.strategies.quantize import quantized_level
 from autofit.testing import inject_oom, mark_unusable, rung_context, switch_plan, tiny_flux, tiny_sdxl
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from autofit import AutoFitExhausted, AutoFitUsageError, autofit
-from autofit.context import Machine, context
-from autofit.ladder import next_plan
+from autofit.planning.context import Machine, context
+from autofit.planning.ladder import next_plan
 from autofit.plan import Plan
 from autofit.testing import forget_placement, inject_oom, switch_plan, tiny_flux, tiny_sdxl
 

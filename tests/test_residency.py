@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from autofit import autofit
-from autofit.cache import PlanCache
-from autofit.context import Machine, Workload, context
-from autofit.cost import host_bytes, pinned_bytes, resident_split
+from autofit.facts.cache import PlanCache
+from autofit.planning.context import Machine, Workload, context
+from autofit.planning.cost import host_bytes, pinned_bytes, resident_split
 from autofit.errors import AutoFitUsageError
-from autofit.ladder import next_plan
+from autofit.planning.ladder import next_plan
 from autofit.plan import Plan
-from autofit.planner import choose, predict
-from autofit.strategies import partial, teardown
+from autofit.planning.planner import choose, predict
+from autofit.strategies import teardown
+from autofit.strategies import partial
 from autofit.strategies.placement import place
 from autofit.testing import inject_oom, judged_as, switch_plan, tiny_flux, tiny_sdxl
 

@@ -1,4 +1,4 @@
-"""autofit.simdev: the simulated accelerator with capped memory (docs/simdev.md).
+"""autofit.testing.simdev: the simulated accelerator with capped memory (docs/simdev.md).
 
 The tests that use the device skip where its extension cannot be built (no C++ compiler or
 ninja, an old torch); the first run builds it into the cache (10-30 s on 2 cores), later runs
@@ -10,9 +10,9 @@ import gc
 import pytest
 import torch
 
-from autofit import simdev
-from autofit.explain import OOMFigures
-from autofit.oom import OOMKind, classify
+from autofit.testing import simdev
+from autofit.planning.explain import OOMFigures
+from autofit.engine.oom import OOMKind, classify
 
 MiB = 1 << 20
 CALL = dict(num_inference_steps=2, height=64, width=64, output_type="np")
@@ -71,7 +71,7 @@ def test_an_allocation_over_the_cap_raises_a_device_oom_worded_like_cuda(sim):
     assert message.startswith("CUDA out of memory. Tried to allocate 6.00 MiB. GPU 0 has a total capacity of ")
     assert "0 bytes is reserved by PyTorch but unallocated." in message
     assert classify(info.value).kind is OOMKind.DEVICE
-    figures = OOMFigures.parse(message)  # the figures autofit.explain reads (two decimals)
+    figures = OOMFigures.parse(message)  # the figures autofit.planning.explain reads (two decimals)
     assert figures.requested == 6 * MiB
     assert figures.free == 5 * MiB
     assert figures.process == figures.allocated == pytest.approx(base, abs=0.01 * MiB)
@@ -321,7 +321,7 @@ def test_installing_again_only_sets_the_caps(sim):
 
 def test_installing_leaves_host_tensors_alone(sim):
     """What the rest of a process does on the CPU is unchanged by the device being there."""
-    from autofit.memory import release_pinned_cache
+    from autofit.facts.memory import release_pinned_cache
 
     t = torch.randn(16)
     assert t.device.type == "cpu" and not t.is_pinned()

@@ -2,7 +2,7 @@
 
 import torch
 
-from autofit.preflight import workload
+from autofit.engine.preflight import workload
 
 from tiny_pipelines import animatediff, sd15, sd15_img2img
 

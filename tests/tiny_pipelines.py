@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from autofit._tiny import _clip_config, _finish, make_tokenizer, tiny_flux, tiny_sdxl
+from autofit.testing.tiny import _clip_config, _finish, make_tokenizer, tiny_flux, tiny_sdxl
 
 STEPS = 2
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
+from autofit._version import __version__
 
 if TYPE_CHECKING:
-    from .errors import AutoFitExhausted, AutoFitUsageError, CheckpointChanged
-    from .plan import Plan
-    from .proxy import AutoFitControl, AutoFitPipeline, autofit
-    from .records import EscalationRecord
+    from autofit.errors import AutoFitExhausted, AutoFitUsageError, CheckpointChanged
+    from autofit.plan import Plan
+    from autofit.proxy import AutoFitControl, AutoFitPipeline, autofit
+    from autofit.records import EscalationRecord
 
 __all__ = [
     "AutoFitControl",

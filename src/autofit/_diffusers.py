@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from .components import module_components
 
 # diffusers' group offloading pins host memory in these ModuleGroup methods: a CUDA "out of
 # memory" raised in them is a host (page-locked memory) failure, not a device one.
@@ -134,7 +133,7 @@ def hold_disk_groups(module: torch.nn.Module, skew: dict[int, int] | None = None
     file fails every later call, and the tensors it returns view one buffer at the file's
     offsets (other kernels run on the CPU there, and the output differs in the last bits).
     Groups that stream (a CUDA side stream) keep diffusers' own reads."""
-    from . import disk
+    from autofit import disk
 
     for group in disk_groups(module):
         if getattr(group, "stream", None) is not None or getattr(group, "_autofit_file", None) is not None:
@@ -157,7 +156,7 @@ def hold_disk_groups(module: torch.nn.Module, skew: dict[int, int] | None = None
 
 
 def _check_held(group: Any, held: Any) -> None:
-    from .disk import OffloadUnreadable
+    from autofit.disk import OffloadUnreadable
 
     if set(held.index) != set(group.key_to_tensor):
         raise OffloadUnreadable(f"{held.path} does not hold the tensors of its group (replaced since it was written?)")
@@ -184,7 +183,7 @@ def restore_disk_groups(module: torch.nn.Module) -> int:
     read through its descriptor (removed files included) and closed; the user's own files are
     read by name. Either way into fresh, aligned tensors; a file that cannot be read raises
     ``autofit.disk.OffloadUnreadable`` (the module is never left with placeholders silently)."""
-    from . import disk
+    from autofit import disk
 
     read = 0
     for group in disk_groups(module):
@@ -420,3 +419,9 @@ def empty_host_cache() -> None:
         empty = getattr(torch._C, "_host_emptyCache", None)
     if empty is not None:
         empty()
+
+
+def module_components(pipe: Any) -> dict[str, torch.nn.Module]:
+    """The pipeline's components that are torch modules, by name (``pipe.components`` holds
+    tokenizers and schedulers too)."""
+    return {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}

@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
-    from . import autofit
-    from .testing import inject_oom, tiny_flux, tiny_sdxl
+    from autofit import autofit
+    from autofit.testing import inject_oom, tiny_flux, tiny_sdxl
 
     pipe = tiny_sdxl() if args.pipeline == "sdxl" else tiny_flux()
     proxy = autofit(pipe, device=args.device, cache=False)  # the same story on every run

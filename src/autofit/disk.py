@@ -64,7 +64,7 @@ def offload_root() -> Path:
     env = os.environ.get(OFFLOAD_ENV)
     if env:
         return Path(env)
-    from .paths import default_dir
+    from autofit.paths import default_dir
 
     return default_dir() / "offload"
 

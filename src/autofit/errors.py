@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .records import EscalationRecord
+    from autofit.records import EscalationRecord
 
 
 class AutoFitExhausted(torch.OutOfMemoryError):

@@ -10,7 +10,53 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .rungs import EXTRAS, PLACEMENTS, QUANTIFIED, RUNGS, STORAGE, split_name
+# ---- the rung-name grammar: every name a plan may hold, its kind and what it replaces -------
+# Kinds: a placement says where weights live (one per plan; "device" is the baseline), storage
+# changes how they are stored (one-way; one per plan), an extra adds to either. What each rung
+# needs, costs and does lives in planning/rungs.py (one row per name here) and strategies/.
+STORAGE = ("fp8", "int8", "nf4")
+PLACEMENTS = ("device", "resident_stream", "model_offload", "group_leaf_stream", "group_leaf_lowmem",
+              "group_block", "group_leaf", "group_disk", "sequential")
+EXTRAS = ("split_batch", "split_batch_max", "offload_encoders", "offload_for_decode", "vae_slicing", "vae_tiling",
+          "vae_tiling_small", "vae_cpu", *STORAGE)
+DEVICE_ONLY = frozenset({"offload_encoders", "offload_for_decode"})  # extras that only apply with all on the device
+REPLACES: dict[str, frozenset[str]] = {  # rungs dropped from a plan when this one is added
+    **{p: DEVICE_ONLY for p in PLACEMENTS[1:]},
+    **{s: frozenset(STORAGE) - {s} for s in STORAGE},
+    "split_batch_max": frozenset({"split_batch"}),
+    "vae_tiling_small": frozenset({"vae_tiling"}),
+    "vae_cpu": frozenset({"vae_tiling", "vae_tiling_small", "vae_slicing"}),
+}
+# Placements that carry a quantity in their name (``resident_stream:75``), with its default.
+QUANTIFIED: dict[str, int] = {"resident_stream": 50}
+RESIDENT_MIN, RESIDENT_MAX = 5, 99  # percent; below 5 leaf-level streaming is the better family, 100 is "device"
+
+
+def kind(name: str) -> str:
+    """``placement``, ``storage`` or ``extra``: the kind of rung ``name`` (quantity allowed)."""
+    family = split_name(name)[0]
+    if family in PLACEMENTS:
+        return "placement"
+    if family in STORAGE:
+        return "storage"
+    if family in EXTRAS:
+        return "extra"
+    raise ValueError(f"unknown rung {name!r}; choose from {PLACEMENTS + EXTRAS}")
+
+
+def split_name(name: str) -> tuple[str, int | None]:
+    """A rung name and its quantity: ``"resident_stream:75"`` -> ``("resident_stream", 75)``,
+    ``"vae_tiling"`` -> ``("vae_tiling", None)``. Raises ValueError, saying what is allowed."""
+    family, sep, amount = name.partition(":")
+    if not sep:
+        return name, None
+    if family not in QUANTIFIED:
+        raise ValueError(f"{name!r}: only {sorted(QUANTIFIED)} take a quantity after ':'")
+    if not amount.isdigit() or not RESIDENT_MIN <= int(amount) <= RESIDENT_MAX:
+        raise ValueError(f"{name!r}: '{family}:N' keeps N percent of the denoiser on the device; N must be a whole "
+                         f"number from {RESIDENT_MIN} to {RESIDENT_MAX} (100 is the 'device' placement)")
+    return family, int(amount)
+
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,12 +109,11 @@ class Plan:
         return cls(placements[0] if placements else "device", frozenset(n for n in names if n not in placements))
 
     def with_rung(self, name: str) -> "Plan":
-        """This plan with rung ``name`` added, and the rungs it replaces (rungs.RUNGS) dropped."""
+        """This plan with rung ``name`` added, and the rungs it replaces (``REPLACES``) dropped."""
         if name == "device":
             return replace(self, placement="device")
-        rung = RUNGS[split_name(name)[0]]
-        extras = self.extras - rung.replaces
-        if rung.kind == "placement":
+        extras = self.extras - REPLACES.get(split_name(name)[0], frozenset())
+        if kind(name) == "placement":
             return replace(self, placement=name, extras=extras)
         return replace(self, extras=extras | {name})
 

@@ -11,17 +11,17 @@ from typing import Any
 import torch
 import wrapt
 
-from . import _diffusers
-from .units import parse_bytes
-from .errors import AutoFitUsageError
-from .events import emit
-from .context import DEFAULT_POLICY, POLICIES
-from .cache import PlanCache
-from .plan import Plan
-from .components import module_components
-from .records import EscalationRecord
-from .runtime import Runtime
-from .strategies import quantize
+from autofit import _diffusers
+from autofit.units import parse_bytes
+from autofit.errors import AutoFitUsageError
+from autofit.events import emit
+from autofit.planning.context import DEFAULT_POLICY, POLICIES
+from autofit.facts.cache import PlanCache
+from autofit.plan import Plan
+from autofit._diffusers import module_components
+from autofit.records import EscalationRecord
+from autofit.engine.runtime import Runtime
+from autofit.strategies import quantize
 
 
 class AutoFitControl:
@@ -248,7 +248,7 @@ def _check_available(dev: torch.device) -> None:
 
 def valid_plan_names() -> str:
     """Every name ``plan=`` accepts, placements first, as an error message lists them."""
-    from .rungs import EXTRAS, PLACEMENTS, QUANTIFIED, RESIDENT_MAX, RESIDENT_MIN
+    from autofit.planning.rungs import EXTRAS, PLACEMENTS, QUANTIFIED, RESIDENT_MAX, RESIDENT_MIN
 
     places = [f"{p}:N (N = {RESIDENT_MIN}..{RESIDENT_MAX}, % of the denoiser kept on the device; "
               f"bare: {QUANTIFIED[p]})" if p in QUANTIFIED else p for p in PLACEMENTS]
@@ -261,7 +261,7 @@ def parse_plan(plan: Any) -> tuple[str, ...]:
     also separates) or a sequence of strings. Raises AutoFitUsageError naming every valid name."""
     import difflib
 
-    from .rungs import PLACEMENTS, RUNGS, split_name
+    from autofit.planning.rungs import PLACEMENTS, RUNGS, split_name
 
     if isinstance(plan, str):
         names = tuple(n.strip() for n in re.split(r"[+,]", plan) if n.strip())

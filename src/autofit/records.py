@@ -19,7 +19,7 @@ class EscalationRecord:
     scope: str  # "stage": retried in place; "call": whole call rerun; "load": while placing weights
     plan: tuple[str, ...]
     skipped: tuple[tuple[str, str], ...] = ()
-    # Why the OOM happened (autofit.explain): "plan" (explained by the plan's own memory), "others",
+    # Why the OOM happened (autofit.planning.explain): "plan" (explained by the plan's own memory), "others",
     # "fragmentation", "unknown", "host" (host RAM); "" where no OOM was judged (roll backs, probes).
     cause: str = ""
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from .. import _diffusers
-from ..checkpoint import Checkpoint
-from ..footprint import Footprint, fp8_cast_params
-from ..components import module_components
+from autofit import _diffusers
+from autofit.facts.checkpoint import Checkpoint
+from autofit.facts.footprint import Footprint, fp8_cast_params
+from autofit._diffusers import module_components
 
 
 def compute_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import bitsandbytes as bnb
 
-from .. import _diffusers
+from autofit import _diffusers
 
 
 class Linear8bitLt(bnb.nn.Linear8bitLt):

@@ -27,12 +27,13 @@ from typing import Any
 
 import torch
 
-from .. import _diffusers, cost
-from ..components import role_of
-from ..devices import memory_of
-from ..events import emit
-from ..memory import release_pinned_cache
-from .quantize import quantized_level
+from autofit import _diffusers
+from autofit.planning import cost
+from autofit.facts.components import role_of
+from autofit.facts.devices import memory_of
+from autofit.events import emit
+from autofit.facts.memory import release_pinned_cache
+from autofit.strategies.quantize import quantized_level
 
 HOOK = "autofit_resident_stream"
 _ATTR = "_autofit_resident_stream"

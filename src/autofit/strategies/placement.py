@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 
-from .. import _diffusers, disk
-from ..memory import release_pinned_cache
-from . import partial
-from ..plan import Plan
-from ..components import module_components, roles
-from .quantize import quantized_level
+from autofit import _diffusers, disk
+from autofit.facts.memory import release_pinned_cache
+from autofit.strategies import partial
+from autofit.plan import Plan
+from autofit.facts.components import roles
+from autofit._diffusers import module_components
+from autofit.strategies.quantize import quantized_level
 
 CPU = torch.device("cpu")
 GROUPED = ("group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf", "group_disk")

@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import Checkpoint
-from ..footprint import Footprint, quant_targets
-from ..components import module_components
-from .casting import compute_dtype
+from autofit.facts.checkpoint import Checkpoint
+from autofit.facts.footprint import Footprint, quant_targets
+from autofit._diffusers import module_components
+from autofit.strategies.casting import compute_dtype
 
 LEVELS = ("nf4", "int8")
 MIN_BNB = (0, 48)  # CPU backend, and int8 weights that can move between devices
@@ -60,7 +60,7 @@ def quantized_level(module: torch.nn.Module) -> str | None:
 
 
 def _int8_linear() -> type:
-    from .int8_layer import Linear8bitLt  # imports bitsandbytes
+    from autofit.strategies.int8_layer import Linear8bitLt  # imports bitsandbytes
 
     return Linear8bitLt
 

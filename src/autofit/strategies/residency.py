@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import torch
 
-from .. import _diffusers
-from ..devices import memory_of
-from ..events import emit
-from .quantize import quantized_level
+from autofit import _diffusers
+from autofit.facts.devices import memory_of
+from autofit.events import emit
+from autofit.strategies.quantize import quantized_level
 
 
 def _slots(module: torch.nn.Module) -> Iterator[tuple[dict, str, torch.Tensor]]:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _diffusers
+from autofit import _diffusers
 
 
 @dataclass(frozen=True, slots=True)

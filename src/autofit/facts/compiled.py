@@ -1,0 +1,193 @@
+"""Compiled components: ``torch.compile(module)``, ``compile_repeated_blocks()`` /
+``module.compile()`` on blocks, and a compiled ``vae.decode`` / ``vae.encode``.
+
+A compiled component is the same module tree as an eager one (an ``OptimizedModule`` holds the
+eager module as ``_orig_mod`` and shares its parameters), so its role, footprint and residency
+units are found on the eager module, and every placement, cast and quantization acts on that
+tree. What compiled code reads is settled by dynamo's guards: with nn modules inlined (always on
+since torch 2.5), parameters and buffers are graph inputs read from the module at each call and
+guarded on device, dtype and shape, so a graph never reads a stale tensor; a plan change that
+moves or casts weights recompiles each compiled region at most once, and calls under an
+unchanged plan recompile nothing.
+
+Two cases do not work compiled, and run eager instead (a WARNING event, ``compiled_eager``, says
+which component, which plan and why):
+
+* hooks on every layer *inside* a compiled region (``sequential``, ``group_leaf*``,
+  ``group_disk``): dynamo traces them with a graph break per layer, hits its recompile limit and
+  runs slower than eager;
+* CUDA graphs (``mode="reduce-overhead"``, or ``triton.cudagraphs``) under a plan that moves
+  weights between calls: a graph replays fixed weight addresses.
+
+Eager here is ``torch.compiler.set_stance("force_eager")`` for the call of that component only:
+the compiled code is kept and used again as soon as the plan is one it works under.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, ContextManager
+
+import torch
+
+from autofit.events import emit
+
+__all__ = ["Region", "regions", "is_compiled", "eager_module", "uses_cuda_graphs", "eager_reason", "run_context",
+           "invalidate", "compiled_frames", "versions"]
+
+# Placements that hook every layer (or leaf group) inside a component.
+HOOKS_EVERY_LAYER = frozenset({"sequential", "group_leaf", "group_leaf_stream", "group_leaf_lowmem", "group_disk"})
+# Placements under which weights stay where they are between calls.
+WEIGHTS_STAY = frozenset({"device"})
+
+
+@dataclass(frozen=True)
+class Region:
+    """One compiled region of a component: ``kind`` is ``module`` (``torch.compile(module)``),
+    ``block`` (``module.compile()``, as ``compile_repeated_blocks`` does) or ``method``
+    (a compiled ``decode`` / ``encode`` / ``forward`` set on the instance); ``path`` the
+    submodule or attribute; ``code`` the code objects dynamo compiles for it."""
+
+    kind: str
+    path: str
+    code: tuple[types.CodeType, ...]
+    config: dict[str, Any] | None
+
+
+def _code_of(fn: Any) -> types.CodeType | None:
+    fn = getattr(fn, "__func__", fn)
+    return getattr(fn, "__code__", None)
+
+
+def _config_of(obj: Any) -> dict[str, Any] | None:
+    get = getattr(obj, "get_compiler_config", None)
+    if callable(get):
+        try:
+            cfg = get()
+        except Exception:
+            cfg = None
+        if isinstance(cfg, dict):
+            return cfg
+    return None
+
+
+def eager_module(module: Any) -> Any:
+    """The eager module under any number of ``torch.compile`` wrappers (``module`` itself when
+    it is not compiled)."""
+    seen = 0
+    while isinstance(module, torch._dynamo.eval_frame.OptimizedModule) and seen < 8:
+        module = module._orig_mod
+        seen += 1
+    return module
+
+
+def _compiled_fn(fn: Any) -> Any:
+    """The callable a compiled function wraps, or None when ``fn`` is not compiled."""
+    return getattr(fn, "_torchdynamo_orig_callable", None)
+
+
+def regions(module: Any) -> list[Region]:
+    """The compiled regions of a component (empty: an eager component)."""
+    if not isinstance(module, torch.nn.Module):
+        return []
+    found: list[Region] = []
+    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        inner = eager_module(module)
+        code = _code_of(type(inner).forward)
+        found.append(Region("module", "", (code,) if code else (), _config_of(module)))
+        module = inner
+    for attr in ("forward", "decode", "encode"):
+        fn = module.__dict__.get(attr)
+        orig = _compiled_fn(fn) if fn is not None else None
+        if orig is None:
+            orig = _compiled_fn(getattr(fn, "__wrapped__", None)) if fn is not None else None
+        if orig is not None:
+            code = _code_of(orig)
+            found.append(Region("method", attr, (code,) if code else (), _config_of(fn)))
+    for path, sub in module.named_modules():
+        if getattr(sub, "_compiled_call_impl", None) is not None:
+            code = _code_of(torch.nn.Module._call_impl)
+            found.append(Region("block", path, (code,) if code else (), _config_of(sub._compiled_call_impl)))
+    return found
+
+
+def is_compiled(module: Any) -> bool:
+    return bool(regions(module))
+
+
+def uses_cuda_graphs(region: Region) -> bool:
+    """The region was compiled to replay CUDA graphs (``mode="reduce-overhead"``)."""
+    return bool((region.config or {}).get("triton.cudagraphs"))
+
+
+def eager_reason(module: Any, placement: str | None, found: list[Region] | None = None) -> str | None:
+    """Why ``module``'s compiled code must not run under ``placement`` (None: it may).
+    ``found``: its :func:`regions`, when already known."""
+    if placement is None:
+        return None
+    found = regions(module) if found is None else found
+    if not found:
+        return None
+    if placement in HOOKS_EVERY_LAYER and any(r.kind != "block" for r in found):
+        return "hooks_every_layer"
+    family = placement.split(":", 1)[0]
+    if family not in WEIGHTS_STAY and any(uses_cuda_graphs(r) for r in found):
+        return "cuda_graphs_with_moving_weights"
+    return None
+
+
+_warned: set[tuple[int, str, str]] = set()
+
+
+def run_context(name: str, module: Any, placement: str | None, stage: str,
+                found: list[Region] | None = None) -> ContextManager[Any]:
+    """The context a component's call runs in under ``placement``: eager (with a WARNING event,
+    once per component and plan) where its compiled code does not work, else nothing."""
+    found = regions(module) if found is None else found
+    reason = eager_reason(module, placement, found)
+    if reason is None:
+        return nullcontext()
+    key = (id(module), str(placement), reason)
+    if key not in _warned:
+        _warned.add(key)
+        modes = sorted({"reduce-overhead" if uses_cuda_graphs(r) else "default" for r in found})
+        emit("compiled_eager", level="warning", stage=stage, component=name, action="force_eager",
+             plan=str(placement), reason=reason, mode=",".join(modes))
+    return _force_eager()
+
+
+@contextmanager
+def _force_eager() -> Iterator[None]:
+    with torch.compiler.set_stance("force_eager"):
+        yield
+
+
+def invalidate(module: Any) -> None:
+    """Drop the compiled code of ``module``'s regions, so their next call traces again (sees
+    hooks added since). For tests: dynamo does not guard on per-module hooks."""
+    from torch._C._dynamo.eval_frame import reset_code
+
+    for region in regions(module):
+        if region.kind == "block":
+            continue  # Module._call_impl's code is every module's: leave the others' code alone
+        for code in region.code:
+            reset_code(code)
+
+
+def compiled_frames() -> int:
+    """How many frames dynamo has compiled so far in this process (a recompile is one more)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["ok"])
+
+
+def versions(module: Any) -> int:
+    """How many compiled versions of ``module``'s top compiled code dynamo holds now (one per
+    compile of that region: a recompile is one more). Blocks compiled with ``module.compile()``
+    share ``Module._call_impl``'s code with every other module and are left out."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return sum(len(_debug_get_cache_entry_list(code)) for r in regions(module) if r.kind != "block" for code in r.code)
