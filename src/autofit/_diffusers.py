@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from autofit.plan import placement_of, placing
+
 
 # diffusers' group offloading pins host memory in these ModuleGroup methods: a CUDA "out of
 # memory" raised in them is a host (page-locked memory) failure, not a device one.
@@ -250,21 +252,21 @@ def detect_placement(pipe: Any) -> str | None:
         if config is not None:
             kind = getattr(config.offload_type, "value", config.offload_type)
             if getattr(config, "offload_to_disk_path", None):
-                return "group_disk"
+                return placement_of("group", disk=True)
             if kind == "block_level":
-                return "group_block"
+                return placement_of("group", group="block", disk=False)
             if config.stream is not None:
-                return "group_leaf_lowmem" if config.low_cpu_mem_usage else "group_leaf_stream"
-            return "group_leaf"
+                return placement_of("group", group="leaf", stream=True, lowmem=bool(config.low_cpu_mem_usage))
+            return placement_of("group", group="leaf", stream=False)
     if getattr(pipe, "_all_hooks", None):
-        return "model_offload"
+        return placement_of("component")
     hooked = [m for m in module_components(pipe).values() if has_accelerate_hooks(m)]
     if hooked and all(_model_offload_hook(m) for m in hooked):
         # Model offload hooks this pipeline does not own: another pipeline sharing the components
         # (``from_pipe``, ``Pipeline(**proxy.components)``) placed them. Nothing of the user's to keep.
         return None
     if hooked:
-        return "sequential"
+        return placement_of("layer")
     return None
 
 
@@ -282,9 +284,10 @@ def placement_intact(pipe: Any, placement: str) -> bool:
     """Whether the offloading autofit applied is still on the components: another pipeline that
     shares them (made with ``from_pipe``) or the user may have taken it down since."""
     comps = module_components(pipe).values()
-    if placement in ("model_offload", "sequential"):
+    terms = placing(placement)
+    if terms.accelerate_hooks:
         return any(has_accelerate_hooks(m) for m in comps)
-    if placement.startswith("group_"):
+    if terms.group:
         return any(group_offload_config(m) is not None for m in comps)
     return True  # everything on the device: the runtime re-asserts residency at every call
 

@@ -34,14 +34,11 @@ from typing import Any, ContextManager
 import torch
 
 from autofit.events import emit
+from autofit.plan import placing
 
 __all__ = ["Region", "regions", "is_compiled", "eager_module", "uses_cuda_graphs", "eager_reason", "run_context",
            "invalidate", "compiled_frames", "versions"]
 
-# Placements that hook every layer (or leaf group) inside a component.
-HOOKS_EVERY_LAYER = frozenset({"sequential", "group_leaf", "group_leaf_stream", "group_leaf_lowmem", "group_disk"})
-# Placements under which weights stay where they are between calls.
-WEIGHTS_STAY = frozenset({"device"})
 
 
 @dataclass(frozen=True)
@@ -131,10 +128,10 @@ def eager_reason(module: Any, placement: str | None, found: list[Region] | None 
     found = regions(module) if found is None else found
     if not found:
         return None
-    if placement in HOOKS_EVERY_LAYER and any(r.kind != "block" for r in found):
+    terms = placing(placement)
+    if terms.hooks_every_layer and any(r.kind != "block" for r in found):
         return "hooks_every_layer"
-    family = placement.split(":", 1)[0]
-    if family not in WEIGHTS_STAY and any(uses_cuda_graphs(r) for r in found):
+    if terms.offloads and any(uses_cuda_graphs(r) for r in found):  # weights move between calls
         return "cuda_graphs_with_moving_weights"
     return None
 

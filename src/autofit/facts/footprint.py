@@ -16,6 +16,7 @@ from autofit import _diffusers
 from autofit.facts.checkpoint import Checkpoint, read_safetensors_header
 from autofit.facts.components import role_of, roles
 from autofit._diffusers import module_components
+from autofit.plan import storing
 
 # The module types fp8 layerwise casting really casts, and the name patterns it skips by default
 # (norms, embeddings, in/out projections), are diffusers' own: _diffusers.layerwise_casting_defaults.
@@ -110,16 +111,12 @@ class ComponentFootprint:
 
     def stored_bytes(self, storage: str | None) -> int:
         """Size under a weight-storage rung (fp8 / int8 / nf4) that applies to this component."""
-        if storage == "fp8" and self.fp8_ok:
-            return self.cast_bytes
-        if storage == "nf4" and self.quant_ok:
-            return self.nf4_bytes
-        if storage == "int8" and self.quant_ok:
-            return self.int8_bytes
-        return self.bytes
+        terms = storing(storage)
+        return getattr(self, terms.size) if terms and getattr(self, terms.targets) else self.bytes
 
     def stored_by(self, storage: str | None) -> bool:
-        return (storage == "fp8" and self.fp8_ok) or (storage in ("nf4", "int8") and self.quant_ok)
+        terms = storing(storage)
+        return bool(terms and getattr(self, terms.targets))
 
 
 @dataclass(frozen=True, slots=True)

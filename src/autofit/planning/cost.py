@@ -20,8 +20,6 @@ if TYPE_CHECKING:
     from autofit.planning.context import Machine, Workload
     from autofit.plan import Plan
 
-GROUP_PLACEMENTS = frozenset({"group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf", "group_disk"})
-STREAM_PLACEMENTS = frozenset({"group_leaf_stream", "group_leaf_lowmem"})
 # A plan may fill this share of the host RAM (or of what can be pinned) it is given: the rest is
 # the process's own and the page cache's.
 HOST_SHARE = 0.9
@@ -33,15 +31,9 @@ VAE_REFERENCE_WIDTH = 128  # block_out_channels[0] of the SDXL VAE the decode fi
 # Calibrated on the H200 figures above (SDXL 1024x1024 with CFG: 0.058 s/step for 5.13 GB of UNet).
 COMPUTE_S_PER_GB_MP = 0.0054
 LEAF_OVERHEAD_S = 50e-6  # per leaf module per step under leaf-level offload
-FP8_CAST_S_PER_GB = 0.014  # per step per GB of cast weights (SDXL: +2.0 s over 30 steps)
-# bitsandbytes: per step, per GB of the denoiser's full-precision weights. Measured on an H100
-# (SDXL-sized, 1024x1024, CFG, 10 steps): nf4 1.26 s vs 0.71 s unquantized (+0.0107 s/GB/step),
-# LLM.int8 (threshold 6.0) 2.79 s (+0.041). A Flux-sized transformer lost far less to nf4 on an
-# H200 (0.84 vs 0.78 s, 4 steps): its matmuls are larger; the SDXL figure is the cautious one.
-QUANT_S_PER_GB = {"nf4": 0.0107, "int8": 0.041}
+# What a storage rung costs per step is its row's (autofit.plan.STORING: fp8 casts, bitsandbytes).
 # resident_stream (strategies/partial.py): the denoiser is cut into units (blocks, or the layers of
 # a block larger than 1/UNITS of it); PREFETCH_DEPTH units are copied ahead of the one running.
-RESIDENT = "resident_stream"
 UNITS = 32
 PREFETCH_DEPTH = 2
 UNIT_OVERHEAD_S = 60e-6  # per streamed unit per step: two hooks, an event, the copies' launches (not measured)
@@ -72,7 +64,7 @@ def kept_on_device(plan: Plan, fp: Footprint) -> set[str]:
     scales beside its weights, which group offloading does not move. Model offload moves whole
     modules with their own .to(), which bitsandbytes >= 0.48 supports for nf4 and int8 alike (the
     guide's "int8 cannot move" predates it; diffusers itself moves 8-bit modules since then)."""
-    if plan.storage not in ("int8", "nf4") or (plan.placement not in GROUP_PLACEMENTS and plan.family != RESIDENT):
+    if not (plan.bitsandbytes and plan.placing.keeps_quantized):
         return set()
     return {c.name for c in fp.components.values() if c.quant_ok}
 
@@ -113,7 +105,7 @@ def resident_split(plan: Plan, fp: Footprint) -> dict[str, tuple[int, int]]:
 
 def _resident_stream_bytes(plan: Plan, stage: str, fp: Footprint) -> int:
     split = resident_split(plan, fp)
-    on = sum(r for n, (r, _) in split.items() if not ("vae_cpu" in plan.extras and fp.components[n].role == "decode"))
+    on = sum(r for n, (r, _) in split.items() if not (plan.decode_on_cpu and fp.components[n].role == "decode"))
     def unit(role: str) -> int:
         return max((unit_bytes(fp.components[n], plan) for n, (_, s) in split.items()
                     if s and fp.components[n].role == role), default=0)
@@ -130,45 +122,73 @@ def _resident_stream_bytes(plan: Plan, stage: str, fp: Footprint) -> int:
     return on
 
 
-def resident_bytes(plan: Plan, stage: str, fp: Footprint) -> int:
-    """Predicted weight bytes on the device while ``stage`` runs under ``plan``."""
-    if plan.family == RESIDENT:
-        return _resident_stream_bytes(plan, stage, fp)
-    names = list(fp.components)
+def _stage_names(fp: Footprint, stage: str) -> list[str]:
+    """The components ``stage`` runs (the VAE's encoder is the decode-stage components' stage too)."""
+    if stage == "load":
+        return list(fp.components)
+    return _role_names(fp, "decode" if stage == "vae_encode" else stage)
+
+
+def _all_on_device(plan: Plan, stage: str, fp: Footprint) -> int:
+    """Scheme ``none``: every component on the device, less the ones the plan's extras keep on
+    the CPU (at this stage)."""
     enc, vae = _role_names(fp, "encode"), _role_names(fp, "decode")
-    # The VAE's encoder is the decode-stage components' (the VAE's) stage too.
-    mine = names if stage == "load" else vae if stage == "vae_encode" else _role_names(fp, stage)
-    vae_cpu = "vae_cpu" in plan.extras
-    p = plan.placement
-    if p == "device":
-        on = set(names)
-        if vae_cpu:
-            on -= set(vae)
-        if "offload_encoders" in plan.extras:
-            on -= set(enc)
-            if stage == "encode" and enc:
-                on.add(max(enc, key=lambda n: _size(fp, n, plan)))
-        if stage in ("decode", "vae_encode") and "offload_for_decode" in plan.extras:
-            on &= set(vae)
-        return sum(_size(fp, n, plan) for n in on)
+    on = set(fp.components)
+    if plan.decode_on_cpu:
+        on -= set(vae)
+    if plan.encoders_on_demand:
+        on -= set(enc)
+        if stage == "encode" and enc:
+            on.add(max(enc, key=lambda n: _size(fp, n, plan)))
+    if stage in ("decode", "vae_encode") and plan.decode_alone:
+        on &= set(vae)
+    return sum(_size(fp, n, plan) for n in on)
+
+
+def _offloaded(plan: Plan, stage: str, fp: Footprint) -> tuple[int, list[str]]:
+    """Bytes of the quantized components kept on the device, and the stage's other components."""
     pinned = kept_on_device(plan, fp)
     fixed = sum(_size(fp, n, plan) for n in pinned)
-    mine = [n for n in mine if n not in pinned]
-    if p == "model_offload":
-        if stage == "load":
-            return fixed
-        pool = [n for n in mine if not (vae_cpu and n in vae)]
-        return fixed + max((_size(fp, n, plan) for n in pool), default=0)
-    if p == "sequential":
-        return 0 if stage == "load" else max((_granule(fp, n, plan, "leaf_bytes") for n in mine), default=0)
-    # Group offload: the VAE is excluded and stays on the device (small, and tiling needs it whole).
-    kept = fixed + (0 if vae_cpu else sum(_size(fp, n, plan) for n in vae))
+    return fixed, [n for n in _stage_names(fp, stage) if n not in pinned]
+
+
+def _one_component(plan: Plan, stage: str, fp: Footprint) -> int:
+    """Scheme ``component``: the stage's largest component, moved on whole."""
+    fixed, mine = _offloaded(plan, stage, fp)
+    if stage == "load":
+        return fixed
+    vae = _role_names(fp, "decode")
+    pool = [n for n in mine if not (plan.decode_on_cpu and n in vae)]
+    return fixed + max((_size(fp, n, plan) for n in pool), default=0)
+
+
+def _one_leaf(plan: Plan, stage: str, fp: Footprint) -> int:
+    """Scheme ``layer``: one leaf at a time, nothing resident between uses."""
+    _, mine = _offloaded(plan, stage, fp)
+    return 0 if stage == "load" else max((_granule(fp, n, plan, "leaf_bytes") for n in mine), default=0)
+
+
+def _grouped(plan: Plan, stage: str, fp: Footprint) -> int:
+    """Scheme ``group``: the VAE is excluded and stays on the device (small, and tiling needs it
+    whole); the stage's largest granule (leaf or block) on top."""
+    fixed, mine = _offloaded(plan, stage, fp)
+    kept = fixed + (0 if plan.decode_on_cpu else sum(_size(fp, n, plan) for n in _role_names(fp, "decode")))
     if stage in ("load", "decode", "vae_encode"):
         return kept
     # Leaf-level: current + prefetched leaf in theory; measured on an H200 (SDXL, leaf + streams)
     # the stage peaks sat one leaf above the activations, not two.
-    attr = "block_bytes" if p in ("group_block", "group_disk") else "leaf_bytes"
+    attr = "block_bytes" if plan.placing.group == "block" else "leaf_bytes"
     return kept + max((_granule(fp, n, plan, attr) for n in mine), default=0)
+
+
+# Weight bytes on the device during a stage, by the placement's scheme (autofit.plan.Placing).
+_RESIDENT_BY_SCHEME = {"none": _all_on_device, "component": _one_component, "layer": _one_leaf,
+                       "group": _grouped, "partial": _resident_stream_bytes}
+
+
+def resident_bytes(plan: Plan, stage: str, fp: Footprint) -> int:
+    """Predicted weight bytes on the device while ``stage`` runs under ``plan``."""
+    return _RESIDENT_BY_SCHEME[plan.placing.scheme](plan, stage, fp)
 
 
 def activation_factor(plan: Plan, stage: str, wl: Workload) -> float:
@@ -177,10 +197,10 @@ def activation_factor(plan: Plan, stage: str, wl: Workload) -> float:
         return 1.0 / min(plan.denoise_chunks(wl.batch), max(wl.batch, 1)) if wl.batch > 1 else 1.0
     if stage not in ("decode", "vae_encode"):
         return 1.0
-    if "vae_cpu" in plan.extras:
+    if plan.decode_on_cpu:
         return 0.0
     f = 1.0
-    if "vae_slicing" in plan.extras and wl.batch > 1:
+    if plan.decode_sliced and wl.batch > 1:
         f /= wl.batch
     # Measured on an H200, SDXL VAE at 1024x1024: tile 512 cut the decode activations from
     # 2.52 to 0.74 GiB (0.3); a quarter-side tile is taken as 0.12.
@@ -194,29 +214,29 @@ def activation_factor(plan: Plan, stage: str, wl: Workload) -> float:
 def _moved_each_call(plan: Plan, fp: Footprint) -> list[str]:
     """Components the ``device`` placement moves on and off the device through autofit's reusable
     host buffers (strategies/residency.py), pinned on CUDA."""
-    if plan.placement != "device":
+    if plan.offloads:
         return []
     out = set()
-    if "offload_encoders" in plan.extras:
+    if plan.encoders_on_demand:
         out |= set(_role_names(fp, "encode"))
-    if "offload_for_decode" in plan.extras:
+    if plan.decode_alone:
         out |= {n for n, c in fp.components.items() if c.role != "decode"}
     return sorted(out)
 
 
 def _through_buffers(plan: Plan, fp: Footprint, name: str) -> bool:
     # bitsandbytes components move with their own .to() (pageable), not through the buffers.
-    return not (plan.storage in ("int8", "nf4") and fp.components[name].stored_by(plan.storage))
+    return not (plan.bitsandbytes and fp.components[name].stored_by(plan.storage))
 
 
 def pinned_bytes(plan: Plan, fp: Footprint) -> int:
     """Page-locked host RAM the plan holds: the pinned copies leaf-level group offload with streams
     makes of every offloaded tensor, or the reusable buffers of per-call moves. Each tensor is
     rounded up to a power of two by torch's pinned allocator (footprint.pinned_size)."""
-    if plan.placement == "group_leaf_stream":
+    if plan.placing.pins_copies:
         kept = kept_on_device(plan, fp)
         return sum(c.pinned_stored(plan.storage) for c in fp.components.values() if c.name not in kept)
-    if plan.family == RESIDENT:  # a few large chunks holding exactly the streamed weights
+    if plan.placing.scheme == "partial":  # a few large chunks holding exactly the streamed weights
         return sum(s for _, s in resident_split(plan, fp).values())
     return sum(fp.components[n].pinned_stored(plan.storage)
                for n in _moved_each_call(plan, fp) if _through_buffers(plan, fp, n))
@@ -224,7 +244,7 @@ def pinned_bytes(plan: Plan, fp: Footprint) -> int:
 
 def disk_names(plan: Plan, fp: Footprint) -> list[str]:
     """Components group_disk writes to disk: all but the VAE and quantized ones kept on the device."""
-    if plan.placement != "group_disk":
+    if not plan.placing.disk:
         return []
     kept = kept_on_device(plan, fp) | set(_role_names(fp, "decode"))
     return [n for n in fp.components if n not in kept]
@@ -241,15 +261,16 @@ def host_bytes(plan: Plan, fp: Footprint) -> int:
     checkpoint they were loaded from serves as that copy)."""
     pinned = kept_on_device(plan, fp)
     originals = sum(c.bytes for c in fp.components.values()
-                    if plan.storage in ("int8", "nf4") and c.quant_ok and not c.restorable)
-    if plan.placement == "device":
+                    if plan.bitsandbytes and c.quant_ok and not c.restorable)
+    terms = plan.placing
+    if not terms.offloads:
         pageable = [n for n in _moved_each_call(plan, fp) if not _through_buffers(plan, fp, n)]
-        if "vae_cpu" in plan.extras:
+        if plan.decode_on_cpu:
             pageable += _role_names(fp, "decode")
         return originals + pinned_bytes(plan, fp) + sum(_size(fp, n, plan) for n in pageable)
-    if plan.placement == "group_disk":  # the offloaded weights live in files, read a block at a time
+    if terms.disk:  # the offloaded weights live in files, read a block at a time
         return originals + max((_granule(fp, n, plan, "block_bytes") for n in disk_names(plan, fp)), default=0)
-    if plan.placement == "group_leaf_stream" or plan.family == RESIDENT:
+    if terms.pins_copies or terms.scheme == "partial":
         # The pinned copies replace the pageable weights group by group as they are made; under
         # resident_stream the resident weights keep no host copy at all.
         return originals + pinned_bytes(plan, fp)
@@ -318,18 +339,18 @@ def predict_seconds(plan: Plan, fp: Footprint, m: Machine, wl: Workload) -> floa
     if pinned_bytes(plan, fp) > m.pinned_room:
         pin = page  # the per-call buffers fall back to pageable memory (strategies/residency.py)
     t = steps * compute + DECODE_S_PER_MP * wl.megapixels * wl.batch
-    p = plan.placement
-    if p == "device":
-        if "offload_encoders" in plan.extras:
+    terms = plan.placing
+    if not terms.offloads:
+        if plan.encoders_on_demand:
             t += 2 * enc / pin
-        if "offload_for_decode" in plan.extras:
-            kept = den + (0 if "offload_encoders" in plan.extras else enc)
+        if plan.decode_alone:
+            kept = den + (0 if plan.encoders_on_demand else enc)
             t += 2 * kept / pin
-    elif p == "model_offload":
+    elif terms.scheme == "component":
         # In from pageable memory, out into freshly allocated pageable memory (page faults make
         # that direction about half as fast): SDXL on an H200 lost 1.55-2.7 s per call to it.
         t += total / page + total / (page / 2)
-    elif plan.family == RESIDENT:
+    elif terms.scheme == "partial":
         # Each step copies the streamed part of the denoiser while the resident part computes:
         # max(compute, copy), plus per-unit hook costs; the encoders' streamed part once a call.
         split = resident_split(plan, fp)
@@ -337,28 +358,26 @@ def predict_seconds(plan: Plan, fp: Footprint, m: Machine, wl: Workload) -> floa
         enc_s = sum(split[c.name][1] for c in fp.by_role("encode")) / GB
         units = sum(split[c.name][1] / max(unit_bytes(c, plan), 1) for c in fp.by_role("denoise"))
         t += steps * (max(den_s / pin, compute) - compute + units * UNIT_OVERHEAD_S) + enc_s / pin
-    elif p == "group_leaf_stream":
-        t += steps * (max(den / pin, compute) - compute + leaves * LEAF_OVERHEAD_S) + enc / pin
-    elif p == "group_leaf_lowmem":
-        t += steps * (max(den / page, compute) - compute + leaves * LEAF_OVERHEAD_S) + enc / page
-    elif p == "group_block":
-        t += steps * den / (page / 2) + enc / (page / 2)
-    elif p == "group_disk":
-        t += steps * den / DISK_GBPS + enc / DISK_GBPS
-    elif p == "group_leaf":
-        t += steps * (den / (page / 2) + 2 * leaves * LEAF_OVERHEAD_S) + enc / (page / 2)
-    elif p == "sequential":
-        t += 1.2 * (steps * (den / (page / 2) + 2 * leaves * LEAF_OVERHEAD_S) + enc / (page / 2))
-    if "fp8" in plan.extras:
-        cast = sum(c.cast_bytes for c in fp.by_role("denoise") if c.fp8_ok) / GB
-        t += steps * FP8_CAST_S_PER_GB * cast * eff_batch
-    if plan.storage in QUANT_S_PER_GB:
-        quantized = sum(c.bytes for c in fp.by_role("denoise") if c.quant_ok) / GB
-        t += steps * QUANT_S_PER_GB[plan.storage] * quantized
+    else:  # group and layer schemes: the placement's transfer terms
+        rate = {"pinned": pin, "pageable": page, "pageable_out": page / 2, "disk": DISK_GBPS}[terms.rate]
+        if terms.overlap:  # copies hidden behind the compute
+            per_call = steps * (max(den / rate, compute) - compute + terms.hook_calls * leaves * LEAF_OVERHEAD_S)
+        elif terms.hook_calls:
+            per_call = steps * (den / rate + terms.hook_calls * leaves * LEAF_OVERHEAD_S)
+        else:
+            per_call = steps * den / rate
+        t += terms.scale * (per_call + enc / rate)
+    storage = plan.storing
+    if storage is not None and storage.cast_s_per_gb:
+        cast = sum(getattr(c, storage.size) for c in fp.by_role("denoise") if getattr(c, storage.targets)) / GB
+        t += steps * storage.cast_s_per_gb * cast * eff_batch
+    if storage is not None and storage.quant_s_per_gb:
+        quantized = sum(c.bytes for c in fp.by_role("denoise") if getattr(c, storage.targets)) / GB
+        t += steps * storage.quant_s_per_gb * quantized
     tiling = plan.tiling
     if tiling is not None:
         t += DECODE_S_PER_MP * wl.megapixels * wl.batch * (0.1 if tiling == "normal" else 0.4)
-    if "vae_cpu" in plan.extras:
+    if plan.decode_on_cpu:
         t += VAE_CPU_S_PER_MP * wl.megapixels * wl.batch
     return t
 

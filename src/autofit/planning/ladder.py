@@ -1,8 +1,8 @@
 """The ladder: per stage, which rung to try next after an OOM. Pure: a plan and a context in, a
 plan out; no torch calls, no I/O.
 
-Order within a stage follows the guide's flowchart, lossless rungs first (lossy ones only when
-the policy allows). A rung is skipped, with a reason, when the rung table refuses it here
+Order within a stage (``LADDERS``, declared beside the rung table in :mod:`autofit.planning.rungs`)
+follows the guide's flowchart, lossless rungs first (lossy ones only when the policy allows). A rung is skipped, with a reason, when the rung table refuses it here
 (:func:`autofit.planning.rungs.refusal`, the same rules the planner applies) or when the predicted peak of
 the failing stage would not go down: weights resident on the device during the stage, and the
 stage's activation factor, must both be no higher and one of them lower.
@@ -13,25 +13,9 @@ from __future__ import annotations
 from autofit.planning.context import Context
 from autofit.planning.cost import activation_bytes, host_bytes, stage_peak, usable
 from autofit.plan import Plan
-from autofit.planning.rungs import RUNGS, refusal, split_name, step, steps
+from autofit.planning.rungs import HOST_LADDER, LADDERS, RUNGS, refusal, split_name, step, steps
 
-LADDERS: dict[str, tuple[str, ...]] = {
-    "load": ("resident_stream", "model_offload", "group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf",
-             "group_disk", "sequential", "fp8", "int8", "nf4"),
-    "encode": ("offload_encoders", "resident_stream", "model_offload", "group_leaf_stream", "group_leaf_lowmem",
-               "group_leaf", "group_disk", "sequential", "fp8", "int8", "nf4"),
-    "denoise": ("split_batch", "split_batch_max", "offload_encoders", "resident_stream", "model_offload",
-                "group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf", "group_disk", "sequential",
-                "fp8", "int8", "nf4"),
-    # Splitting the batch comes before moving weights off the device (vae_slicing is the decode split).
-    "decode": ("vae_slicing", "offload_for_decode", "vae_tiling", "vae_tiling_small", "vae_cpu"),
-    # The VAE's encoder (img2img, inpaint, video-to-video): the same remedies, on the image encoded
-    # (one image at a time, the encoder alone on the device, tiled encode, the CPU).
-    "vae_encode": ("vae_slicing", "offload_for_decode", "vae_tiling", "vae_tiling_small", "vae_cpu"),
-}
-# After a host-RAM OOM: rungs that need less host RAM, never more device rungs.
-HOST_LADDER: tuple[str, ...] = ("group_leaf_lowmem", "group_leaf", "group_block", "group_disk", "fp8")
-
+__all__ = ["HOST_LADDER", "LADDERS", "next_plan"]  # the ladders are rows of the rung table's module
 
 def _lowers(new: tuple[int, float], old: tuple[int, float]) -> bool:
     return new[0] <= old[0] and new[1] <= old[1] and new != old

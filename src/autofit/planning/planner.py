@@ -12,8 +12,8 @@ from autofit.facts.components import STAGES
 from autofit.planning.context import Context
 from autofit.planning.cost import GIB, activation_bytes, activation_factor, host_bytes, predict_seconds, resident_bytes, usable
 from autofit.facts.footprint import Footprint
-from autofit.plan import Plan
-from autofit.planning.rungs import PLACEMENTS, plan_refusal, quality, sized
+from autofit.plan import STORAGE, STORING, Plan
+from autofit.planning.rungs import PLACEMENTS, RUNGS, plan_refusal, quality, sized
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ def predict_peaks(plan: Plan, ctx: Context, *, measured: dict[str, int] | None =
     for stage in STAGES:
         act = activation_bytes(stage, fp, wl, measured)
         peaks[stage] = resident_bytes(plan, stage, fp) + int(act * activation_factor(plan, stage, wl))
-    if plan.placement == "model_offload":
+    if plan.placing.scheme == "component":
         # accelerate offloads the previous component only when the next one is called: it is
         # still resident when the stage starts (measured SDXL decode peak 4.91 GiB = the UNet).
         enc = max((c.bytes for c in fp.by_role("encode")), default=0)
@@ -68,22 +68,22 @@ def predict(plan: Plan, ctx: Context, *, measured: dict[str, int] | None = None,
 
 def candidate_plans(fp: Footprint) -> list[Plan]:
     """Every plan worth comparing: placements x weight storage x decode remedies (x per-call moves)."""
-    has_enc = bool(fp.by_role("encode"))
-    decode_options = [frozenset(), frozenset({"vae_tiling"}), frozenset({"vae_tiling_small"}), frozenset({"vae_cpu"})]
+    decode_options = [frozenset()] + [frozenset({r.name}) for r in RUNGS.values() if r.planned == "decode"]
+    # Per-call moves whose components the pipeline has, every subset of them; the last one is the
+    # lowest bit, so the order reads: none, offload_for_decode, offload_encoders, both.
+    moves = [r.name for r in RUNGS.values()
+             if r.planned == "moves" and (r.off_device is None or fp.by_role(r.off_device))][::-1]
+    subsets = [frozenset(m for j, m in enumerate(moves) if i >> j & 1) for i in range(2 ** len(moves))]
     plans = []
     quantizable = any(c.quant_ok for c in fp.components.values())
-    storages = (None, "fp8") + (("int8", "nf4") if quantizable else ())
+    storages = (None, *(s for s in STORAGE if quantizable or not STORING[s].bitsandbytes))
     for placement, storage, dec in product(
         PLACEMENTS,  # a quantified one (resident_stream) at its default: rank() sizes it
         storages,
         decode_options,
     ):
         base = dec | ({storage} if storage else set())
-        variants = [base]
-        if placement == "device":
-            variants += [base | {"offload_for_decode"}]
-            if has_enc:
-                variants += [base | {"offload_encoders"}, base | {"offload_encoders", "offload_for_decode"}]
+        variants = [base | m for m in subsets] if not Plan(placement).offloads else [base]
         for extras in variants:
             plans.append(Plan(placement, frozenset(extras)))
     return plans

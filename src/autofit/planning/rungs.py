@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from autofit.plan import (DEVICE_ONLY, EXTRAS, PLACEMENTS, QUANTIFIED, REPLACES, RESIDENT_MAX, RESIDENT_MIN, STORAGE,
-                          kind, split_name)
+from autofit.plan import (DEVICE_ONLY, EXTRAS, PLACEMENTS, PLACING, QUANTIFIED, REPLACES, RESIDENT_MAX, RESIDENT_MIN,
+                          STORAGE, STORING, Placing, Storing, kind, split_name)
 from autofit.planning import cost
 from autofit.planning.context import POLICIES
 
@@ -58,7 +58,7 @@ def need(check: Check) -> Need:
 # ---- the predicates ------------------------------------------------------------------------
 @need
 def device_placement(plan: Plan, ctx: Context) -> str | None:
-    return None if plan.placement == "device" else "only applies while every component is on the device"
+    return "only applies while every component is on the device" if plan.offloads else None
 
 
 @need
@@ -107,7 +107,7 @@ def pinned_ram(plan: Plan, ctx: Context) -> str | None:
     """Streamed group offload pins a copy of every offloaded tensor up front."""
     pinned = cost.pinned_bytes(plan, ctx.footprint)
     room = ctx.machine.pinned_room
-    if plan.placement == "group_leaf_stream" and pinned > cost.HOST_SHARE * room:
+    if plan.placing.pins_copies and pinned > cost.HOST_SHARE * room:
         return f"needs {pinned / GIB:.1f} GiB of pinned host RAM, {room / GIB:.1f} GiB can be pinned"
     return None
 
@@ -129,7 +129,7 @@ def disk_room(plan: Plan, ctx: Context) -> str | None:
 
 @need
 def no_bitsandbytes(plan: Plan, ctx: Context) -> str | None:
-    if ctx.pipeline.has_bnb or plan.storage in ("int8", "nf4"):
+    if ctx.pipeline.has_bnb or plan.bitsandbytes:
         return "bitsandbytes weights are not combined with sequential offload"
     return None
 
@@ -223,11 +223,23 @@ class Rung:
     summary: str
     needs: Need = NOTHING
     replaces: frozenset[str] = frozenset()  # rungs dropped from a plan when this one is added
+    # The planner's grid (planner.candidate_plans): "decode", a decode remedy tried with every
+    # plan; "moves", a per-call move tried while everything is on the device. None: placements
+    # and storage are axes of their own; the rest only the ladder reaches.
+    planned: str | None = None
+    off_device: str | None = None  # the stage whose components the rung keeps on the CPU until used
 
     @property
     def reversible(self) -> bool:
         """Storage rungs change the weights: undone only from a copy (or the checkpoint)."""
         return self.kind != "storage"
+
+    @property
+    def terms(self) -> Placing | Storing | None:
+        """What the rung does, as the cost model and the strategies read it (autofit.plan's
+        PLACING / STORING; extras are read through Plan's properties). A placement's
+        ``terms.scheme`` is the key strategies.placement.SCHEMES applies it by."""
+        return PLACING.get(self.name) or STORING.get(self.name)
 
 
 def _placement(name: str, summary: str, needs: Need = NOTHING) -> Rung:
@@ -256,16 +268,16 @@ _TABLE = (
     Rung("split_batch_max", "extra", "lossless", "run the denoiser one sample at a time", a_batch,
          replaces=frozenset({"split_batch"})),
     Rung("offload_encoders", "extra", "lossless", "text encoders live on the CPU and visit the device only to encode",
-         device_placement | text_encoders | host_ram),
+         device_placement | text_encoders | host_ram, planned="moves", off_device="encode"),
     Rung("offload_for_decode", "extra", "lossless", "other components leave the device before the VAE decodes",
-         device_placement | host_ram),
+         device_placement | host_ram, planned="moves"),
     Rung("vae_slicing", "extra", "lossless", "decode one image of the batch at a time", vae_slices | a_batch),
     Rung("vae_tiling", "extra", "near_lossless", "decode in overlapping tiles sized to really tile at this size",
-         vae_tiles),
+         vae_tiles, planned="decode"),
     Rung("vae_tiling_small", "extra", "near_lossless", "tiles half that size", vae_tiles,
-         replaces=frozenset({"vae_tiling"})),
+         replaces=frozenset({"vae_tiling"}), planned="decode"),
     Rung("vae_cpu", "extra", "lossless", "decode on the CPU (slow, no device memory)", host_ram,
-         replaces=frozenset({"vae_tiling", "vae_tiling_small", "vae_slicing"})),
+         replaces=frozenset({"vae_tiling", "vae_tiling_small", "vae_slicing"}), planned="decode", off_device="decode"),
     _storage("fp8", "fp8 (e4m3) weight storage for the denoiser; one-way", fp8_here | not_sequential),
     _storage("int8", "bitsandbytes LLM.int8 weights for the denoiser and large text encoders; one-way",
              _quantizable("int8") | not_sequential),
@@ -276,13 +288,30 @@ RUNGS: dict[str, Rung] = {r.name: r for r in _TABLE}
 # One row for every name of the grammar (autofit.plan), of the grammar's kind, replacing what it says.
 assert set(RUNGS) == set(PLACEMENTS[1:] + EXTRAS) and all(
     r.kind == kind(r.name) and r.replaces == REPLACES.get(r.name, frozenset()) for r in _TABLE), "rung table != grammar"
+# The ladders (planning/ladder.py): per stage, the rungs tried after an OOM, in order. The guide's
+# flowchart, lossless rungs first (lossy ones only when the policy allows).
+LADDERS: dict[str, tuple[str, ...]] = {
+    "load": ("resident_stream", "model_offload", "group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf",
+             "group_disk", "sequential", "fp8", "int8", "nf4"),
+    "encode": ("offload_encoders", "resident_stream", "model_offload", "group_leaf_stream", "group_leaf_lowmem",
+               "group_leaf", "group_disk", "sequential", "fp8", "int8", "nf4"),
+    "denoise": ("split_batch", "split_batch_max", "offload_encoders", "resident_stream", "model_offload",
+                "group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf", "group_disk", "sequential",
+                "fp8", "int8", "nf4"),
+    # Splitting the batch comes before moving weights off the device (vae_slicing is the decode split).
+    "decode": ("vae_slicing", "offload_for_decode", "vae_tiling", "vae_tiling_small", "vae_cpu"),
+    # The VAE's encoder (img2img, inpaint, video-to-video): the same remedies, on the image encoded
+    # (one image at a time, the encoder alone on the device, tiled encode, the CPU).
+    "vae_encode": ("vae_slicing", "offload_for_decode", "vae_tiling", "vae_tiling_small", "vae_cpu"),
+}
+# After a host-RAM OOM: rungs that need less host RAM, never more device rungs.
+HOST_LADDER: tuple[str, ...] = ("group_leaf_lowmem", "group_leaf", "group_block", "group_disk", "fp8")
+assert {n for ladder in (*LADDERS.values(), HOST_LADDER) for n in ladder} <= set(RUNGS), "a ladder names no rung"
 RESIDENT_STEP = 0.75  # an OOM under resident_stream keeps at most 3/4 of the resident bytes
 
 
 def resident_plan(plan: Plan, percent: int) -> Plan:
-    from dataclasses import replace
-
-    return replace(plan.with_rung("resident_stream"), placement=f"resident_stream:{percent}")
+    return plan.with_rung(f"resident_stream:{percent}")
 
 
 def _fits(plan: Plan, ctx: Context, margin: float | None = None, measured: dict[str, int] | None = None) -> bool:

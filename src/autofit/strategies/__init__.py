@@ -1,5 +1,7 @@
-"""How each strategy is applied to a real pipeline. What each one costs and saves, and when it is
-tried, is declared in :mod:`autofit.planning.ladder`; this package only does the work."""
+"""How each rung is applied to a real pipeline, one technique per module. What each one is, needs
+and costs, and when it is tried, is its row in :mod:`autofit.planning.rungs` (its terms in
+:mod:`autofit.plan`); this package only does the work, looked up by those terms (a placement by
+its scheme: ``placement.SCHEMES``)."""
 
 from autofit.strategies.casting import apply_fp8
 from autofit.strategies.placement import place, teardown

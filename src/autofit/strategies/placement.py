@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,7 +17,6 @@ from autofit._diffusers import module_components
 from autofit.strategies.quantize import quantized_level
 
 CPU = torch.device("cpu")
-GROUPED = ("group_leaf_stream", "group_leaf_lowmem", "group_block", "group_leaf", "group_disk")
 
 
 def module_device(module: torch.nn.Module) -> torch.device | None:
@@ -91,9 +92,7 @@ def _table_entries(pipe: Any):
 
 def on_demand(role: str | None, plan: Plan) -> bool:
     """Components (of stage ``role``) that live on the CPU under the ``device`` placement."""
-    return (role == "encode" and "offload_encoders" in plan.extras) or (
-        role == "decode" and "vae_cpu" in plan.extras
-    )
+    return plan.on_cpu(role)
 
 
 def _disk_offload(comps: dict[str, torch.nn.Module], device: torch.device, *, skip: set[str]) -> None:
@@ -131,6 +130,73 @@ def _skew(module: torch.nn.Module) -> dict[int, int]:
     return out
 
 
+# How each placement scheme (autofit.plan.Placing.scheme, in the placement's row) is applied to a
+# torn-down pipeline; ``teardown`` undoes every one of them. A new scheme registers here.
+Apply = Callable[[Any, dict[str, torch.nn.Module], Plan, torch.device, "Layout"], None]
+SCHEMES: dict[str, Apply] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """What every scheme is told: the pipeline's VAE components, the quantized components kept
+    on the device (under group offload), and whether to move components already in place."""
+
+    vae: list[str]
+    keep: set[str]
+    force: bool
+
+
+def scheme(name: str) -> Callable[[Apply], Apply]:
+    def register(fn: Apply) -> Apply:
+        SCHEMES[name] = fn
+        return fn
+
+    return register
+
+
+@scheme("none")
+def _on_device(pipe: Any, comps: dict[str, torch.nn.Module], plan: Plan, device: torch.device, at: Layout) -> None:
+    stage = roles(pipe)
+    for name, module in comps.items():
+        target = CPU if on_demand(stage[name], plan) else device
+        if at.force or not _all_on(module, target):
+            module.to(target)
+
+
+@scheme("partial")
+def _partial(pipe: Any, comps: dict[str, torch.nn.Module], plan: Plan, device: torch.device, at: Layout) -> None:
+    streamed = partial.apply(comps, device, plan.resident or 0)
+    for name, module in comps.items():
+        if name not in streamed:
+            module.to(device)
+
+
+@scheme("component")
+def _model_offload(pipe: Any, comps: dict[str, torch.nn.Module], plan: Plan, device: torch.device, at: Layout) -> None:
+    pipe.enable_model_cpu_offload(device=device)
+
+
+@scheme("layer")
+def _sequential(pipe: Any, comps: dict[str, torch.nn.Module], plan: Plan, device: torch.device, at: Layout) -> None:
+    pipe.enable_sequential_cpu_offload(device=device)
+
+
+@scheme("group")
+def _group_offload(pipe: Any, comps: dict[str, torch.nn.Module], plan: Plan, device: torch.device, at: Layout) -> None:
+    terms = plan.placing
+    if terms.disk:
+        _disk_offload(comps, device, skip=set(at.vae) | at.keep)
+        return
+    kwargs: dict[str, Any] = dict(onload_device=device, offload_device=CPU, exclude_modules=at.vae + sorted(at.keep))
+    if terms.group == "block":
+        kwargs.update(offload_type="block_level", num_blocks_per_group=1)
+    else:
+        kwargs.update(offload_type="leaf_level")
+    if terms.stream:
+        kwargs.update(use_stream=True, low_cpu_mem_usage=terms.lowmem)
+    pipe.enable_group_offload(**kwargs)
+
+
 def place(pipe: Any, plan: Plan, device: torch.device, *, force: bool = False) -> None:
     """Apply ``plan``'s placement to a torn-down pipeline (or top up a ``device`` placement).
 
@@ -142,39 +208,15 @@ def place(pipe: Any, plan: Plan, device: torch.device, *, force: bool = False) -
     partial.remove(comps)
     stage = roles(pipe)
     vae_names = [n for n in comps if stage[n] == "decode"]
-    p = plan.placement
-    # Quantized components stay on the device under group offloading (see ladder.kept_on_device).
-    keep = {n for n, m in comps.items() if p in GROUPED and quantized_level(m)}
+    terms = plan.placing
+    # Quantized components stay on the device under group offloading (see cost.kept_on_device).
+    keep = {n for n, m in comps.items() if terms.scheme == "group" and quantized_level(m)}
     for name in keep:
         comps[name].to(device)
-    if p == "device":
-        for name, module in comps.items():
-            target = CPU if on_demand(stage[name], plan) else device
-            if force or not _all_on(module, target):
-                module.to(target)
+    SCHEMES[terms.scheme](pipe, comps, plan, device, Layout(vae_names, keep, force))
+    if not terms.offloads:
         return
-    if plan.family == "resident_stream":
-        streamed = partial.apply(comps, device, plan.resident or 0)
-        for name, module in comps.items():
-            if name not in streamed:
-                module.to(device)
-    elif p == "model_offload":
-        pipe.enable_model_cpu_offload(device=device)
-    elif p == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    elif p == "group_disk":
-        _disk_offload(comps, device, skip=set(vae_names) | keep)
-    else:
-        kwargs: dict[str, Any] = dict(onload_device=device, offload_device=CPU,
-                                      exclude_modules=vae_names + sorted(keep))
-        if p == "group_block":
-            kwargs.update(offload_type="block_level", num_blocks_per_group=1)
-        else:
-            kwargs.update(offload_type="leaf_level")
-        if p in ("group_leaf_stream", "group_leaf_lowmem"):
-            kwargs.update(use_stream=True, low_cpu_mem_usage=p == "group_leaf_lowmem")
-        pipe.enable_group_offload(**kwargs)
-    if "vae_cpu" in plan.extras:
+    if plan.decode_on_cpu:
         for name in vae_names:
             _diffusers.remove_component_hooks(comps[name])
             comps[name].to(CPU)

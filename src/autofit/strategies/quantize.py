@@ -65,6 +65,11 @@ def _int8_linear() -> type:
     return Linear8bitLt
 
 
+def holds_int8(module: torch.nn.Module) -> bool:
+    """``module`` holds LLM.int8 weights (the user's loader's, to adopt with :func:`adopt_int8`)."""
+    return quantized_level(module) == "int8"
+
+
 def adopt_int8(module: torch.nn.Module) -> int:
     """Give the LLM.int8 layers of a pipeline quantized by the user's own loader (bitsandbytes'
     class) the same fix: their class becomes the subclass above (same forward, same state dict),
