@@ -48,7 +48,7 @@ def main() -> None:
     result: dict = {"device": args.device, "torch": torch.__version__}
     cuda = args.device.startswith("cuda") and torch.cuda.is_available()
     proxy = autofit(pipe, plan=("group_leaf_stream",) if cuda else (), device=args.device, cache=False)
-    fp = proxy.autofit.facts.footprint
+    fp = proxy.autofit.footprint
     result["weights_gib"] = round(fp.total / GIB, 3)
     result["predicted_pinned_gib"] = round(pinned_bytes(stream, fp) / GIB, 3)
     if cuda:

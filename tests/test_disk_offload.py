@@ -351,7 +351,7 @@ def test_an_unwritable_offload_folder_passes_group_disk_over_with_a_reason(unwri
 
     monkeypatch.setenv(disk.OFFLOAD_ENV, str(unwritable_root))
     probe = autofit(tiny_flux(), cache=False)
-    fp = probe.autofit.facts.footprint
+    fp = probe.autofit.footprint
     del probe
     # Room for fp8's host RAM, not for the RAM-backed group offloads'.
     ram = (host_bytes(Plan("model_offload", frozenset({"fp8"})), fp) + host_bytes(Plan("group_block"), fp)) // 2

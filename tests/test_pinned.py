@@ -107,7 +107,7 @@ def test_host_room_counts_the_weights_the_pipeline_already_holds():
     pipe = tiny_sdxl()
     held, pinned = held_on_host(m for m in pipe.components.values() if isinstance(m, torch.nn.Module))
     proxy = autofit(pipe, device="cpu", cache=False)
-    assert held == proxy.autofit.facts.footprint.total and pinned == 0
+    assert held == proxy.autofit.footprint.total and pinned == 0
     room, pinnable = host_room(proxy)
     assert room >= held and pinnable <= room
     assert rung_context(proxy).machine.host_available_bytes >= held

@@ -129,9 +129,9 @@ def test_the_footprint_follows_a_lora_load_and_unload(lora):
     after the load (as many as its tensors hold), and gone after the unload."""
     proxy = autofit(tiny_sdxl(), cache=False)
     run(proxy, "sdxl", **STEPS)
-    before = proxy.autofit.facts.footprint.components["unet"].bytes
+    before = proxy.autofit.footprint.components["unet"].bytes
     proxy.load_lora_weights(dict(lora), adapter_name="style")
     added = sum(t.numel() * t.element_size() for t in lora.values())
-    assert proxy.autofit.facts.footprint.components["unet"].bytes == before + added
+    assert proxy.autofit.footprint.components["unet"].bytes == before + added
     proxy.unload_lora_weights()
-    assert proxy.autofit.facts.footprint.components["unet"].bytes == before
+    assert proxy.autofit.footprint.components["unet"].bytes == before
