@@ -1,7 +1,7 @@
 """Recovery: on an OOM, decide the next step and have it taken.
 
 Deciding is pure (:func:`triage`, :func:`climb`: the facts of the OOM and the call's
-:class:`~autofit.engine.retries.Retries` in, a :class:`Step` out), as tenacity hands its retry state
+:class:`~autofit.engine.state.Retries` in, a :class:`Step` out), as tenacity hands its retry state
 to its policies. :class:`Recovery` gathers the facts, records and logs the step, and asks
 :class:`~autofit.engine.placement.Placement` to switch; when nothing is left, it parks the
 pipeline and raises. It is called *after* the failing code left its ``except`` block, so the
@@ -27,8 +27,7 @@ from autofit.engine.measurements import Measurements, floor_key
 from autofit.engine.oom import OOMInfo, OOMKind, free_memory
 from autofit.engine.placement import Placement
 from autofit.engine.readings import Readings
-from autofit.engine.retries import LAST_RUNG_BACKOFF, SAME_PLAN_RETRIES, Retries  # noqa: F401 (re-exported)
-from autofit.engine.state import CallState, Choice, History
+from autofit.engine.state import LAST_RUNG_BACKOFF, CallState, Choice, History, Retries  # noqa: F401 (LAST_RUNG_BACKOFF: re-exported)
 from autofit.engine.survey import Survey
 from autofit.engine.wrappers import StageWrappers
 

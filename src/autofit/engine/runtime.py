@@ -59,35 +59,85 @@ class Runtime:
                  applied: Plan | None, preflight: bool = True, cache: PlanCache | None = None,
                  max_vram: int | None = None, max_ram: int | None = None, readings: Readings | None = None,
                  relaxation: Relaxation[Plan] | None = None):
-        self.pipe, self.device, self.policy = pipe, device, policy
-        self.lock = threading.RLock()
-        self.readings = readings if readings is not None else Readings(device, max_vram=max_vram, max_ram=max_ram)
-        self.history = History()
+        self._pipe, self._device, self._policy = pipe, device, policy
+        self._lock = threading.RLock()
+        self._readings = readings if readings is not None else Readings(device, max_vram=max_vram, max_ram=max_ram)
+        self._history = History()
         self._wrappers = StageWrappers(pipe, self)
-        self.placement = Placement(pipe, device, applied=applied, max_vram=max_vram, max_ram=max_ram,
-                                   suspend=self._wrappers.suspended)
-        self.survey = Survey(pipe, self.placement, self.readings, policy)
-        self.course = Course(plan, relaxation)
-        self.measurements = Measurements(device, cache)
-        self._preflight = Preflight(pipe, readings=self.readings, survey=self.survey, cache=cache, policy=policy,
+        self._placement = Placement(pipe, device, applied=applied, max_vram=max_vram, max_ram=max_ram,
+                                    suspend=self._wrappers.suspended)
+        self._survey = Survey(pipe, self._placement, self._readings, policy)
+        self._course = Course(plan, relaxation)
+        self._measurements = Measurements(device, cache)
+        self._preflight = Preflight(pipe, readings=self._readings, survey=self._survey, cache=cache, policy=policy,
                                     enabled=preflight)
-        self._recovery = Recovery(placement=self.placement, course=self.course, measurements=self.measurements,
-                                  survey=self.survey, readings=self.readings, history=self.history,
+        self._recovery = Recovery(placement=self._placement, course=self._course, measurements=self._measurements,
+                                  survey=self._survey, readings=self._readings, history=self._history,
                                   wrappers=self._wrappers, policy=policy, max_retries=max_retries)
         self._choice: Choice | None = None  # the last workload preflight saw; None: plan afresh
         self._call: CallState | None = None
         self._last_call: dict[str, Any] = {}
-        self.calls = 0  # calls that succeeded (proxy.autofit.summary())
-        self.calls_recovered = 0  # of which recovered from at least one failure
+        self._calls = 0  # calls that succeeded (proxy.autofit.summary())
+        self._calls_recovered = 0  # of which recovered from at least one failure
 
-    # ---- what the wrapper exposes --------------------------------------------------------
+    # ---- what the wrapper exposes (read-only: the objects change through their own methods) ---
+    @property
+    def pipe(self) -> Any:
+        return self._pipe
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def policy(self) -> str:
+        return self._policy
+
+    @property
+    def lock(self) -> Any:  # a threading.RLock
+        return self._lock
+
+    @property
+    def readings(self) -> Readings:
+        return self._readings
+
+    @property
+    def history(self) -> History:
+        return self._history
+
+    @property
+    def placement(self) -> Placement:
+        return self._placement
+
+    @property
+    def survey(self) -> Survey:
+        return self._survey
+
+    @property
+    def course(self) -> Course:
+        return self._course
+
+    @property
+    def measurements(self) -> Measurements:
+        return self._measurements
+
+    @property
+    def calls(self) -> int:
+        """Calls that succeeded."""
+        return self._calls
+
+    @property
+    def calls_recovered(self) -> int:
+        """Of which recovered from at least one failure."""
+        return self._calls_recovered
+
     @property
     def plan(self) -> Plan:
-        return self.placement.plan
+        return self._placement.plan
 
     @property
     def footprint(self) -> Footprint:
-        return self.placement.footprint
+        return self._placement.footprint
 
     @property
     def choice(self) -> Choice | None:
@@ -98,11 +148,11 @@ class Runtime:
         return dict(self._last_call)
 
     def memory(self) -> dict[str, float | None]:
-        return self.readings.memory()
+        return self._readings.memory()
 
     def reset(self) -> None:
         """Plan again at the next call, from the plan autofit started with."""
-        with self.lock:
+        with self._lock:
             self._choice = None
 
     def context(self, workload: Workload | None = None) -> Context:
@@ -112,20 +162,20 @@ class Runtime:
         if workload is None:
             workload = call.shape if call is not None else (
                 choice.workload if choice is not None and choice.workload else Workload())
-        return self.survey.context(workload, machine=choice.machine if choice is not None else None)
+        return self._survey.context(workload, machine=choice.machine if choice is not None else None)
 
     def adopt(self, enable: Callable[[], Any]) -> Any:
         """The user enables offloading through the proxy after wrapping: autofit's own placement
         is taken down first (so the two do not fight), then the user's is adopted as the plan to
         start from, exactly as when it was enabled before wrapping. Recovery escalates from it."""
-        with self.lock:
-            out = self.placement.take_down_for(enable)
-            found = _diffusers.detect_placement(self.pipe)
+        with self._lock:
+            out = self._placement.take_down_for(enable)
+            found = _diffusers.detect_placement(self._pipe)
             if found is not None:
-                storage = self.placement.plan.storage
+                storage = self._placement.plan.storage
                 plan = Plan(found, frozenset({storage} if storage else ()))
-                self.placement.adopt(plan)
-                self.course.adopted(plan)
+                self._placement.adopt(plan)
+                self._course.adopted(plan)
                 self._choice = None  # plan afresh (for the cache key) at the next call
                 self._preflight.turn_off()
             return out
@@ -133,18 +183,18 @@ class Runtime:
     def reshape(self, change: Callable[[], Any]) -> Any:
         """The user changes the modules or their weights through the proxy (LoRA, IP-Adapter and
         textual-inversion loaders, fusing): see :meth:`Placement.reshape`."""
-        with self.lock:
-            return self.placement.reshape(change)
+        with self._lock:
+            return self._placement.reshape(change)
 
     # ---- one call -------------------------------------------------------------------------
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any], fn: Callable[..., Any] | None = None) -> Any:
         """Run the pipeline (or ``fn``, one of its methods that runs components) with recovery."""
-        placement = self.placement
-        with self.lock:
-            call = self._call = CallState(workload(self.pipe, args, kwargs), RngSnapshot(kwargs))
+        placement = self._placement
+        with self._lock:
+            call = self._call = CallState(workload(self._pipe, args, kwargs), RngSnapshot(kwargs))
             call.applied_at_start = placement.applied != placement.plan
             placement.refresh_components()
-            self.measurements.begin_call()
+            self._measurements.begin_call()
             try:
                 self._prepare(self._start_plan(args, kwargs))
                 while True:
@@ -166,17 +216,17 @@ class Runtime:
         """The plan this call starts from: preflight's choice for a new workload, the plan autofit
         started with at the first call (or after ``reset``), else the plan in force, or one step
         back down from it (a probe)."""
-        course, placement = self.course, self.placement
+        course, placement = self._course, self._placement
         if course.escalated and self._memory_came_back():
             self._choice = None  # plan again now, for the memory there is
         fresh = self._choice is None
         choice = self._preflight.choose(args, kwargs, last=self._choice, placement=placement,
-                                        measured=self.measurements.measured,
+                                        measured=self._measurements.measured,
                                         fallback=course.start if fresh else placement.plan)
         if choice is not None:
             # Taken before the switch: a plan that fails to place is not chosen again for this workload.
             self._choice = choice
-            self.measurements.chose(choice)
+            self._measurements.chose(choice)
             for rung, names in choice.unusable.items():
                 placement.mark_unusable(rung, names)
             if choice.plan is not None:
@@ -190,35 +240,35 @@ class Runtime:
     def _probe_down(self, start: Plan) -> Plan:
         """After a run of successful calls on an escalated plan: one step back down, if the machine
         can hold it (see :mod:`autofit.engine.relax`)."""
-        lighter = self.course.probe()
+        lighter = self._course.probe()
         if lighter is None:
             return start
         refused = plan_refusal(lighter, self.context())
         if refused is not None:
             # Not even tried: a plan that needs more host RAM than there is could bring the
             # kernel's OOM killer, which ends the process instead of raising.
-            self.course.probe_refused()
+            self._course.probe_refused()
             emit("probe_skipped", stage="load", action="probe", plan=",".join(lighter.names) or "device",
                  rung=refused[0], reason=refused[1])
             return start
-        self.history.add(EscalationRecord(stage="load", action="probe", error="", attempt=0, component=None,
+        self._history.add(EscalationRecord(stage="load", action="probe", error="", attempt=0, component=None,
                                           oom_kind="none", scope="call", plan=lighter.names))
         emit("probe", stage="load", action="probe", plan=",".join(lighter.names) or "device",
-             came_from=",".join(start.names) or "device", after_calls=self.course.wait)
+             came_from=",".join(start.names) or "device", after_calls=self._course.wait)
         return lighter
 
     def _memory_came_back(self) -> bool:
         """Whether the device budget grew well past what it was when the plan was last escalated
         (another process let go): then the planner is asked again at once. CUDA only."""
-        before = self.course.budget_at_escalation
-        if before is None or self.device.type != "cuda":
+        before = self._course.budget_at_escalation
+        if before is None or self._device.type != "cuda":
             return False
-        now = self.readings.hardware().budget_bytes
+        now = self._readings.hardware().budget_bytes
         if now < 1.25 * before:
             return False
         emit("memory_came_back", stage="load", action="replan", budget_gib=round(now / 2**30, 3),
              was_gib=round(before / 2**30, 3))
-        self.course.budget_seen()
+        self._course.budget_seen()
         return True
 
     def _prepare(self, target: Plan) -> None:
@@ -226,14 +276,14 @@ class Runtime:
         failure that is not an OOM passes through with the plan in force unchanged."""
         call = self._call
         assert call is not None
-        self.placement.check_intact()
+        self._placement.check_intact()
         while True:
-            failure = self.placement.place(target, call.shape)
+            failure = self._placement.place(target, call.shape)
             if failure is None:
                 return
             call.seconds_lost += self._recovery.on_oom(call, self._choice, "load", failure, component=None,
                                                        scope="load", from_plan=target)
-            target = self.placement.plan
+            target = self._placement.plan
 
     def _run_once(self, args: tuple[Any, ...], kwargs: dict[str, Any],
                   fn: Callable[..., Any] | None = None) -> tuple[Any, OOMInfo | None]:
@@ -243,7 +293,7 @@ class Runtime:
         self._wrappers.install()
         failure: OOMInfo | None = None
         try:
-            return (fn or self.pipe)(*args, **kwargs), None
+            return (fn or self._pipe)(*args, **kwargs), None
         except AutoFitExhausted:
             raise
         except BaseException as exc:
@@ -256,31 +306,31 @@ class Runtime:
 
     def _finish(self, call: CallState) -> None:
         self._wrappers.remember()  # the order of its stages, to blame glue OOMs next time
-        plan = self.placement.plan
-        self.measurements.transition(None, plan)
+        plan = self._placement.plan
+        self._measurements.transition(None, plan)
         total = time.perf_counter() - call.started
         attempts = call.retries.attempts
-        self.calls += 1
-        self.calls_recovered += bool(attempts)
+        self._calls += 1
+        self._calls_recovered += bool(attempts)
         self._last_call = {
             "seconds": round(total, 4),
             "attempts": attempts,
             "seconds_lost": round(call.seconds_lost, 4),
             "plan": plan.names,
             # peak allocated per stage, on any accelerator (autofit.facts.devices)
-            "stage_peaks_gib": {k: round(v / 2**30, 3) for k, v in self.measurements.peaks_under(plan).items()},
+            "stage_peaks_gib": {k: round(v / 2**30, 3) for k, v in self._measurements.peaks_under(plan).items()},
         }
-        if self.course.succeeded(plan):  # the probe held for a whole call: the step down stays
-            self.history.add(EscalationRecord(stage="load", action="relaxed", error="", attempt=0, component=None,
+        if self._course.succeeded(plan):  # the probe held for a whole call: the step down stays
+            self._history.add(EscalationRecord(stage="load", action="relaxed", error="", attempt=0, component=None,
                                               oom_kind="none", scope="call", plan=plan.names))
             emit("relaxed", stage="load", action="relaxed", plan=",".join(plan.names) or "device",
-                 planned=self.course.path[-1] == self.course.planned)
-            self.measurements.learned()
-        self._last_call["probe_seconds_lost"] = round(self.course.probe_seconds_lost, 4)
-        if self.measurements.dirty or attempts or call.applied_at_start:
-            self.measurements.remember(total, plan=plan, steer=self.course.steering or plan, choice=self._choice,
-                                       shape=call.shape, footprint=self.placement.footprint,
-                                       unusable=self.placement.unusable, predict=self._preflight.predicted_peaks)
+                 planned=self._course.path[-1] == self._course.planned)
+            self._measurements.learned()
+        self._last_call["probe_seconds_lost"] = round(self._course.probe_seconds_lost, 4)
+        if self._measurements.dirty or attempts or call.applied_at_start:
+            self._measurements.remember(total, plan=plan, steer=self._course.steering or plan, choice=self._choice,
+                                       shape=call.shape, footprint=self._placement.footprint,
+                                       unusable=self._placement.unusable, predict=self._preflight.predicted_peaks)
         if attempts:
             emit("recovered", attempts=attempts, seconds=round(total, 3), seconds_lost=round(call.seconds_lost, 3),
                  stages=",".join(r.stage for r in call.retries.records), plan=",".join(plan.names), **self.memory())
@@ -289,23 +339,23 @@ class Runtime:
     @property
     def denoise_chunks(self) -> int:
         call = self._call
-        return self.placement.plan.denoise_chunks(call.shape.batch if call is not None else 1)
+        return self._placement.plan.denoise_chunks(call.shape.batch if call is not None else 1)
 
     def before(self, name: str, stage: str, args: tuple[Any, ...], kwargs: dict[str, Any]):
         call = self._call
         if call is not None:
             call.entered = stage
-            if stage != self.measurements.stage:
-                self.measurements.transition(stage, self.placement.plan)
+            if stage != self._measurements.stage:
+                self._measurements.transition(stage, self._placement.plan)
         if stage == "denoise":
             return args, kwargs  # the hot path: nothing to do per step
-        args, kwargs, shape = self.placement.before(call.shape if call else None, name, stage, args, kwargs)
+        args, kwargs, shape = self._placement.before(call.shape if call else None, name, stage, args, kwargs)
         if call is not None and shape is not None:
             call.shape = shape
         return args, kwargs
 
     def after(self, name: str, stage: str) -> None:
-        self.placement.after(name, stage)
+        self._placement.after(name, stage)
 
     def on_oom(self, stage: str, component: str, failure: OOMInfo, seconds: float) -> None:
         """A component ran out of memory (called outside ``except``): escalate, then it retries."""
@@ -316,7 +366,7 @@ class Runtime:
                                                    scope="stage")
 
     def can_roll_back(self, name: str) -> bool:
-        return self.placement.ledger.can_roll_back(name)
+        return self._placement.ledger.can_roll_back(name)
 
     def roll_back(self, stage: str, name: str, error: str) -> None:
         call = self._call
