@@ -203,12 +203,11 @@ def test_raising_the_cap_lets_the_plan_relax(sim, reference, tmp_path):
     """Pushed to a lighter plan by a real OOM at 17 MiB, the wrapper probes back down once calls
     succeed: while the cap holds the probe fails (a real OOM) and the plan stays; once the cap is
     raised above what everything-on-the-device needs, the probe holds and the plan is relaxed."""
-    from autofit.testing import pace_probes
+    from helpers import paced, wrap
 
     _, peak, _ = reference
     simdev.set_cap(17 * MiB)
-    proxy = autofit(tiny_sdxl(), device=sim, cache=False, preflight=False)
-    pace_probes(proxy, first_wait=1, max_wait=1)
+    proxy = wrap(tiny_sdxl(), device=sim, cache=False, preflight=False, probes=paced(first_wait=1, max_wait=1))
     _call(proxy)
     pushed = proxy.autofit.plan
     assert pushed != ()
@@ -228,13 +227,12 @@ def test_a_cap_that_moves_between_calls_never_fails_a_call(sim, reference, tmp_p
     """Another process taking and giving back device memory, simulated by moving the cap between
     calls over the whole range (everything fits .. just above sequential): every call returns
     the CPU run's image, on real OOMs only, and the OOMs stay few."""
-    from autofit.testing import pace_probes
+    from helpers import paced, wrap
 
     image = reference[0]
     caps = [30, 17, 17, 24, 30, 30, 16.25, 22, 30, 30]
     simdev.reset_counters()
-    proxy = autofit(tiny_sdxl(), device=sim, cache=tmp_path)
-    pace_probes(proxy, first_wait=1, max_wait=2)
+    proxy = wrap(tiny_sdxl(), device=sim, cache=tmp_path, probes=paced(first_wait=1, max_wait=2))
     for cap_mib in caps:
         simdev.set_cap(int(cap_mib * MiB))
         seen = len(proxy.autofit.history)

@@ -7,7 +7,8 @@ import torch
 
 from autofit import autofit
 from autofit.engine.relax import FIRST_WAIT
-from autofit.testing import inject_oom, pace_probes, tiny_sdxl
+from autofit.testing import inject_oom, tiny_sdxl
+from helpers import paced, wrap
 
 from helpers import DENOISER, CallCounter, run
 
@@ -72,8 +73,7 @@ def test_a_probe_that_runs_out_goes_back_and_waits_longer():
     """The planned plan runs out whenever it is in force: every probe fails, is taken back by the
     stage-local retry (no call fails), and the wait between probes doubles up to its cap."""
     pipe = tiny_sdxl()
-    proxy = autofit(pipe, cache=False)
-    pace_probes(proxy, first_wait=1, max_wait=4)  # the wait in calls alone, not the machine's load
+    proxy = wrap(pipe, cache=False, probes=paced(first_wait=1, max_wait=4))  # the wait in calls alone, not the machine's load
     run(proxy, "sdxl", num_inference_steps=1)
     planned = proxy.autofit.plan
     probes_at = []

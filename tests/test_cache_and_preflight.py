@@ -234,7 +234,7 @@ def test_tiling_picked_from_estimates_alone_is_deferred():
     """With no decode activation measured, the planner's VAE tiling (it changes the image) is not
     applied up front: the plan starts as the planner's pick less the tiling, and says so."""
     from autofit.planning.planner import choose as planner_choose
-    from autofit.testing import rung_context
+    from helpers import rung_context
 
     proxy = autofit(tiny_sdxl(), max_vram="9MiB", cache=False)
     with structlog.testing.capture_logs() as logs:

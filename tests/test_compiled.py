@@ -12,7 +12,8 @@ from autofit import autofit
 from autofit.facts import compiled
 from autofit.facts.components import roles
 from autofit.plan import Plan
-from autofit.testing import inject_oom, switch_plan, tiny_sdxl
+from autofit.testing import inject_oom, tiny_sdxl
+from helpers import switch_plan
 
 from helpers import CallCounter, run
 

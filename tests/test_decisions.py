@@ -36,7 +36,8 @@ from autofit.plan import Plan
 from autofit.engine.recovery import LAST_RUNG_BACKOFF
 from autofit.engine.relax import Relaxation
 from autofit.planning.rungs import refusal
-from autofit.testing import inject_oom, oom_error, placed_plan, rung_context, switch_plan, tiny_sdxl
+from autofit.testing import inject_oom, oom_error, tiny_sdxl
+from helpers import placed_plan, rung_context, switch_plan
 
 from helpers import run
 
@@ -54,7 +55,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# ---- switch.py: the transactional switch on its failure path ------------------------------------
+# ---- placement.py: the transactional switch on its failure path ---------------------------------
 class NoOffloadSeqPipeline(StableDiffusionXLPipeline):
     """A real pipeline class without a model offload order: diffusers refuses model offload with
     a ValueError (not an OOM) in the middle of a switch, after the old placement was torn down."""
@@ -63,8 +64,8 @@ class NoOffloadSeqPipeline(StableDiffusionXLPipeline):
 
 
 def test_a_switch_that_fails_leaves_the_previous_plan_placed_and_the_pipeline_usable():
-    """mutant: switch.py without the rollback ``_restore(...)``; mutant: ``_restore`` without
-    ``rt.state.applied = previous``. The previous plan (block-level group offload, hooks on the
+    """mutant: placement.py without the rollback ``_restore(...)``; mutant: ``_restore`` without
+    ``self._applied = previous``. The previous plan (block-level group offload, hooks on the
     denoiser) must be in force *and placed* again after diffusers refuses the target, so the next
     call runs without placing anything and makes the same image."""
     proxy = autofit(NoOffloadSeqPipeline(**tiny_sdxl().components), plan=("group_block",), cache=False)

@@ -13,7 +13,8 @@ import torch
 from autofit import autofit
 from autofit import disk
 from autofit.plan import Plan
-from autofit.testing import inject_oom, switch_plan, tiny_flux, tiny_sdxl
+from autofit.testing import inject_oom, tiny_flux, tiny_sdxl
+from helpers import dials, switch_plan, wrap
 
 from helpers import BUILDERS, DENOISER, run
 
@@ -130,7 +131,7 @@ def test_no_probe_back_to_a_plan_the_host_ram_cannot_hold(tmp_path, monkeypatch)
     pipe = tiny_flux()
     weights = sum(p.numel() * p.element_size() for m in pipe.components.values()
                   if isinstance(m, torch.nn.Module) for p in m.parameters())
-    proxy = autofit(pipe, plan=("model_offload",), cache=False, max_ram=weights // 2)
+    proxy = wrap(pipe, plan=("model_offload",), cache=False, max_ram=weights // 2)
     with inject_oom(proxy, stage="denoise", at=2):
         run(proxy, "flux", **STEPS)
     assert proxy.autofit.plan == ("group_disk",)
@@ -138,7 +139,7 @@ def test_no_probe_back_to_a_plan_the_host_ram_cannot_hold(tmp_path, monkeypatch)
         run(proxy, "flux", **STEPS)
     assert proxy.autofit.plan == ("group_disk",)
     assert not [r for r in proxy.autofit.history if r.action == "probe"]
-    proxy._self_runtime.max_ram = None  # the host RAM came back
+    dials(proxy).ram_cap = None  # the host RAM came back
     for _ in range(5):
         run(proxy, "flux", **STEPS)
     assert [r.plan for r in proxy.autofit.history if r.action == "probe"] == [("model_offload",)]

@@ -7,7 +7,8 @@ import torch
 
 from autofit import autofit
 from autofit.plan import Plan
-from autofit.testing import measured_activations, switch_plan, tiny_sdxl
+from autofit.testing import tiny_sdxl
+from helpers import measured_activations, switch_plan
 
 from helpers import run
 

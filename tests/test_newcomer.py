@@ -147,11 +147,12 @@ def test_plan_argument_takes_a_string_and_lists_every_name():
     placements, resident_stream:N and the add-ons."""
     from autofit import AutoFitUsageError, autofit
     from autofit.planning.rungs import RUNGS
+    from autofit.proxy import Options
 
     pipe = tiny_sdxl()
 
     def start(plan):  # the plan the first call starts from
-        return autofit(pipe, plan=plan, cache=False, device="cpu").autofit._rt.state.initial_plan.names
+        return Options.parse(pipe, plan=plan, cache=False, device="cpu").start.names
 
     assert start("vae_tiling") == start(["vae_tiling"]) == ("vae_tiling",)
     assert set(start("offload_encoders+vae_tiling")) == {"offload_encoders", "vae_tiling"}

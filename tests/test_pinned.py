@@ -16,7 +16,8 @@ from autofit.planning.rungs import refusal
 from autofit.facts.memory import held_on_host, pinned_ceiling
 from autofit.plan import Plan
 from autofit.planning.planner import choose, predict
-from autofit.testing import host_room, rung_context, tiny_sdxl
+from autofit.testing import tiny_sdxl
+from helpers import host_room, rung_context
 from footprints import FLUX, SDXL
 
 GIB = 2**30

@@ -14,7 +14,8 @@ from autofit import AutoFitExhausted, AutoFitUsageError, autofit
 from autofit.planning.context import Machine, context
 from autofit.planning.ladder import next_plan
 from autofit.plan import Plan
-from autofit.testing import forget_placement, inject_oom, switch_plan, tiny_flux, tiny_sdxl
+from autofit.testing import inject_oom, tiny_flux, tiny_sdxl
+from helpers import forget_placement, switch_plan
 
 from helpers import BUILDERS, CALL_KWARGS, MATRIX, PROMPT, STAGES, START_PLANS, run
 from footprints import SDXL

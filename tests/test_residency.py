@@ -21,7 +21,8 @@ from autofit.planning.planner import choose, predict
 from autofit.strategies import teardown
 from autofit.strategies import partial
 from autofit.strategies.placement import place
-from autofit.testing import inject_oom, judged_as, switch_plan, tiny_flux, tiny_sdxl
+from autofit.testing import inject_oom, tiny_flux, tiny_sdxl
+from helpers import judged_as, switch_plan, wrap
 
 from helpers import CALL_KWARGS, DENOISER, PROMPT, run
 from footprints import FLUX, GIB, SDXL
@@ -260,7 +261,7 @@ def test_an_oom_lowers_residency_and_the_output_is_unchanged(kind, monkeypatch):
     mechanism runs on the CPU) lowers residency, the step is retried, the image equals a clean
     raw run; reset() then switches back to 60% and the next image is the same again."""
     pipe = (tiny_sdxl if kind == "sdxl" else tiny_flux)()
-    proxy = autofit(pipe, device="cpu", plan=("resident_stream:60",), cache=False)
+    proxy = wrap(pipe, device="cpu", plan=("resident_stream:60",), cache=False)
     with judged_as(proxy, "cuda"), inject_oom(proxy, stage="denoise", at=2):
         image = run(proxy, kind)
     (record,) = proxy.autofit.history

@@ -11,7 +11,8 @@ from peft.utils import get_peft_model_state_dict
 from autofit import autofit
 from autofit import _diffusers
 from autofit.plan import Plan
-from autofit.testing import inject_oom, switch_plan, tiny_sdxl
+from autofit.testing import inject_oom, tiny_sdxl
+from helpers import switch_plan
 
 from helpers import run
 

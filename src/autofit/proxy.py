@@ -6,6 +6,7 @@ import functools
 import inspect
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,8 @@ from autofit.facts.cache import PlanCache
 from autofit.plan import Plan
 from autofit._diffusers import module_components
 from autofit.records import EscalationRecord
+from autofit.engine.readings import Readings
+from autofit.engine.relax import Relaxation
 from autofit.engine.runtime import Runtime
 from autofit.strategies import quantize
 
@@ -38,7 +41,7 @@ class AutoFitControl:
     @property
     def history(self) -> tuple[EscalationRecord, ...]:
         """One record per escalation step, oldest first, across all calls."""
-        return tuple(self._rt.state.history)
+        return self._rt.history.records
 
     @property
     def device(self) -> torch.device:
@@ -51,7 +54,7 @@ class AutoFitControl:
     @property
     def last_call(self) -> dict[str, Any]:
         """Seconds, attempts, seconds lost and plan of the last successful call."""
-        return dict(self._rt.state.last_call)
+        return self._rt.last_call
 
     @property
     def footprint(self):
@@ -63,17 +66,17 @@ class AutoFitControl:
         self._rt.reset()
 
     def _counts(self) -> str:
-        state = self._rt.state
-        ooms = sum(r.oom_kind in ("device", "host") for r in state.history)
-        return (f"{state.calls} call(s), {state.calls_recovered} recovered, {ooms} OOM(s), "
-                f"{len(state.history)} escalation record(s)")
+        rt, history = self._rt, self.history
+        ooms = sum(r.oom_kind in ("device", "host") for r in history)
+        return (f"{rt.calls} call(s), {rt.calls_recovered} recovered, {ooms} OOM(s), "
+                f"{len(history)} escalation record(s)")
 
     def _rows(self) -> list[tuple[str, ...]]:
         return [(str(i), r.stage, r.component or "-", r.action, r.scope, r.oom_kind, r.cause or "-",
                  "+".join(r.plan) or "device") for i, r in enumerate(self.history, 1)]
 
     def _last_call_lines(self) -> list[str]:
-        last = self._rt.state.last_call
+        last = self._rt.last_call
         if not last:
             return ["last call: none yet"]
         lines = [f"last call: {last.get('seconds', 0):.3f} s, {last.get('attempts', 0)} failed attempt(s), "
@@ -287,6 +290,93 @@ def parse_plan(plan: Any) -> tuple[str, ...]:
     return names
 
 
+@dataclass(frozen=True, slots=True)
+class Options:
+    """:func:`autofit`'s options, checked and resolved: the device chosen, the byte caps parsed,
+    the plan to start from (and whether it is already placed: adopted offloading)."""
+
+    device: torch.device
+    policy: str
+    max_retries: int
+    start: Plan
+    applied: Plan | None  # the user's offloading, already in place, when it is the plan to start from
+    adopted: str | None  # the offloading the pipeline came with (diffusers' placement name)
+    preflight: bool
+    cache: PlanCache | None
+    max_vram: int | None
+    max_ram: int | None
+
+    @classmethod
+    def parse(cls, pipe: Any, *, device: str | torch.device | None = None, policy: str = DEFAULT_POLICY,
+              max_retries: int = 8, plan: str | tuple[str, ...] | list[str] | None = None, preflight: bool = True,
+              cache: bool | str | os.PathLike = True, max_vram: int | str | None = None,
+              max_ram: int | str | None = None) -> Options:
+        """Check every option (see :func:`autofit`); raises :class:`AutoFitUsageError` saying what to do."""
+        _check_pipe(pipe)
+        if policy not in POLICIES:
+            raise AutoFitUsageError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise AutoFitUsageError(f"max_retries must be an int >= 0, got {max_retries!r}")
+        dev = _resolve_device(pipe, device)
+        vram_cap, ram_cap = _parse_bytes("max_vram", max_vram), _parse_bytes("max_ram", max_ram)
+        if cache is True:
+            plan_cache: PlanCache | None = PlanCache()
+        elif cache is False or cache is None:
+            plan_cache = None
+        else:
+            plan_cache = PlanCache(cache)
+        adopted = _diffusers.detect_placement(pipe)
+        start, applied = _start(plan, adopted, dev)
+        return cls(dev, policy, max_retries, start, applied, adopted, preflight and plan is None and adopted is None,
+                   plan_cache, vram_cap, ram_cap)
+
+
+def _check_pipe(pipe: Any) -> None:
+    if isinstance(pipe, AutoFitPipeline):
+        raise AutoFitUsageError(
+            "this pipeline is already wrapped by autofit; use it as it is (its options are in "
+            "`proxy.autofit`), or wrap the original `proxy.__wrapped__` again."
+        )
+    from diffusers import DiffusionPipeline
+
+    if not isinstance(pipe, DiffusionPipeline):
+        raise AutoFitUsageError(
+            f"autofit() expects a diffusers DiffusionPipeline, got {type(pipe).__name__}. "
+            "Load one with e.g. DiffusionPipeline.from_pretrained(...) and pass it in."
+        )
+
+
+def _resolve_device(pipe: Any, device: str | torch.device | None) -> torch.device:
+    try:
+        dev = torch.device(device) if device is not None else _default_device(pipe)
+    except (RuntimeError, TypeError) as exc:
+        raise AutoFitUsageError(f"device={device!r} is not a torch device ({exc}); try 'cuda' or 'cpu'") from None
+    if dev.type == "cpu":
+        dev = torch.device("cpu")  # "cpu:0" (accelerate's name for it) is the same device
+    _check_available(dev)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return dev
+
+
+def _start(plan: Any, adopted: str | None, dev: torch.device) -> tuple[Plan, Plan | None]:
+    """(the plan to start from, the plan the weights are already placed for: adopted offloading)."""
+    if plan is not None:
+        names = parse_plan(plan)
+        try:
+            start = Plan.from_names(names)
+        except ValueError as exc:
+            raise AutoFitUsageError(f"plan={plan!r}: {exc}; {valid_plan_names()}") from None
+        if start.storage in ("int8", "nf4"):
+            why = quantize.missing(dev.type)
+            if why:
+                raise AutoFitUsageError(f"plan={plan!r} quantizes with bitsandbytes, which cannot run here: {why}")
+        return start, None
+    if adopted is not None:
+        return Plan(adopted), Plan(adopted)  # keep the user's offloading as it is
+    return Plan(), None
+
+
 def autofit(
     pipe: Any,
     *,
@@ -319,72 +409,20 @@ def autofit(
             False for none.
         max_vram, max_ram: cap the device / host memory autofit plans for (bytes or "8GiB").
     """
-    if isinstance(pipe, AutoFitPipeline):
-        raise AutoFitUsageError(
-            "this pipeline is already wrapped by autofit; use it as it is (its options are in "
-            "`proxy.autofit`), or wrap the original `proxy.__wrapped__` again."
-        )
-    from diffusers import DiffusionPipeline
+    return wrap(pipe, Options.parse(pipe, device=device, policy=policy, max_retries=max_retries, plan=plan,
+                                    preflight=preflight, cache=cache, max_vram=max_vram, max_ram=max_ram))
 
-    if not isinstance(pipe, DiffusionPipeline):
-        raise AutoFitUsageError(
-            f"autofit() expects a diffusers DiffusionPipeline, got {type(pipe).__name__}. "
-            "Load one with e.g. DiffusionPipeline.from_pretrained(...) and pass it in."
-        )
-    if policy not in POLICIES:
-        raise AutoFitUsageError(f"policy must be one of {sorted(POLICIES)}, got {policy!r}")
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise AutoFitUsageError(f"max_retries must be an int >= 0, got {max_retries!r}")
-    try:
-        dev = torch.device(device) if device is not None else _default_device(pipe)
-    except (RuntimeError, TypeError) as exc:
-        raise AutoFitUsageError(f"device={device!r} is not a torch device ({exc}); try 'cuda' or 'cpu'") from None
-    if dev.type == "cpu":
-        dev = torch.device("cpu")  # "cpu:0" (accelerate's name for it) is the same device
-    _check_available(dev)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
 
-    vram_cap = _parse_bytes("max_vram", max_vram)
-    ram_cap = _parse_bytes("max_ram", max_ram)
-    if cache is True:
-        plan_cache: PlanCache | None = PlanCache()
-    elif cache is False or cache is None:
-        plan_cache = None
-    else:
-        plan_cache = PlanCache(cache)
-    adopted = _diffusers.detect_placement(pipe)
-    if plan is not None:
-        names = parse_plan(plan)
-        try:
-            start = Plan.from_names(names)
-        except ValueError as exc:
-            raise AutoFitUsageError(f"plan={plan!r}: {exc}; {valid_plan_names()}") from None
-        if start.storage in ("int8", "nf4"):
-            why = quantize.missing(dev.type)
-            if why:
-                raise AutoFitUsageError(f"plan={plan!r} quantizes with bitsandbytes, which cannot run here: {why}")
-        applied = None
-    elif adopted is not None:
-        start, applied = Plan(adopted), Plan(adopted)  # keep the user's offloading as it is
-    else:
-        start, applied = Plan(), None
-    runtime = Runtime(
-        pipe, device=dev, policy=policy, max_retries=max_retries, plan=start, applied=applied,
-        preflight=preflight and plan is None and adopted is None, cache=plan_cache,
-        max_vram=vram_cap, max_ram=ram_cap,
-    )
-    emit(
-        "wrapped",
-        stage="load",
-        action="none",
-        attempt=0,
-        pipeline=type(pipe).__name__,
-        device=str(dev),
-        policy=policy,
-        plan=",".join(start.names),
-        adopted=adopted,
-        weights_gib=round(runtime.footprint.total / 2**30, 3),
-        **runtime.memory(),
-    )
+def wrap(pipe: Any, options: Options, *, readings: Readings | None = None,
+         relaxation: Relaxation[Plan] | None = None) -> AutoFitPipeline:
+    """:func:`autofit` with its options already checked, and the engine's two seams: what it
+    reads of the machine (``readings``, a :class:`~autofit.engine.readings.Readings`) and how it
+    paces probes back down (``relaxation``, a :class:`~autofit.engine.relax.Relaxation`)."""
+    o = options
+    runtime = Runtime(pipe, device=o.device, policy=o.policy, max_retries=o.max_retries, plan=o.start,
+                      applied=o.applied, preflight=o.preflight, cache=o.cache, max_vram=o.max_vram,
+                      max_ram=o.max_ram, readings=readings, relaxation=relaxation)
+    emit("wrapped", stage="load", action="none", attempt=0, pipeline=type(pipe).__name__, device=str(o.device),
+         policy=o.policy, plan=",".join(o.start.names), adopted=o.adopted,
+         weights_gib=round(runtime.footprint.total / 2**30, 3), **runtime.memory())
     return AutoFitPipeline(pipe, runtime)

@@ -1,10 +1,15 @@
-"""Stage peak bookkeeping, and storing what was learned (the plan that worked, the measured
-activations, the rungs found broken) in the plan cache."""
+"""Stage peak bookkeeping, and what was learned about memory (the activations each workload
+needs, the prediction for the plan in force), stored in the plan cache with the plan that worked
+and the rungs found broken. :class:`Measurements` alone changes them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
+import torch
+
+from autofit.facts.cache import PlanCache
 from autofit.facts.devices import memory_of
 from autofit.events import emit
 from autofit.planning.explain import OOMFigures
@@ -12,39 +17,14 @@ from autofit.facts.footprint import Footprint
 from autofit.planning.context import Workload
 from autofit.planning.cost import activation_bytes, activation_factor, resident_bytes
 from autofit.plan import Plan
-from autofit.engine.preflight import plausible_activations, predicted_peaks
-
-if TYPE_CHECKING:
-    from autofit.engine.runtime import Runtime
+from autofit.engine.state import Choice
+from autofit.engine.preflight import plausible_activations
 
 
-def transition(rt: Runtime, stage: str | None) -> None:
-    """Close the previous stage's peak measurement (CUDA) and open the next one. Each peak
-    is kept with the plan it ran under: an escalation changes the plan mid-call."""
-    call, plan = rt.state.call, rt.state.plan
-    assert call is not None
-    mem = memory_of(rt.device)
-    if mem.measures_peaks:
-        if call.stage is not None:
-            peak = mem.peak()
-            if call.stage_plans.get(call.stage) != plan:
-                call.stage_peaks.pop(call.stage, None)  # measured under another plan
-            if peak is not None:
-                call.stage_peaks[call.stage] = max(call.stage_peaks.get(call.stage, 0), peak)
-                call.stage_plans[call.stage] = plan
-        if stage is not None:
-            mem.reset_peak()
-    call.stage = stage
-
-
-def restart(rt: Runtime) -> None:
-    """After a plan switch: the failing stage's peak so far is the failed attempt's (it sits
-    near the budget), so its measurement starts again. Stages that completed keep theirs,
-    with the plan they ran under."""
-    call = rt.state.call
-    if call is not None:
-        call.stage_peaks.pop(call.stage, None)
-    memory_of(rt.device).reset_peak()
+def floor_key(key: str | None, shape: Workload) -> str:
+    """Where a workload's activations are kept in this process: its plan-cache key, or, with no
+    cache and no preflight, the workload itself."""
+    return key if key is not None else f"workload:{shape!r}"
 
 
 def learned_activations(peaks: dict[str, int], plans: dict[str, Plan], plan: Plan, shape: Workload,
@@ -60,82 +40,6 @@ def learned_activations(peaks: dict[str, int], plans: dict[str, Plan], plan: Pla
         if factor > 0:
             out[stage] = int(max(peak - resident_bytes(ran, stage, footprint), 0) / factor)
     return out
-
-
-def raise_activation_floor(rt: Runtime, stage: str, plan: Plan, message: str) -> int | None:
-    """After a device OOM whose message states this process's bytes: the stage's peak under
-    ``plan`` was at least those bytes plus the request, so its activations were at least that
-    less the weights resident for the stage. Where the estimate (or an earlier measurement) says
-    less, the floor replaces it: the ladder and the planner size the next plan from it. Returns
-    the floor (unscaled, as stored), or None when the message has no such figures."""
-    figures = OOMFigures.parse(message)
-    held = figures.allocated if figures.allocated is not None else figures.process
-    call = rt.state.call
-    if held is None or not figures.requested:
-        return None
-    shape = call.shape if call is not None else Workload()
-    key = floor_key(rt, shape)
-    factor = activation_factor(plan, stage, shape)
-    if factor <= 0:
-        return None
-    floor = int(max(held + figures.requested - resident_bytes(plan, stage, rt.footprint), 0) / factor)
-    known = rt.state.measured.setdefault(key, {})
-    if floor > known.get(stage, activation_bytes(stage, rt.footprint, shape, known)):
-        known[stage] = floor
-    return floor
-
-
-def floor_key(rt: Runtime, shape: Workload) -> str:
-    """Where a workload's activations are kept in this process: its plan-cache key, or, with no
-    cache and no preflight, the workload itself."""
-    return rt.state.key if rt.state.key is not None else f"workload:{shape!r}"
-
-
-def remember(rt: Runtime, seconds: float) -> None:
-    """Store the plan that worked (and the measured activations) under the workload's key."""
-    state, call = rt.state, rt.state.call
-    plan, choice, key = state.plan, state.choice, state.key
-    peaks, plans = (call.stage_peaks, call.stage_plans) if call is not None else ({}, {})
-    if call is not None:
-        call.stage_peaks, call.stage_plans = {}, {}
-    state.dirty = False
-    before = dict(state.measured.get(key, {})) if key is not None else {}
-    if choice is not None and choice.machine is not None and state.predicted_plan != plan:
-        # The preflight prediction was for another plan: log the one for the plan that ran.
-        state.predicted = predicted_peaks(rt, plan, choice, before)
-        state.predicted_plan = plan
-    shape = call.shape if call is not None else Workload()
-    activations = {**before, **learned_activations(peaks, plans, plan, shape, rt.footprint)}
-    if activations and key is not None:
-        state.measured[key] = activations
-    # Predicted beside measured, for the stages that ran under the plan in force now.
-    now = {k: v for k, v in peaks.items() if plans.get(k, plan) == plan}
-    if now:
-        emit("stage_peaks", stage=",".join(now), action=",".join(plan.names) or "device", attempt=0,
-             **{f"measured_{k}_gib": round(v / 2**30, 3) for k, v in now.items()},
-             **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in state.predicted.items() if k in now})
-
-    # The resolution itself, for `autofit cache list` (the key holds only its 64K-pixel bucket).
-    wl = choice.workload if choice is not None else None
-    size = {"size": [wl.height, wl.width]} if wl is not None else {}
-
-    def change(record: dict | None) -> dict:
-        # Another process may have stored meanwhile: its broken rungs are kept, and each
-        # stage keeps the larger activation measured (plans are predicted from them), unless the
-        # stored one could not have been measured here or contradicts this process's measurement.
-        stored = {k: int(v) for k, v in (record or {}).get("activations", {}).items()}
-        device_total = choice.device_total if choice is not None else None
-        stored, _ = plausible_activations(stored, shape, device_total)
-        return {"plan": list(steer.names), "running": list(plan.names), "explained": steer == plan,
-                "activations": {**stored, **merge_activations(stored, activations, key)},
-                "seconds": round(seconds, 4),
-                "key": choice.fields if choice is not None else {}, "unusable": _merged_unusable(rt, record),
-                **size}
-
-    # The plan that steers the next process: raised only by escalations the OOM's figures
-    # explained (a spike from another process does not make every later process slower).
-    steer = state.steering or plan
-    _update_cache(rt, change)
 
 
 # A stored activation this many times what this process measured for the same key is not a
@@ -158,31 +62,164 @@ def merge_activations(stored: dict[str, int], measured: dict[str, int], key: str
     return out
 
 
-def persist_unusable(rt: Runtime) -> None:
-    """Store the rungs found broken (with the plan in force) under the workload's key."""
-    choice = rt.state.choice
+class Measurements:
+    """The stage peaks of the call in progress, the activations learned per workload, the
+    prediction for a plan, and whether something was learned that the plan cache should hear."""
 
-    def change(record: dict | None) -> dict:
-        record = record or {"key": choice.fields if choice is not None else {}}
-        steer = rt.state.steering or rt.state.plan
-        return {**record, "plan": list(steer.names), "unusable": _merged_unusable(rt, record)}
+    def __init__(self, device: torch.device, cache: PlanCache | None):
+        self._device, self._cache = device, cache
+        self._measured: dict[str, dict[str, int]] = {}  # cache key -> stage -> activation bytes
+        self._predicted: dict[str, int] = {}
+        self._predicted_plan: Plan | None = None
+        self._dirty = False
+        self._stage: str | None = None  # the stage whose peak is being measured
+        self._peaks: dict[str, int] = {}  # this call's peak per stage, with the plan it ran under
+        self._plans: dict[str, Plan] = {}
 
-    _update_cache(rt, change)
+    # ---- read-only -----------------------------------------------------------------------------
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    @property
+    def stage(self) -> str | None:
+        """The stage whose peak is being measured (None: none)."""
+        return self._stage
+
+    def measured(self, key: str | None) -> dict[str, int] | None:
+        """Activation bytes per stage learned for ``key`` (None: none)."""
+        found = self._measured.get(key) if key is not None else None
+        return dict(found) if found is not None else None
+
+    def predicted_peak(self, stage: str, plan: Plan) -> int | None:
+        """The predicted peak of ``stage`` when the prediction was for ``plan``."""
+        return self._predicted.get(stage) if self._predicted_plan == plan else None
+
+    def peaks_under(self, plan: Plan) -> dict[str, int]:
+        """This call's stage peaks measured under ``plan``."""
+        return {k: v for k, v in self._peaks.items() if self._plans.get(k, plan) == plan}
+
+    # ---- what changes them ---------------------------------------------------------------------
+    def learned(self) -> None:
+        """Something happened that the plan cache should hear at the next success."""
+        self._dirty = True
+
+    def chose(self, choice: Choice) -> None:
+        """Preflight chose: the activations it read from the plan cache, and its prediction."""
+        if choice.measured is not None and choice.key is not None:
+            self._measured[choice.key] = choice.measured
+        if choice.plan is not None:
+            self._predicted, self._predicted_plan = choice.predicted, choice.plan
+            self._dirty = True
+
+    def begin_call(self) -> None:
+        self._stage, self._peaks, self._plans = None, {}, {}
+
+    def transition(self, stage: str | None, plan: Plan) -> None:
+        """Close the previous stage's peak measurement (CUDA) and open the next one. Each peak
+        is kept with the plan it ran under: an escalation changes the plan mid-call."""
+        mem = memory_of(self._device)
+        if mem.measures_peaks:
+            if self._stage is not None:
+                peak = mem.peak()
+                if self._plans.get(self._stage) != plan:
+                    self._peaks.pop(self._stage, None)  # measured under another plan
+                if peak is not None:
+                    self._peaks[self._stage] = max(self._peaks.get(self._stage, 0), peak)
+                    self._plans[self._stage] = plan
+            if stage is not None:
+                mem.reset_peak()
+        self._stage = stage
+
+    def restart(self) -> None:
+        """After a plan switch: the failing stage's peak so far is the failed attempt's (it sits
+        near the budget), so its measurement starts again. Stages that completed keep theirs,
+        with the plan they ran under."""
+        self._peaks.pop(self._stage, None)
+        memory_of(self._device).reset_peak()
+
+    def raise_floor(self, key: str, stage: str, plan: Plan, message: str, shape: Workload,
+                    footprint: Footprint) -> int | None:
+        """After a device OOM whose message states this process's bytes: the stage's peak under
+        ``plan`` was at least those bytes plus the request, so its activations were at least that
+        less the weights resident for the stage. Where the estimate (or an earlier measurement) says
+        less, the floor replaces it: the ladder and the planner size the next plan from it. Returns
+        the floor (unscaled, as stored), or None when the message has no such figures."""
+        figures = OOMFigures.parse(message)
+        held = figures.allocated if figures.allocated is not None else figures.process
+        if held is None or not figures.requested:
+            return None
+        factor = activation_factor(plan, stage, shape)
+        if factor <= 0:
+            return None
+        floor = int(max(held + figures.requested - resident_bytes(plan, stage, footprint), 0) / factor)
+        known = self._measured.setdefault(key, {})
+        if floor > known.get(stage, activation_bytes(stage, footprint, shape, known)):
+            known[stage] = floor
+        return floor
+
+    def remember(self, seconds: float, *, plan: Plan, steer: Plan, choice: Choice | None, shape: Workload,
+                 footprint: Footprint, unusable: dict[str, set[str]],
+                 predict: Callable[[Plan, Choice, dict[str, int]], dict[str, int]]) -> None:
+        """Store the plan that worked (and the measured activations) under the workload's key.
+        ``steer``: the plan that steers the next process, raised only by escalations the OOM's
+        figures explained (a spike from another process does not make every later process slower)."""
+        key = choice.key if choice is not None else None
+        peaks, plans = self._peaks, self._plans
+        self._peaks, self._plans = {}, {}
+        self._dirty = False
+        before = dict(self._measured.get(key, {})) if key is not None else {}
+        if choice is not None and choice.machine is not None and self._predicted_plan != plan:
+            # The preflight prediction was for another plan: log the one for the plan that ran.
+            self._predicted, self._predicted_plan = predict(plan, choice, before), plan
+        activations = {**before, **learned_activations(peaks, plans, plan, shape, footprint)}
+        if activations and key is not None:
+            self._measured[key] = activations
+        # Predicted beside measured, for the stages that ran under the plan in force now.
+        now = {k: v for k, v in peaks.items() if plans.get(k, plan) == plan}
+        if now:
+            emit("stage_peaks", stage=",".join(now), action=",".join(plan.names) or "device", attempt=0,
+                 **{f"measured_{k}_gib": round(v / 2**30, 3) for k, v in now.items()},
+                 **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in self._predicted.items() if k in now})
+        # The resolution itself, for `autofit cache list` (the key holds only its 64K-pixel bucket).
+        wl = choice.workload if choice is not None else None
+        size = {"size": [wl.height, wl.width]} if wl is not None else {}
+
+        def change(record: dict | None) -> dict:
+            # Another process may have stored meanwhile: its broken rungs are kept, and each
+            # stage keeps the larger activation measured (plans are predicted from them), unless the
+            # stored one could not have been measured here or contradicts this process's measurement.
+            stored = {k: int(v) for k, v in (record or {}).get("activations", {}).items()}
+            stored, _ = plausible_activations(stored, shape, choice.device_total if choice is not None else None)
+            return {"plan": list(steer.names), "running": list(plan.names), "explained": steer == plan,
+                    "activations": {**stored, **merge_activations(stored, activations, key)},
+                    "seconds": round(seconds, 4),
+                    "key": choice.fields if choice is not None else {}, "unusable": _merged(unusable, record),
+                    **size}
+
+        self._update_cache(key, change)
+
+    def persist_unusable(self, *, choice: Choice | None, steer: Plan, unusable: dict[str, set[str]]) -> None:
+        """Store the rungs found broken (with the plan that steers) under the workload's key."""
+
+        def change(record: dict | None) -> dict:
+            record = record or {"key": choice.fields if choice is not None else {}}
+            return {**record, "plan": list(steer.names), "unusable": _merged(unusable, record)}
+
+        self._update_cache(choice.key if choice is not None else None, change)
+
+    def _update_cache(self, key: str | None, change: Any) -> None:
+        if self._cache is None or key is None:
+            return
+        try:
+            self._cache.update(key, change)
+        except OSError as exc:  # a read-only or full cache must not fail the call
+            emit("cache_write_failed", level="warning", stage="load", action="none", error=str(exc)[:200])
 
 
-def _merged_unusable(rt: Runtime, record: dict | None) -> dict[str, list[str]]:
+def _merged(unusable: dict[str, set[str]], record: dict | None) -> dict[str, list[str]]:
     """This process's broken rungs together with those another process stored."""
     out = {k: set(v) for k, v in (record or {}).get("unusable", {}).items()}
-    for k, v in rt.state.unusable.items():
+    for k, v in unusable.items():
         out.setdefault(k, set()).update(v)
     return {k: sorted(v) for k, v in out.items()}
-
-
-def _update_cache(rt: Runtime, change: Any) -> None:
-    key = rt.state.key
-    if rt.cache is None or key is None:
-        return
-    try:
-        rt.cache.update(key, change)
-    except OSError as exc:  # a read-only or full cache must not fail the call
-        emit("cache_write_failed", level="warning", stage="load", action="none", error=str(exc)[:200])

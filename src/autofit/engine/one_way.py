@@ -37,12 +37,22 @@ class OneWayLedger:
                  max_ram: int | None):
         self._pipe, self._footprint, self._device = pipe, footprint, device
         self._max_vram, self._max_ram = max_vram, max_ram
-        self.entries: dict[str, OneWay] = {}
-        self.unvalidated: set[str] = set()
+        self._entries: dict[str, OneWay] = {}
+        self._unvalidated: set[str] = set()
+
+    @property
+    def entries(self) -> dict[str, OneWay]:
+        """component -> the one-way rung applied to it (a copy)."""
+        return dict(self._entries)
+
+    @property
+    def unvalidated(self) -> frozenset[str]:
+        """Components changed one way and not yet seen to produce an output."""
+        return frozenset(self._unvalidated)
 
     def locked(self) -> str | None:
         """The storage rung applied to some component without a way back, if any."""
-        return next((w.rung for w in self.entries.values() if w.undo is None), None)
+        return next((w.rung for w in self._entries.values() if w.undo is None), None)
 
     def targets(self, plan: Plan, unusable: dict[str, set[str]]) -> set[str]:
         """Components the plan's storage rung changes (minus those it broke before)."""
@@ -55,28 +65,28 @@ class OneWayLedger:
 
     def changes(self, target: Plan, unusable: dict[str, set[str]]) -> tuple[list[str], set[str]]:
         """(components whose rung ``target`` undoes, components ``target``'s rung must change)."""
-        undo = [n for n, w in self.entries.items() if w.rung != target.storage and w.undo is not None]
-        kept = {n for n in self.entries if n not in undo}
+        undo = [n for n, w in self._entries.items() if w.rung != target.storage and w.undo is not None]
+        kept = {n for n in self._entries if n not in undo}
         return undo, self.targets(target, unusable) - kept
 
     def can_roll_back(self, name: str) -> bool:
-        return name in self.unvalidated and name in self.entries and self.entries[name].undo is not None
+        return name in self._unvalidated and name in self._entries and self._entries[name].undo is not None
 
     def validated(self, name: str) -> None:
         """``name`` produced an output under its one-way rung."""
-        self.unvalidated.discard(name)
+        self._unvalidated.discard(name)
 
     def undo(self, name: str) -> None:
         """Undo the one-way rung on ``name``; if its checkpoint changed on disk, it stays applied for good."""
-        way = self.entries[name]
+        way = self._entries[name]
         assert way.undo is not None
         try:
             way.undo()
         except CheckpointChanged:
-            self.entries[name] = OneWay(way.rung, None)
+            self._entries[name] = OneWay(way.rung, None)
             raise
-        del self.entries[name]
-        self.unvalidated.discard(name)
+        del self._entries[name]
+        self._unvalidated.discard(name)
 
     def apply(self, level: str | None, names: set[str]) -> None:
         """Apply a one-way storage rung to torn-down components (their weights on the CPU)."""
@@ -88,15 +98,15 @@ class OneWayLedger:
             comps = module_components(self._pipe)
             for n in cast:
                 orig = originals.get(n)
-                self.entries[n] = OneWay("fp8", (lambda m=comps[n], o=orig: restore_original(m, o)) if orig else None)
-            self.unvalidated |= set(cast)
+                self._entries[n] = OneWay("fp8", (lambda m=comps[n], o=orig: restore_original(m, o)) if orig else None)
+            self._unvalidated |= set(cast)
             emit("fp8_cast", stage="load", action="fp8", components=",".join(cast), reversible=",".join(originals),
                  undo_copy_gib=round(sum(held_bytes(o) for o in originals.values()) / 2**30, 3))
             return
         undos = quantize.apply_quantization(self._pipe, self._footprint, level, self._device, skip=skip)
         for n, u in undos.items():
-            self.entries[n] = OneWay(level, u)
-        self.unvalidated |= set(undos)
+            self._entries[n] = OneWay(level, u)
+        self._unvalidated |= set(undos)
         emit("quantized", stage="load", action=level, components=",".join(undos), reversible=",".join(undos),
              undo_copy_gib=round(sum(u.held_bytes for u in undos.values()) / 2**30, 3),
              seconds=round(time.perf_counter() - t0, 3), **snapshot(self._device, self._max_vram))

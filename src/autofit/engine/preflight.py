@@ -1,29 +1,29 @@
 """Preflight: what a call asks for (its workload), and the plan to start it from (the cached
 plan that worked before, else the planner's pick). It chooses and returns a :class:`Choice`;
-the runtime applies it (the plan through the switch)."""
+the runtime applies it (the plan through :class:`~autofit.engine.placement.Placement`)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from autofit.facts import cache as cache_mod
 from autofit.events import emit
-from autofit.facts.hardware import probe
+from autofit.facts.hardware import Hardware
 from autofit.plan import Plan
 from autofit.planning.context import Context, Machine, Workload
 from autofit.planning.cost import activation_factor
 from autofit.planning.planner import choose as planner_choose, predict
+from autofit.engine.placement import Placement
+from autofit.engine.readings import Readings
 from autofit.engine.state import Choice
+from autofit.engine.survey import Survey
 from autofit.strategies import quantize
-
-if TYPE_CHECKING:
-    from autofit.engine.runtime import Runtime
 
 
 @functools.lru_cache(maxsize=32)
@@ -125,76 +125,112 @@ def workload(pipe: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Workload
                     temporal_factor=int(temporal) if isinstance(temporal, int) and temporal > 0 else 4)
 
 
-def choose(rt: Runtime, args: Sequence[Any], kwargs: dict[str, Any]) -> Choice | None:
+class Preflight:
     """At the first call of a workload: the cached plan if one worked before, else the planner's
-    pick. None for the workload of the last call: keep the plan that works (no probe per call).
-    A choice whose ``plan`` is None keeps the plan in force too (an explicit or adopted plan)."""
-    state = rt.state
-    last = state.choice
-    wl = workload(rt.pipe, args, kwargs)
-    signature = (wl.height, wl.width, wl.frames, wl.batch, wl.cfg)
-    if last is not None and signature == last.signature:
-        return None
-    if rt.cache is None and not rt.preflight:
-        return Choice(signature)  # nothing to plan, nothing to store
-    hw = probe(rt.device, max_vram=rt.max_vram, max_ram=rt.max_ram)
-    fields = cache_mod.key_fields(
-        pipeline=type(rt.pipe).__name__, footprint=rt.footprint, height=wl.height, width=wl.width,
-        frames=wl.frames, batch=wl.batch, device_name=hw.device_name, budget_bytes=hw.configured_budget_bytes,
-        policy=rt.policy, cfg=wl.cfg,
-    )
-    key = cache_mod.make_key(fields)
-    if last is not None and key == last.key:
-        return replace(last, signature=signature, plan=None)
-    room, pinned = rt.host_room()
-    machine = Machine(hw.budget_bytes, room, hw.device_type, hw.pinned_gbps, hw.pageable_gbps,
-                      quant_missing=quantize.missing(rt.device.type), pinned_available_bytes=pinned)
-    record = rt.cache.get(key) if rt.cache is not None else None
-    unusable = {s: set(names) for s, names in (record or {}).get("unusable", {}).items()}
-    choice = Choice(signature, key=key, fields=fields, machine=machine, workload=wl, unusable=unusable,
-                    device_total=hw.total_bytes)
-    if not rt.preflight:
-        return choice  # an explicit or adopted plan is kept; the key still serves the cache
-    source = "planner"
-    measured = state.measured.get(key)
-    if record is not None:
-        try:
-            chosen = Plan.from_names(tuple(record["plan"]))
-        except KeyError:
-            record = None
-        except ValueError as exc:  # rungs this autofit does not know (another version wrote it)
-            emit("cache_record_ignored", level="warning", stage="load", action="none", key=key,
-                 reason=f"stored plan {'+'.join(record['plan'])!r}: {exc}; planning again")
-            record = None
-    if record is not None:
-        measured = choice.measured = stored_activations(record, wl, hw.total_bytes, key)
-        source = "cache"
-    ctx = rt.context(wl, unusable=unusable, machine=machine)
-    if record is not None and _stale(rt, chosen, ctx, measured):
-        record = None
+    pick (see :meth:`choose`). ``enabled`` False: an explicit start plan or adopted offloading is
+    kept, and preflight only keys the plan cache."""
+
+    def __init__(self, pipe: Any, *, readings: Readings, survey: Survey, cache: cache_mod.PlanCache | None,
+                 policy: str, enabled: bool):
+        self._pipe, self._readings, self._survey = pipe, readings, survey
+        self._cache, self._policy, self._enabled = cache, policy, enabled
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    def turn_off(self) -> None:
+        """The user placed the weights (adopted offloading): that plan is kept."""
+        self._enabled = False
+
+    def choose(self, args: Sequence[Any], kwargs: dict[str, Any], *, last: Choice | None, placement: Placement,
+               measured: Callable[[str], dict[str, int] | None], fallback: Plan) -> Choice | None:
+        """The plan to start a call from. None for the workload of the last call: keep the plan that
+        works (no probe per call). A choice whose ``plan`` is None keeps the plan in force too (an
+        explicit or adopted plan). ``measured``: activations learned per key; ``fallback``: the plan
+        to start from when no plan is predicted to fit."""
+        wl = workload(self._pipe, args, kwargs)
+        signature = (wl.height, wl.width, wl.frames, wl.batch, wl.cfg)
+        if last is not None and signature == last.signature:
+            return None
+        if self._cache is None and not self._enabled:
+            return Choice(signature)  # nothing to plan, nothing to store
+        hw = self._readings.hardware()
+        fields = cache_mod.key_fields(
+            pipeline=type(self._pipe).__name__, footprint=placement.footprint, height=wl.height, width=wl.width,
+            frames=wl.frames, batch=wl.batch, device_name=hw.device_name, budget_bytes=hw.configured_budget_bytes,
+            policy=self._policy, cfg=wl.cfg,
+        )
+        key = cache_mod.make_key(fields)
+        if last is not None and key == last.key:
+            return replace(last, signature=signature, plan=None)
+        room, pinned = self._survey.host_room()
+        device_type = self._readings.device.type
+        machine = Machine(hw.budget_bytes, room, hw.device_type, hw.pinned_gbps, hw.pageable_gbps,
+                          quant_missing=quantize.missing(device_type), pinned_available_bytes=pinned)
+        record = self._cache.get(key) if self._cache is not None else None
+        unusable = {s: set(names) for s, names in (record or {}).get("unusable", {}).items()}
+        choice = Choice(signature, key=key, fields=fields, machine=machine, workload=wl, unusable=unusable,
+                        device_total=hw.total_bytes)
+        if not self._enabled:
+            return choice  # an explicit or adopted plan is kept; the key still serves the cache
+        return self._pick(choice, record, hw, placement, measured(key), fallback)
+
+    def _pick(self, choice: Choice, record: dict | None, hw: Hardware, placement: Placement,
+              measured: dict[str, int] | None, fallback: Plan) -> Choice:
+        """``choice`` with its plan: the cached one if it still fits, else the planner's pick."""
+        key, wl, machine, unusable = choice.key, choice.workload, choice.machine, choice.unusable
+        assert key is not None and wl is not None and machine is not None
+        source, stored = "planner", None
+        chosen = _stored_plan(record, key)
+        if chosen is not None:
+            measured = stored = stored_activations(record, wl, hw.total_bytes, key)
+            source = "cache"
+        ctx = self._survey.context(wl, unusable=unusable, machine=machine)
+        if chosen is not None and _stale(chosen, ctx, measured):
+            chosen = None
+        if chosen is None:
+            known = {s: placement.unusable.get(s, set()) | unusable.get(s, set())
+                     for s in {*placement.unusable, *unusable}}
+            best = planner_choose(self._survey.context(wl, unusable=known, machine=machine), measured=measured)
+            if best is None:
+                emit("preflight", level="warning", stage="load", action="none", attempt=0, source="planner",
+                     reason="no plan predicted to fit; starting from the current plan and relying on recovery",
+                     budget_gib=round(hw.budget_bytes / 2**30, 3))
+                chosen = fallback
+            else:
+                chosen = best.plan
+            if self._policy != "memory":  # it asked for the least device memory over the image: tiling stays
+                chosen = _untiled_until_measured(chosen, measured)
+        locked = placement.ledger.locked()
+        if locked and chosen.storage != locked:
+            # Weights changed one way with no copy to undo it: the plan says so rather than pretend.
+            chosen = chosen.with_rung(locked)
+        cand = predict(chosen, ctx, measured=measured)
+        emit("preflight", stage="load", action=",".join(chosen.names) or "device", attempt=0, source=source,
+             predicted_seconds=round(cand.seconds, 3), predicted_vram_gib=round(cand.vram / 2**30, 3),
+             **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in cand.peaks.items()},
+             budget_gib=round(hw.budget_bytes / 2**30, 3))
+        return replace(choice, plan=chosen, predicted=cand.peaks, measured=stored)
+
+    def predicted_peaks(self, plan: Plan, choice: Choice, measured: dict[str, int] | None) -> dict[str, int]:
+        """The planner's predicted stage peaks of ``plan`` for the workload of ``choice``."""
+        assert choice.workload is not None
+        return predict(plan, self._survey.context(choice.workload, machine=choice.machine), measured=measured).peaks
+
+
+def _stored_plan(record: dict | None, key: str) -> Plan | None:
+    """The plan a cache record stored, None when there is none this autofit can read."""
     if record is None:
-        known = {s: state.unusable.get(s, set()) | unusable.get(s, set()) for s in {*state.unusable, *unusable}}
-        best = planner_choose(rt.context(wl, unusable=known, machine=machine), measured=measured)
-        if best is None:
-            emit("preflight", level="warning", stage="load", action="none", attempt=0, source="planner",
-                 reason="no plan predicted to fit; starting from the current plan and relying on recovery",
-                 budget_gib=round(hw.budget_bytes / 2**30, 3))
-            chosen = state.initial_plan if last is None else state.plan
-        else:
-            chosen = best.plan
-        if rt.policy != "memory":  # it asked for the least device memory over the image: tiling stays
-            chosen = _untiled_until_measured(chosen, measured)
-    locked = rt.ledger.locked()
-    if locked and chosen.storage != locked:
-        # Weights changed one way with no copy to undo it: the plan says so rather than pretend.
-        chosen = chosen.with_rung(locked)
-    cand = predict(chosen, ctx, measured=measured)
-    choice.plan, choice.predicted = chosen, cand.peaks
-    emit("preflight", stage="load", action=",".join(chosen.names) or "device", attempt=0, source=source,
-         predicted_seconds=round(cand.seconds, 3), predicted_vram_gib=round(cand.vram / 2**30, 3),
-         **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in cand.peaks.items()},
-         budget_gib=round(hw.budget_bytes / 2**30, 3))
-    return choice
+        return None
+    try:
+        return Plan.from_names(tuple(record["plan"]))
+    except KeyError:
+        return None
+    except ValueError as exc:  # rungs this autofit does not know (another version wrote it)
+        emit("cache_record_ignored", level="warning", stage="load", action="none", key=key,
+             reason=f"stored plan {'+'.join(record['plan'])!r}: {exc}; planning again")
+        return None
 
 
 def activation_ceiling(stage: str, wl: Workload, device_total: int) -> int:
@@ -245,7 +281,7 @@ def stored_activations(record: dict[str, Any], wl: Workload, device_total: int, 
     return kept
 
 
-def _stale(rt: Runtime, chosen: Plan, ctx: Context, measured: dict[str, int] | None) -> bool:
+def _stale(chosen: Plan, ctx: Context, measured: dict[str, int] | None) -> bool:
     """Whether a cached plan no longer fits. The key holds the configured budget, not what is
     free now nor the host RAM: a plan stored by a process on a roomier machine (or before another
     process took memory) is checked with the measured activations before it is trusted. It ran
@@ -260,8 +296,3 @@ def _stale(rt: Runtime, chosen: Plan, ctx: Context, measured: dict[str, int] | N
     if not stale.fits:
         emit("cache_plan_refused", stage="load", action=",".join(chosen.names) or "device", reason=stale.why_not)
     return not stale.fits
-
-
-def predicted_peaks(rt: Runtime, plan: Plan, choice: Choice, measured: dict[str, int] | None) -> dict[str, int]:
-    """The planner's predicted stage peaks of ``plan`` for the workload of ``choice``."""
-    return predict(plan, rt.context(choice.workload, machine=choice.machine), measured=measured).peaks

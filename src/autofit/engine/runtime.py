@@ -1,302 +1,299 @@
-"""The wrapped pipeline's runtime: it owns the state and runs the call loop, and hands each job
-to the module named for it.
+"""The wrapped pipeline's runtime: a thin coordinator. It builds the engine's objects, each the
+owner of its state, and runs the call loop between them.
 
-A call: preflight (:mod:`autofit.engine.preflight`) chooses a plan for the workload; the switch
-(:mod:`autofit.engine.switch`) places the weights; the stage wrappers (:mod:`autofit.engine.wrappers`) run
-each component, moving weights around it (:mod:`autofit.engine.moves`) and measuring each stage's peak
-(:mod:`autofit.engine.measurements`); an OOM goes to recovery (:mod:`autofit.engine.recovery`), which asks the
-ladder for the next plan and switches to it. A failed stage is retried in place; an OOM outside
-any component reruns the whole call with the caller's generators restored to their state at the
-start.
+- :class:`~autofit.engine.placement.Placement`: where the weights are (the plan in force, what is
+  placed, the one-way ledger, the host copies, the rungs found broken), and the moves around each stage;
+- :class:`~autofit.engine.course.Course`: the plan to start from, its way up and back down, the
+  plan that steers the plan cache;
+- :class:`~autofit.engine.measurements.Measurements`: stage peaks, learned activations, the plan cache writes;
+- :class:`~autofit.engine.preflight.Preflight`: the plan for a new workload;
+- :class:`~autofit.engine.recovery.Recovery`: the step after an OOM;
+- :class:`~autofit.engine.wrappers.StageWrappers`: the component wrappers, talking to this
+  runtime through :class:`~autofit.engine.wrappers.StageHooks`;
+- :class:`~autofit.engine.readings.Readings` and :class:`~autofit.engine.survey.Survey`: what the
+  machine reads, and what plans are judged against.
+
+A call: preflight chooses a plan for the workload; the placement places it; the stage wrappers
+run each component; an OOM goes to recovery, which decides and has the placement switch. A
+failed stage is retried in place; an OOM outside any component reruns the whole call with the
+caller's generators restored to their state at the start.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from contextlib import ExitStack
-from dataclasses import replace
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from autofit import disk
-from autofit.engine import measurements, moves, preflight, recovery
-from autofit.facts.components import is_vae
-from autofit._diffusers import module_components
+from autofit import _diffusers
 from autofit.errors import AutoFitExhausted
 from autofit.events import emit
-from autofit.facts.hardware import probe
-from autofit.planning.context import Context, Machine, PipelineFacts, Workload
-from autofit.facts.footprint import Footprint, measure
-from autofit.facts.memory import held_on_host, host_available_bytes, pinned_room, snapshot
-from autofit.engine.oom import OOMInfo, classify
-from autofit.records import EscalationRecord
-from autofit.engine.one_way import OneWayLedger
-from autofit.plan import Plan
-from autofit.planning.rungs import plan_refusal
 from autofit.facts.cache import PlanCache
-from autofit.engine.state import CallState, RngSnapshot, WrapperState
-from autofit import _diffusers
-from autofit.strategies import UserVae
-from autofit.strategies import quantize
-from autofit.strategies.residency import HostShadows
-from autofit.strategies.vae import can_slice, can_tile
-from autofit.engine.switch import adopted, holds_hooks, switch, tear_down
+from autofit.facts.footprint import Footprint
+from autofit.planning.context import Context, Workload
+from autofit.planning.rungs import plan_refusal
+from autofit.plan import Plan
+from autofit.records import EscalationRecord
+from autofit.engine.course import Course
+from autofit.engine.measurements import Measurements
+from autofit.engine.oom import OOMInfo, classify
+from autofit.engine.placement import Placement
+from autofit.engine.preflight import Preflight, workload
+from autofit.engine.readings import Readings
+from autofit.engine.recovery import Recovery
+from autofit.engine.relax import Relaxation
+from autofit.engine.state import CallState, Choice, History, RngSnapshot
+from autofit.engine.survey import Survey
 from autofit.engine.wrappers import StageWrappers
 
 
 class Runtime:
-    def __init__(
-        self,
-        pipe: Any,
-        *,
-        device: torch.device,
-        policy: str,
-        max_retries: int,
-        plan: Plan,
-        applied: Plan | None,
-        preflight: bool = True,
-        cache: PlanCache | None = None,
-        max_vram: int | None = None,
-        max_ram: int | None = None,
-    ):
-        self.pipe = pipe
-        self.device = device
-        self.policy = policy
-        self.max_retries = max_retries
-        self.preflight = preflight  # False: an explicit start plan or adopted offloading is kept
-        self.cache = cache
-        self.max_vram = max_vram
-        self.max_ram = max_ram
-        self.footprint: Footprint = measure(pipe)
-        # The plan in force starts as what the pipeline is: its adopted offloading, else plain.
-        self.state = WrapperState(plan=applied if applied is not None else Plan(), applied=applied,
-                                  initial_plan=plan)
-        self.ledger = OneWayLedger(pipe, self.footprint, device, max_vram=max_vram, max_ram=max_ram)
-        self.shadows = HostShadows(device)
-        self.comps: dict[str, torch.nn.Module] = module_components(pipe)
-        for name, module in self.comps.items():
-            if quantize.quantized_level(module) == "int8":
-                fixed = quantize.adopt_int8(module)
-                if fixed:
-                    emit("int8_state_follows_weight", stage="load", action="adopt", component=name, layers=fixed)
-        self.vaes = {n: m for n, m in self.comps.items() if is_vae(m)}
-        self.vae_original = {n: UserVae(m) for n, m in self.vaes.items()}  # follows the user's later changes
+    """Implements :class:`~autofit.engine.wrappers.StageHooks` for its stage wrappers.
+    ``readings`` and ``relaxation`` are the seams a test or an embedder may pass: what is read of
+    the machine, and how probes back down are paced."""
 
-    # ---- what the wrapper exposes --------------------------------------------------------
+    def __init__(self, pipe: Any, *, device: torch.device, policy: str, max_retries: int, plan: Plan,
+                 applied: Plan | None, preflight: bool = True, cache: PlanCache | None = None,
+                 max_vram: int | None = None, max_ram: int | None = None, readings: Readings | None = None,
+                 relaxation: Relaxation[Plan] | None = None):
+        self._pipe, self._device, self._policy = pipe, device, policy
+        self._lock = threading.RLock()
+        self._readings = readings if readings is not None else Readings(device, max_vram=max_vram, max_ram=max_ram)
+        self._history = History()
+        self._wrappers = StageWrappers(pipe, self)
+        self._placement = Placement(pipe, device, applied=applied, max_vram=max_vram, max_ram=max_ram,
+                                    suspend=self._wrappers.suspended)
+        self._survey = Survey(pipe, self._placement, self._readings, policy)
+        self._course = Course(plan, relaxation)
+        self._measurements = Measurements(device, cache)
+        self._preflight = Preflight(pipe, readings=self._readings, survey=self._survey, cache=cache, policy=policy,
+                                    enabled=preflight)
+        self._recovery = Recovery(placement=self._placement, course=self._course, measurements=self._measurements,
+                                  survey=self._survey, readings=self._readings, history=self._history,
+                                  wrappers=self._wrappers, policy=policy, max_retries=max_retries)
+        self._choice: Choice | None = None  # the last workload preflight saw; None: plan afresh
+        self._call: CallState | None = None
+        self._last_call: dict[str, Any] = {}
+        self._calls = 0  # calls that succeeded (proxy.autofit.summary())
+        self._calls_recovered = 0  # of which recovered from at least one failure
+
+    # ---- what the wrapper exposes (read-only: the objects change through their own methods) ---
+    @property
+    def pipe(self) -> Any:
+        return self._pipe
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def policy(self) -> str:
+        return self._policy
+
+    @property
+    def lock(self) -> Any:  # a threading.RLock
+        return self._lock
+
+    @property
+    def readings(self) -> Readings:
+        return self._readings
+
+    @property
+    def history(self) -> History:
+        return self._history
+
+    @property
+    def placement(self) -> Placement:
+        return self._placement
+
+    @property
+    def survey(self) -> Survey:
+        return self._survey
+
+    @property
+    def course(self) -> Course:
+        return self._course
+
+    @property
+    def measurements(self) -> Measurements:
+        return self._measurements
+
+    @property
+    def calls(self) -> int:
+        """Calls that succeeded."""
+        return self._calls
+
+    @property
+    def calls_recovered(self) -> int:
+        """Of which recovered from at least one failure."""
+        return self._calls_recovered
+
     @property
     def plan(self) -> Plan:
-        return self.state.plan
+        return self._placement.plan
 
     @property
-    def lock(self):
-        return self.state.lock
+    def footprint(self) -> Footprint:
+        return self._placement.footprint
+
+    @property
+    def choice(self) -> Choice | None:
+        return self._choice
+
+    @property
+    def last_call(self) -> dict[str, Any]:
+        return dict(self._last_call)
 
     def memory(self) -> dict[str, float | None]:
-        return snapshot(self.device, self.max_vram)
+        return self._readings.memory()
 
     def reset(self) -> None:
         """Plan again at the next call, from the plan autofit started with."""
-        with self.state.lock:
-            self.state.choice = None
+        with self._lock:
+            self._choice = None
 
-    # ---- facts for the ladder and the planner ----------------------------------------------
-    def host_room(self) -> tuple[int, int]:
-        """(host RAM, pinned host RAM) a plan may hold. The pipeline's weights already in host RAM
-        count as room: a plan switch releases or reuses them (a pipeline loaded on the CPU that
-        then goes to model offload needs no RAM beyond what it has). Capped by ``max_ram``."""
-        held, held_pinned = held_on_host(self.comps.values(), self.shadows.tensors())
-        room = host_available_bytes() + held
-        if self.max_ram is not None:
-            room = min(room, self.max_ram)
-        return room, pinned_room(room, held_pinned)
-
-    def context(self, workload: Workload | None = None, *, unusable: dict[str, set[str]] | None = None,
-                machine: Machine | None = None) -> Context:
-        """What the rung table, the ladder and the planner judge against now: host room now, the
-        budget preflight last probed, the pipeline's facts, and the call's workload. ``unusable``
-        adds broken rungs not yet in the state (the plan cache's)."""
-        vaes = list(self.vaes.values())
-        room, pinned = self.host_room()
-        choice = self.state.choice
-        base = machine or (choice.machine if choice is not None and choice.machine is not None else None)
-        if base is None:
-            base = Machine(0, room, self.device.type, quant_missing=quantize.missing(self.device.type))
-        machine = replace(base, host_available_bytes=room, pinned_available_bytes=pinned,
-                          disk_available_bytes=disk.free_bytes(), disk_unusable=disk.unusable())
-        broken = {(r, n) for r, names in self.state.unusable.items() for n in names}
-        broken |= {(r, n) for r, names in (unusable or {}).items() for n in names}
-        pipeline = PipelineFacts(
-            footprint=self.footprint,
-            has_offload_seq=getattr(self.pipe, "model_cpu_offload_seq", None) is not None,
-            vae_can_tile=bool(vaes) and all(can_tile(v) for v in vaes),
-            vae_can_slice=bool(vaes) and all(can_slice(v) for v in vaes),
-            fp8_supported=hasattr(torch, "float8_e4m3fn"),
-            broken=frozenset(broken),
-            storage_locked=self.ledger.locked(),
-            has_bnb=any(quantize.quantized_level(m) for m in self.comps.values()),
-        )
+    def context(self, workload: Workload | None = None) -> Context:
+        """What the rung table, the ladder and the planner judge against now: the call's
+        workload (else the last one preflight saw) and the budget preflight last probed."""
+        choice, call = self._choice, self._call
         if workload is None:
-            call = self.state.call
-            workload = call.shape if call is not None else (choice.workload if choice and choice.workload else Workload())
-        return Context(machine, pipeline, workload, self.policy)
+            workload = call.shape if call is not None else (
+                choice.workload if choice is not None and choice.workload else Workload())
+        return self._survey.context(workload, machine=choice.machine if choice is not None else None)
 
     def adopt(self, enable: Callable[[], Any]) -> Any:
         """The user enables offloading through the proxy after wrapping: autofit's own placement
         is taken down first (so the two do not fight), then the user's is adopted as the plan to
         start from, exactly as when it was enabled before wrapping. Recovery escalates from it."""
-        with self.lock:
-            tear_down(self)
-            self.shadows.drop()
-            out = enable()
-            placement = _diffusers.detect_placement(self.pipe)
-            if placement is not None:
-                storage = self.plan.storage
-                adopted(self, Plan(placement, frozenset({storage} if storage else ())))
-                self.preflight = False
+        with self._lock:
+            out = self._placement.take_down_for(enable)
+            found = _diffusers.detect_placement(self._pipe)
+            if found is not None:
+                storage = self._placement.plan.storage
+                plan = Plan(found, frozenset({storage} if storage else ()))
+                self._placement.adopt(plan)
+                self._course.adopted(plan)
+                self._choice = None  # plan afresh (for the cache key) at the next call
+                self._preflight.turn_off()
             return out
 
     def reshape(self, change: Callable[[], Any]) -> Any:
         """The user changes the modules or their weights through the proxy (LoRA, IP-Adapter and
-        textual-inversion loaders, fusing): a placement that holds offload hooks or streamed
-        copies is taken down first, so the loader sees plain modules (diffusers' loaders undo and
-        redo only the offloading they know, without the device autofit placed on), and the plan in
-        force is placed again, new modules included, at the next call. Weights plainly on the
-        device stay there: the loaders create the new ones next to them. In components stored in
-        fp8, the new layers are made in the compute dtype (peft would make them fp8). The
-        footprint is measured again afterwards."""
-        with self.lock:
-            applied = self.state.applied
-            plain = applied is not None and applied.placement == "device" and not self.shadows.tensors() \
-                and not holds_hooks(self.pipe)
-            if applied is not None and not plain:
-                tear_down(self)
-                self.shadows.drop()
-            try:
-                with ExitStack() as stack:
-                    for module in module_components(self.pipe).values():
-                        stack.enter_context(_diffusers.new_layers_in_compute_dtype(module))
-                    return change()
-            finally:
-                # The weights changed (a LoRA's layers added, or removed): predictions and the
-                # plan cache key follow them, so the next call plans for the pipeline as it is.
-                self.footprint = measure(self.pipe)
+        textual-inversion loaders, fusing): see :meth:`Placement.reshape`."""
+        with self._lock:
+            return self._placement.reshape(change)
 
     # ---- one call -------------------------------------------------------------------------
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any], fn: Callable[..., Any] | None = None) -> Any:
         """Run the pipeline (or ``fn``, one of its methods that runs components) with recovery."""
-        state = self.state
-        with state.lock:
-            call = state.call = CallState(preflight.workload(self.pipe, args, kwargs), RngSnapshot(kwargs))
-            call.applied_at_start = state.applied != state.plan
-            self.comps = module_components(self.pipe)  # once per call: pipe.components is not free
+        placement = self._placement
+        with self._lock:
+            call = self._call = CallState(workload(self._pipe, args, kwargs), RngSnapshot(kwargs))
+            call.applied_at_start = placement.applied != placement.plan
+            placement.refresh_components()
+            self._measurements.begin_call()
             try:
                 self._prepare(self._start_plan(args, kwargs))
-                # Chunks count images: with classifier-free guidance a chunk keeps an image's pair.
-                state.denoise_chunks = state.plan.denoise_chunks(call.shape.batch)
                 while True:
                     attempt_started = time.perf_counter()
                     result, failure = self._run_once(args, kwargs, fn)
                     if failure is None:
-                        self._finish()
+                        self._finish(call)
                         return result
                     call.seconds_lost += time.perf_counter() - attempt_started
                     # Pipeline code between component calls: blamed on the stage it feeds.
-                    recovery.on_oom(self, state.wrappers.glue_stage(), failure, component=None, scope="call")
+                    call.seconds_lost += self._recovery.on_oom(call, self._choice, self._wrappers.glue_stage(),
+                                                               failure, component=None, scope="call")
                     call.rng.restore()
-                    self._prepare(state.plan)
+                    self._prepare(placement.plan)
             finally:
-                state.wrappers = None
-                state.call = None
+                self._call = None
 
     def _start_plan(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan:
         """The plan this call starts from: preflight's choice for a new workload, the plan autofit
-        started with at the first call (or after ``reset``), else the plan in force."""
-        state = self.state
-        if state.relax.escalated and self._memory_came_back():
-            state.choice = None  # plan again now, for the memory there is
-        fresh = state.choice is None
-        choice = preflight.choose(self, args, kwargs)
+        started with at the first call (or after ``reset``), else the plan in force, or one step
+        back down from it (a probe)."""
+        course, placement = self._course, self._placement
+        if course.escalated and self._memory_came_back():
+            self._choice = None  # plan again now, for the memory there is
+        fresh = self._choice is None
+        choice = self._preflight.choose(args, kwargs, last=self._choice, placement=placement,
+                                        measured=self._measurements.measured,
+                                        fallback=course.start if fresh else placement.plan)
         if choice is not None:
             # Taken before the switch: a plan that fails to place is not chosen again for this workload.
-            state.choice = choice
-            if choice.measured is not None and choice.key is not None:
-                state.measured[choice.key] = choice.measured
+            self._choice = choice
+            self._measurements.chose(choice)
             for rung, names in choice.unusable.items():
-                state.unusable.setdefault(rung, set()).update(names)
+                placement.mark_unusable(rung, names)
             if choice.plan is not None:
-                state.predicted, state.predicted_plan = choice.predicted, choice.plan
-                state.dirty = True
-                state.relax.plan_chosen(choice.plan)
-                state.steering = choice.plan
+                course.chosen(choice.plan)
                 return choice.plan
-        start = state.initial_plan if fresh else state.plan
-        if fresh or not state.relax.path:
-            state.relax.plan_chosen(start)
-            state.steering = start
-        lighter = state.relax.probe(time.perf_counter() - state.started)
+        start = course.start if fresh else placement.plan
+        if fresh or not course.path:
+            course.chosen(start)
+        return self._probe_down(start)
+
+    def _probe_down(self, start: Plan) -> Plan:
+        """After a run of successful calls on an escalated plan: one step back down, if the machine
+        can hold it (see :mod:`autofit.engine.relax`)."""
+        lighter = self._course.probe()
         if lighter is None:
             return start
         refused = plan_refusal(lighter, self.context())
         if refused is not None:
             # Not even tried: a plan that needs more host RAM than there is could bring the
             # kernel's OOM killer, which ends the process instead of raising.
-            state.relax.probe_refused()
+            self._course.probe_refused()
             emit("probe_skipped", stage="load", action="probe", plan=",".join(lighter.names) or "device",
                  rung=refused[0], reason=refused[1])
             return start
-        record = EscalationRecord(stage="load", action="probe", error="", attempt=0, component=None, oom_kind="none",
-                                  scope="call", plan=lighter.names)
-        state.history.append(record)
+        self._history.add(EscalationRecord(stage="load", action="probe", error="", attempt=0, component=None,
+                                          oom_kind="none", scope="call", plan=lighter.names))
         emit("probe", stage="load", action="probe", plan=",".join(lighter.names) or "device",
-             came_from=",".join(start.names) or "device", after_calls=state.relax.wait)
+             came_from=",".join(start.names) or "device", after_calls=self._course.wait)
         return lighter
 
     def _memory_came_back(self) -> bool:
         """Whether the device budget grew well past what it was when the plan was last escalated
         (another process let go): then the planner is asked again at once. CUDA only."""
-        before = self.state.budget_at_escalation
-        if before is None or self.device.type != "cuda":
+        before = self._course.budget_at_escalation
+        if before is None or self._device.type != "cuda":
             return False
-        now = probe(self.device, max_vram=self.max_vram, max_ram=self.max_ram).budget_bytes
+        now = self._readings.hardware().budget_bytes
         if now < 1.25 * before:
             return False
         emit("memory_came_back", stage="load", action="replan", budget_gib=round(now / 2**30, 3),
              was_gib=round(before / 2**30, 3))
-        self.state.budget_at_escalation = None
+        self._course.budget_seen()
         return True
 
     def _prepare(self, target: Plan) -> None:
         """Put the weights where ``target`` says (the ``load`` stage), escalating on OOM. A
         failure that is not an OOM passes through with the plan in force unchanged."""
-        state = self.state
-        if state.applied is not None and not _diffusers.placement_intact(self.pipe, state.applied.placement):
-            state.applied = None  # taken down behind our back (a pipeline sharing the components)
+        call = self._call
+        assert call is not None
+        self._placement.check_intact()
         while True:
-            failure: OOMInfo | None = None
-            if state.applied == target and state.plan == target:
-                try:
-                    moves.enforce_residency(self, target)
-                except BaseException as exc:
-                    failure = classify(exc)
-                    if failure is None:
-                        raise
-            else:
-                failure = switch(self, target)
+            failure = self._placement.place(target, call.shape)
             if failure is None:
                 return
-            recovery.on_oom(self, "load", failure, component=None, scope="load", from_plan=target)
-            target = state.plan
+            call.seconds_lost += self._recovery.on_oom(call, self._choice, "load", failure, component=None,
+                                                       scope="load", from_plan=target)
+            target = self._placement.plan
 
     def _run_once(self, args: tuple[Any, ...], kwargs: dict[str, Any],
                   fn: Callable[..., Any] | None = None) -> tuple[Any, OOMInfo | None]:
-        wrappers = self.state.wrappers = StageWrappers(self.pipe, self)
-        self.state.call.entered = None
-        wrappers.install()
+        assert self._call is not None
+        self._call.entered = None
+        self._wrappers.new_attempt()
+        self._wrappers.install()
         failure: OOMInfo | None = None
         try:
-            return (fn or self.pipe)(*args, **kwargs), None
+            return (fn or self._pipe)(*args, **kwargs), None
         except AutoFitExhausted:
             raise
         except BaseException as exc:
@@ -304,75 +301,74 @@ class Runtime:
             if failure is None:
                 raise
         finally:
-            wrappers.uninstall()
+            self._wrappers.uninstall()
         return None, failure
 
-    def _finish(self) -> None:
-        state, call = self.state, self.state.call
-        assert call is not None
-        if state.wrappers is not None:
-            state.wrappers.remember()  # the order of its stages, to blame glue OOMs next time
-        measurements.transition(self, None)
+    def _finish(self, call: CallState) -> None:
+        self._wrappers.remember()  # the order of its stages, to blame glue OOMs next time
+        plan = self._placement.plan
+        self._measurements.transition(None, plan)
         total = time.perf_counter() - call.started
-        plan = state.plan
-        stage_peaks = {k: round(v / 2**30, 3) for k, v in call.stage_peaks.items()
-                       if call.stage_plans.get(k, plan) == plan}  # the plan reported below
-        state.calls += 1
-        state.calls_recovered += bool(call.attempts)
-        state.last_call = {
+        attempts = call.retries.attempts
+        self._calls += 1
+        self._calls_recovered += bool(attempts)
+        self._last_call = {
             "seconds": round(total, 4),
-            "attempts": call.attempts,
+            "attempts": attempts,
             "seconds_lost": round(call.seconds_lost, 4),
             "plan": plan.names,
-            "stage_peaks_gib": stage_peaks,  # peak allocated per stage, on any accelerator (autofit.facts.devices)
+            # peak allocated per stage, on any accelerator (autofit.facts.devices)
+            "stage_peaks_gib": {k: round(v / 2**30, 3) for k, v in self._measurements.peaks_under(plan).items()},
         }
-        if state.relax.probing is not None:
-            state.relax.call_succeeded()  # the probe held for a whole call: the step down stays
-            if state.steering not in state.relax.path:
-                state.steering = plan
-            record = EscalationRecord(stage="load", action="relaxed", error="", attempt=0, component=None,
-                                      oom_kind="none", scope="call", plan=plan.names)
-            state.history.append(record)
+        if self._course.succeeded(plan):  # the probe held for a whole call: the step down stays
+            self._history.add(EscalationRecord(stage="load", action="relaxed", error="", attempt=0, component=None,
+                                              oom_kind="none", scope="call", plan=plan.names))
             emit("relaxed", stage="load", action="relaxed", plan=",".join(plan.names) or "device",
-                 planned=state.relax.path[-1] == state.relax.planned)
-            state.dirty = True
-        else:
-            state.relax.call_succeeded()
-        state.last_call["probe_seconds_lost"] = round(state.relax.probe_seconds_lost, 4)
-        if state.dirty or call.attempts or call.applied_at_start:
-            measurements.remember(self, total)
-        if call.attempts:
-            emit("recovered", attempts=call.attempts, seconds=round(total, 3), seconds_lost=round(call.seconds_lost, 3),
-                 stages=",".join(r.stage for r in call.records), plan=",".join(plan.names), **self.memory())
+                 planned=self._course.path[-1] == self._course.planned)
+            self._measurements.learned()
+        self._last_call["probe_seconds_lost"] = round(self._course.probe_seconds_lost, 4)
+        if self._measurements.dirty or attempts or call.applied_at_start:
+            self._measurements.remember(total, plan=plan, steer=self._course.steering or plan, choice=self._choice,
+                                       shape=call.shape, footprint=self._placement.footprint,
+                                       unusable=self._placement.unusable, predict=self._preflight.predicted_peaks)
+        if attempts:
+            emit("recovered", attempts=attempts, seconds=round(total, 3), seconds_lost=round(call.seconds_lost, 3),
+                 stages=",".join(r.stage for r in call.retries.records), plan=",".join(plan.names), **self.memory())
 
-    # ---- the stage wrappers' hooks ---------------------------------------------------------
+    # ---- the stage wrappers' hooks (StageHooks) ---------------------------------------------
     @property
     def denoise_chunks(self) -> int:
-        return self.state.denoise_chunks
+        call = self._call
+        return self._placement.plan.denoise_chunks(call.shape.batch if call is not None else 1)
 
     def before(self, name: str, stage: str, args: tuple[Any, ...], kwargs: dict[str, Any]):
-        call = self.state.call
+        call = self._call
         if call is not None:
             call.entered = stage
-            if stage != call.stage:
-                measurements.transition(self, stage)
+            if stage != self._measurements.stage:
+                self._measurements.transition(stage, self._placement.plan)
         if stage == "denoise":
             return args, kwargs  # the hot path: nothing to do per step
-        return moves.before(self, name, stage, args, kwargs)
+        args, kwargs, shape = self._placement.before(call.shape if call else None, name, stage, args, kwargs)
+        if call is not None and shape is not None:
+            call.shape = shape
+        return args, kwargs
 
     def after(self, name: str, stage: str) -> None:
-        if self.ledger.unvalidated:
-            self.ledger.validated(name)  # its one-way rung has now produced an output
-        moves.after(self, name, stage)
+        self._placement.after(name, stage)
 
-    def recover(self, stage: str, component: str, failure: OOMInfo, seconds: float) -> None:
+    def on_oom(self, stage: str, component: str, failure: OOMInfo, seconds: float) -> None:
         """A component ran out of memory (called outside ``except``): escalate, then it retries."""
-        if self.state.call is not None:
-            self.state.call.seconds_lost += seconds
-        recovery.on_oom(self, stage, failure, component=component, scope="stage")
+        call = self._call
+        assert call is not None
+        call.seconds_lost += seconds
+        call.seconds_lost += self._recovery.on_oom(call, self._choice, stage, failure, component=component,
+                                                   scope="stage")
 
     def can_roll_back(self, name: str) -> bool:
-        return self.ledger.can_roll_back(name)
+        return self._placement.ledger.can_roll_back(name)
 
     def roll_back(self, stage: str, name: str, error: str) -> None:
-        recovery.roll_back(self, stage, name, error)
+        call = self._call
+        assert call is not None
+        call.seconds_lost += self._recovery.roll_back(call, self._choice, stage, name, error)

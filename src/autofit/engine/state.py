@@ -1,12 +1,9 @@
-"""The wrapper's state across calls, and one object for the call in progress.
-
-The plan in force is read-only here: :mod:`autofit.engine.switch` is its only writer (it assigns
-``WrapperState._plan`` after the weights are where the plan says).
-"""
+"""The call in progress (its workload, time lost, the RNG state to rerun it from, and its tries
+so far: :class:`Retries`), what preflight chose for a workload, and the escalation history
+across calls."""
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +13,6 @@ import torch
 from autofit.planning.context import Machine, Workload
 from autofit.plan import Plan
 from autofit.records import EscalationRecord
-from autofit.engine.relax import Relaxation
 
 
 def _generators(kwargs: dict[str, Any]) -> list[torch.Generator]:
@@ -44,30 +40,73 @@ class RngSnapshot:
             torch.cuda.set_rng_state_all(self._cuda)
 
 
+# An OOM the plan does not explain is retried this many times on the same plan, per stage and call.
+SAME_PLAN_RETRIES = 1
+# With no rung left, the same plan is retried after these waits (seconds) before giving up.
+LAST_RUNG_BACKOFF = (0.5, 1.0, 2.0)
+
+
+@dataclass(slots=True)
+class Retries:
+    """A call's tries so far, handed to recovery's policy (tenacity's retry state): attempts,
+    retries of the same plan per stage, backoffs once no rung was left, the call's escalation
+    records. Only its own methods change it."""
+
+    _attempts: int = 0
+    _same_plan: dict[str, int] = field(default_factory=dict)  # stage -> retries on the plan in force
+    _backoffs: int = 0  # retries with backoff once no rung was left
+    _records: list[EscalationRecord] = field(default_factory=list)
+
+    @property
+    def attempts(self) -> int:
+        return self._attempts
+
+    @property
+    def records(self) -> tuple[EscalationRecord, ...]:
+        return tuple(self._records)
+
+    def same_plan_left(self, stage: str) -> bool:
+        """Whether an OOM the plan does not explain may still be retried on the same plan."""
+        return self._same_plan.get(stage, 0) < SAME_PLAN_RETRIES
+
+    def backoff(self) -> float | None:
+        """The wait before the next retry of the plan in force with no rung left; None: none left."""
+        return LAST_RUNG_BACKOFF[self._backoffs] if self._backoffs < len(LAST_RUNG_BACKOFF) else None
+
+    def attempt(self) -> int:
+        """One more attempt; returns how many so far."""
+        self._attempts += 1
+        return self._attempts
+
+    def retried_same_plan(self, stage: str) -> None:
+        self._same_plan[stage] = self._same_plan.get(stage, 0) + 1
+
+    def backed_off(self) -> None:
+        self._backoffs += 1
+
+    def add(self, record: EscalationRecord) -> None:
+        self._records.append(record)
+
+
 @dataclass(slots=True)
 class CallState:
-    """The call in progress: its shape, attempts, time lost, escalations, the stage running, the
-    peak of each stage with the plan it ran under, and the RNG state to rerun it from."""
+    """The call in progress: its shape (the latent size is learned at decode), the time it
+    started and lost, the stage last entered, and the RNG state to rerun it from. Written by the
+    runtime only, but for ``retries`` (changed by its own methods, from recovery)."""
 
-    shape: Workload  # what the call makes; the latent size is learned at decode
+    shape: Workload
     rng: RngSnapshot
     started: float = field(default_factory=time.perf_counter)
-    attempts: int = 0
     seconds_lost: float = 0.0
-    records: list[EscalationRecord] = field(default_factory=list)
-    stage: str | None = None  # the stage whose peak is being measured
     entered: str | None = None  # the last stage entered in this attempt (None: none yet)
-    stage_peaks: dict[str, int] = field(default_factory=dict)
-    stage_plans: dict[str, Plan] = field(default_factory=dict)
     applied_at_start: bool = False  # the call started by placing a plan (something to remember)
-    same_plan_retries: dict[str, int] = field(default_factory=dict)  # stage -> retries on the plan in force
-    last_rung_retries: int = 0  # retries with backoff once no rung was left
+    retries: Retries = field(default_factory=Retries)  # recovery's count of this call's tries
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Choice:
     """What preflight chose for a workload (see :mod:`autofit.engine.preflight`); ``plan`` None: keep
-    the plan in force."""
+    the plan in force. Frozen: preflight is its only writer."""
 
     signature: tuple[int, ...]
     plan: Plan | None = None
@@ -80,42 +119,21 @@ class Choice:
     unusable: dict[str, set[str]] = field(default_factory=dict)  # broken rungs stored in the cache
     device_total: int | None = None  # the device's memory: bounds what a stored measurement can be
 
+    @property
+    def budget(self) -> int | None:
+        """The device budget preflight probed for this workload (None: not probed)."""
+        return self.machine.budget_bytes if self.machine is not None else None
 
-class WrapperState:
-    """Everything a wrapped pipeline remembers between calls."""
 
-    def __init__(self, *, plan: Plan, applied: Plan | None, initial_plan: Plan):
-        self.lock = threading.RLock()
-        self._plan = plan  # written by autofit.engine.switch only
-        self.applied: Plan | None = applied  # the plan the weights are placed for; None: to place
-        self.initial_plan = initial_plan
-        self.history: list[EscalationRecord] = []
-        self.unusable: dict[str, set[str]] = {}  # rung -> components it broke (plan cache too)
-        self.measured: dict[str, dict[str, int]] = {}  # cache key -> stage -> activation bytes
-        self.last_call: dict[str, Any] = {}
-        self.calls = 0  # calls that succeeded (proxy.autofit.summary())
-        self.calls_recovered = 0  # of which recovered from at least one failure
-        self.call: CallState | None = None
-        self.wrappers: Any = None  # the StageWrappers of the call in progress
-        self.denoise_chunks = 1
-        self.choice: Choice | None = None  # the last workload preflight saw; None: plan afresh
-        self.predicted: dict[str, int] = {}
-        self.predicted_plan: Plan | None = None
-        self.dirty = False  # something learned that the plan cache should hear
-        # The plan's way back down (autofit.engine.relax): the planned plan, each escalation, the plan in
-        # force last; probed back down after a run of successful calls.
-        self.relax: Relaxation[Plan] = Relaxation()
-        # The plan the plan cache steers the next process to: the planned plan, raised only by
-        # escalations the OOM's own figures explain, lowered by successful probes.
-        self.steering: Plan | None = None
-        self.started = time.perf_counter()
-        self.budget_at_escalation: int | None = None  # the device budget when the plan was last escalated
+class History:
+    """One record per escalation step (and probe, relaxation, roll back), oldest first, across calls."""
+
+    def __init__(self) -> None:
+        self._records: list[EscalationRecord] = []
+
+    def add(self, record: EscalationRecord) -> None:
+        self._records.append(record)
 
     @property
-    def plan(self) -> Plan:
-        """The plan in force."""
-        return self._plan
-
-    @property
-    def key(self) -> str | None:
-        return self.choice.key if self.choice is not None else None
+    def records(self) -> tuple[EscalationRecord, ...]:
+        return tuple(self._records)

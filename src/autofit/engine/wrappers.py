@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -30,6 +30,7 @@ import weakref
 from autofit.facts import compiled
 from autofit.facts.components import entry_points, next_stage, roles
 from autofit.engine.oom import OOMInfo, classify
+from autofit.plan import Plan
 
 
 # The order in which each pipeline entered its stages in its longest call seen.
@@ -48,21 +49,56 @@ class _Slot:
     compiled: list[compiled.Region] | None = None  # the component's compiled regions (empty: eager)
 
 
+class StageHooks(Protocol):
+    """What the stage wrappers need from whoever runs the call (the runtime)."""
+
+    @property
+    def plan(self) -> Plan:
+        """The plan in force (compiled components run eager under some plans)."""
+        ...
+
+    @property
+    def denoise_chunks(self) -> int:
+        """How many pieces the denoiser's batch is cut into (1: not split)."""
+        ...
+
+    def before(self, name: str, stage: str, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A component of ``stage`` is about to run: the arguments to run it with."""
+        ...
+
+    def after(self, name: str, stage: str) -> None:
+        """A component of ``stage`` produced its output."""
+        ...
+
+    def on_oom(self, stage: str, component: str, failure: OOMInfo, seconds: float) -> None:
+        """A component ran out of memory (called outside ``except``): make the retry possible,
+        or raise when nothing is left to try."""
+        ...
+
+    def can_roll_back(self, name: str) -> bool:
+        """Whether a one-way rung not yet seen to work is applied to ``name``."""
+        ...
+
+    def roll_back(self, stage: str, name: str, error: str) -> None:
+        """``name`` failed (not with an OOM) under such a rung: undo it."""
+        ...
+
+
 class StageWrappers:
-    """Installs the retrying wrappers on a pipeline's components for one call.
+    """Installs the retrying wrappers on a pipeline's components, for each attempt of a call,
+    and talks to ``hooks`` (a :class:`StageHooks`)."""
 
-    ``hooks`` (the runtime) provides ``before(name, stage, args, kwargs) -> (args, kwargs)``,
-    ``after(name, stage)``, ``recover(stage, component, failure, seconds)`` (raises when nothing
-    is left to try), ``can_roll_back(name)``, ``roll_back(stage, name, error)`` and
-    ``denoise_chunks``.
-    """
-
-    def __init__(self, pipe: Any, hooks: Any):
+    def __init__(self, pipe: Any, hooks: StageHooks):
         self._pipe = pipe
         self._hooks = hooks
         self._slots: list[_Slot] = []
         self._running = 0  # wrappers in progress (an inner one passes through)
-        self.entered: list[str] = []  # the stage of each component call of this attempt, in order
+        self._entered: list[str] = []  # the stage of each component call of this attempt, in order
+
+    def new_attempt(self) -> None:
+        """An attempt starts: no stage entered yet."""
+        self._entered = []
 
     def _targets(self) -> Iterator[_Slot]:
         for name, role in roles(self._pipe).items():
@@ -77,11 +113,11 @@ class StageWrappers:
     def _stage_of_cast(self, slot: _Slot) -> str:
         """The stage of the next call of the component ``slot.module`` is cast or moved for."""
         if slot.stage == "decode" and any(a == "encode" for a, _ in entry_points(slot.name, slot.module, "decode")):
-            return "decode" if "denoise" in self.entered else "vae_encode"
+            return "decode" if "denoise" in self._entered else "vae_encode"
         return slot.stage
 
     def _enter(self, stage: str) -> None:
-        self.entered.append(stage)
+        self._entered.append(stage)
 
     @property
     def installed(self) -> bool:
@@ -114,11 +150,11 @@ class StageWrappers:
         """The stage an OOM raised between component calls is blamed on: the stage of the next
         component call (known from the pipeline's last successful call, see
         :func:`autofit.facts.components.next_stage`)."""
-        return next_stage(self.entered, _ORDER.get(self._pipe))
+        return next_stage(self._entered, _ORDER.get(self._pipe))
 
     def remember(self) -> None:
         """The call succeeded: its sequence of stages is what the next call will do."""
-        _ORDER[self._pipe] = list(self.entered)
+        _ORDER[self._pipe] = list(self._entered)
 
     def uninstall(self) -> None:
         for slot in reversed(self._slots):
@@ -184,7 +220,7 @@ class StageWrappers:
                 if cast and not retried:
                     hooks.before(slot.name, stage, args, kwargs)  # the stage's peak starts here
                 retried = cast
-                hooks.recover(stage, slot.name, failure, time.perf_counter() - started)
+                hooks.on_oom(stage, slot.name, failure, time.perf_counter() - started)
 
         autofit_stage_call.__wrapped__ = slot.inner  # type: ignore[attr-defined]
         return autofit_stage_call
@@ -194,8 +230,7 @@ class StageWrappers:
         (see :mod:`autofit.facts.compiled`); everything else runs as it is."""
         if not slot.compiled:
             return _NOTHING
-        plan = getattr(self._hooks, "plan", None)
-        return compiled.run_context(slot.name, slot.module, getattr(plan, "placement", None), stage, slot.compiled)
+        return compiled.run_context(slot.name, slot.module, self._hooks.plan.placement, stage, slot.compiled)
 
     def _inner_of(self, slot: _Slot) -> Callable[..., Any]:
         for live in self._slots:

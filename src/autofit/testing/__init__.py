@@ -20,9 +20,8 @@ fired; ``expect_fire=False``: never).
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,11 +30,8 @@ from autofit.testing.tiny import make_tokenizer, tiny_flux, tiny_sdxl
 from autofit.facts import compiled
 from autofit.facts.components import roles
 from autofit._diffusers import module_components
-from autofit.engine.switch import switch
 
-__all__ = ["inject_oom", "oom_error", "FaultInjection", "tiny_sdxl", "tiny_flux", "make_tokenizer", "OOM_MESSAGES",
-           "switch_plan", "forget_placement", "mark_unusable", "judged_as", "rung_context", "host_room", "measured_activations",
-           "one_way_rungs", "placed_plan"]
+__all__ = ["inject_oom", "oom_error", "FaultInjection", "tiny_sdxl", "tiny_flux", "make_tokenizer", "OOM_MESSAGES"]
 
 OOM_MESSAGES: dict[str, tuple[type[BaseException], str]] = {
     "cuda": (
@@ -197,67 +193,93 @@ def inject_oom(
             ``True`` always, ``None`` (default) when the target ran its ``at``-th call (an
             injection that could not see into the component), ``False`` never.
     """
-    error_kind = kind
-    oom_error(error_kind)  # validate early
-
-    def should_fire(n: int) -> bool:
-        return when(n) if when is not None else at <= n < at + times
-
+    oom_error(kind)  # validate early
+    fire = _Firing(at, times, when, kind, ballast_bytes)
     if stage == "glue":
-        real = getattr(pipe, "__wrapped__", pipe)
-        scheduler = real.scheduler
-        fault = FaultInjection(stage, "scheduler")
-        original_step = scheduler.step
-
-        def failing_step(*args: Any, **kwargs: Any) -> Any:
-            fault.calls += 1
-            fault._check_ballast()
-            if should_fire(fault.calls):
-                fault.fired += 1
-                ballast = torch.empty(ballast_bytes, dtype=torch.uint8)
-                fault._ballast.append(weakref.ref(ballast))
-                raise oom_error(error_kind)
-            return original_step(*args, **kwargs)
-
-        scheduler.step = failing_step
-        fault._remove = lambda: scheduler.__dict__.pop("step", None)
-        fault.expect_fire = expect_fire
-        fault._reached = lambda: when is None and fault.calls >= at
-        return fault
-
+        return _inject_glue(pipe, fire, expect_fire)
     name, module = _pick(pipe, stage, component)
     fault = FaultInjection(stage, name, expect_fire=expect_fire)
-
     if stage == "load":
-        fault._reached = lambda: when is None and fault.calls >= at
-        had = "_apply" in module.__dict__
-
-        def failing_apply(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            fault.calls += 1
-            if should_fire(fault.calls):
-                fault.fired += 1
-                children = list(module.children())
-                for child in children[: max(1, len(children) // 2)]:
-                    child._apply(fn)  # a real half-moved module, as a failed .to() leaves it
-                raise oom_error(error_kind)
-            return type(module)._apply(module, fn, *args, **kwargs)
-
-        module._apply = failing_apply  # type: ignore[method-assign]
-
-        def remove_apply() -> None:
-            if not had:
-                module.__dict__.pop("_apply", None)
-
-        fault._remove = remove_apply
-        return fault
-
+        return _inject_load(module, fault, fire)
     if stage not in ("encode", "vae_encode", "denoise", "decode"):
         raise ValueError(f"stage must be load, encode, vae_encode, denoise, decode or glue; got {stage!r}")
+    return _inject_forward(module, stage, fault, fire)
+
+
+@dataclass(frozen=True)
+class _Firing:
+    """Which calls fail, and what they raise."""
+
+    at: int
+    times: int
+    when: Callable[[int], bool] | None
+    kind: str
+    ballast_bytes: int
+
+    def fires(self, n: int) -> bool:
+        return self.when(n) if self.when is not None else self.at <= n < self.at + self.times
+
+    def reached(self, calls: int) -> bool:
+        return self.when is None and calls >= self.at
+
+    def raise_oom(self, fault: FaultInjection, device: torch.device = torch.device("cpu")) -> None:
+        """Count the firing, leave a ballast tensor alive in this frame, raise."""
+        fault.fired += 1
+        ballast = torch.empty(self.ballast_bytes, dtype=torch.uint8, device=device)
+        fault._ballast.append(weakref.ref(ballast))
+        raise oom_error(self.kind)
+
+
+def _inject_glue(pipe: Any, fire: _Firing, expect_fire: bool | None) -> FaultInjection:
+    """From ``scheduler.step``: pipeline code outside any component."""
+    scheduler = getattr(pipe, "__wrapped__", pipe).scheduler
+    fault = FaultInjection("glue", "scheduler", expect_fire=expect_fire)
+    original_step = scheduler.step
+
+    def failing_step(*args: Any, **kwargs: Any) -> Any:
+        fault.calls += 1
+        fault._check_ballast()
+        if fire.fires(fault.calls):
+            fire.raise_oom(fault)
+        return original_step(*args, **kwargs)
+
+    scheduler.step = failing_step
+    fault._remove = lambda: scheduler.__dict__.pop("step", None)
+    fault._reached = lambda: fire.reached(fault.calls)
+    return fault
+
+
+def _inject_load(module: torch.nn.Module, fault: FaultInjection, fire: _Firing) -> FaultInjection:
+    """While ``module``'s weights move: half of its children are moved, then it raises."""
+    fault._reached = lambda: fire.reached(fault.calls)
+    had = "_apply" in module.__dict__
+
+    def failing_apply(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        fault.calls += 1
+        if fire.fires(fault.calls):
+            fault.fired += 1
+            children = list(module.children())
+            for child in children[: max(1, len(children) // 2)]:
+                child._apply(fn)  # a real half-moved module, as a failed .to() leaves it
+            raise oom_error(fire.kind)
+        return type(module)._apply(module, fn, *args, **kwargs)
+
+    module._apply = failing_apply  # type: ignore[method-assign]
+
+    def remove_apply() -> None:
+        if not had:
+            module.__dict__.pop("_apply", None)
+
+    fault._remove = remove_apply
+    return fault
+
+
+def _inject_forward(module: torch.nn.Module, stage: str, fault: FaultInjection, fire: _Firing) -> FaultInjection:
+    """From the first layer that runs inside the component (its decoder or encoder for the VAE)."""
     part = {"decode": "decoder", "vae_encode": "encoder"}.get(stage)
     top = getattr(module, part, module) if part else module
     leaves = _leaves(top)
-    in_call = [False]
-    removed = [False]
+    in_call, removed = [False], [False]
     # The component's own calls, seen outside any compiled code (torch.compile(module) runs the
     # module's hooks eagerly): an injection that sees fewer could not see into it.
     entered = [0]
@@ -272,14 +294,10 @@ def inject_oom(
         in_call[0] = True
         fault.calls += 1
         fault._check_ballast()
-        if should_fire(fault.calls):
+        if fire.fires(fault.calls):
             in_call[0] = False
-            fault.fired += 1
             x = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            device = x.device if x is not None else torch.device("cpu")
-            ballast = torch.empty(ballast_bytes, dtype=torch.uint8, device=device)
-            fault._ballast.append(weakref.ref(ballast))
-            raise oom_error(error_kind)
+            fire.raise_oom(fault, x.device if x is not None else torch.device("cpu"))
 
     @torch.compiler.disable
     def done(*_: Any) -> None:
@@ -288,11 +306,25 @@ def inject_oom(
     def enter(*_: Any) -> None:
         entered[0] += 1
 
+    remove = _hook(module, top, leaves, pre_hook, done, enter, removed)
+
+    def reached() -> bool:
+        seen = max(fault.calls, entered[0])
+        return (entered[0] > 0 and fault.calls == 0) or fire.reached(seen)
+
+    fault._remove = remove
+    fault._reached = reached
+    return fault
+
+
+def _hook(module: torch.nn.Module, top: torch.nn.Module, leaves: list[torch.nn.Module], pre_hook: Callable[..., Any],
+          done: Callable[..., Any], enter: Callable[..., Any], removed: list[bool]) -> Callable[[], None]:
+    """Register the injection's hooks; returns what removes them. Compiled: one hook on the eager
+    module itself, not one per layer (each would break the graph). torch.compile(module) runs the
+    inner module's hooks outside the graph; a compiled method (vae.decode) traces them, and
+    breaks the graph once to run this one."""
     regions = compiled.regions(module)
     if regions:
-        # Compiled: one hook on the eager module itself, not one per layer (each would break
-        # the graph). torch.compile(module) runs the inner module's hooks outside the graph; a
-        # compiled method (vae.decode) traces them, and breaks the graph once to run this one.
         leaves = [compiled.eager_module(top)]
         top = leaves[0]
     handles = [leaf.register_forward_pre_hook(pre_hook) for leaf in leaves]
@@ -310,115 +342,4 @@ def inject_oom(
         if retrace:
             compiled.invalidate(module)  # and again without them: no graph break left behind
 
-    def reached() -> bool:
-        seen = max(fault.calls, entered[0])
-        return (entered[0] > 0 and fault.calls == 0) or (when is None and seen >= at)
-
-    fault._remove = remove_hooks
-    fault._reached = reached
-    return fault
-
-
-# ---- reaching a wrapped pipeline's runtime, for tests -----------------------------------------
-# For tests of autofit itself and of code built on it, like structlog.testing: not for production
-# use. Each takes the proxy ``autofit(pipe)`` returned and holds its lock.
-def _runtime(proxy: Any) -> Any:
-    rt = getattr(proxy, "_self_runtime", None)
-    if rt is None:
-        raise TypeError(f"expected the proxy autofit(pipe) returned, got {type(proxy).__name__}")
-    return rt
-
-
-def switch_plan(proxy: Any, plan: Any) -> None:
-    """Switch ``proxy`` to ``plan`` now, as an escalation would (weights placed, one-way rungs
-    applied or undone). Raises ``torch.OutOfMemoryError`` if placing the weights ran out; a
-    failure that is not an OOM passes through with the previous plan in force."""
-    rt = _runtime(proxy)
-    with rt.lock:
-        failure = switch(rt, plan)
-    if failure is not None:
-        raise torch.OutOfMemoryError(f"while placing {plan}: {failure.head}")
-
-
-def forget_placement(proxy: Any) -> None:
-    """Make the next call place the weights again (a ``load`` stage), as after an exhaustion."""
-    rt = _runtime(proxy)
-    with rt.lock:
-        rt.state.applied = None
-
-
-def mark_unusable(proxy: Any, rung: str, components: Any) -> None:
-    """Record that ``rung`` broke ``components``, as a roll back (or the plan cache) would."""
-    rt = _runtime(proxy)
-    with rt.lock:
-        rt.state.unusable.setdefault(rung, set()).update(components)
-
-
-@contextmanager
-def judged_as(proxy: Any, device_type: str) -> Iterator[None]:
-    """The rung table, the ladder and the planner judge ``proxy``'s plans as on a
-    ``device_type`` machine, while the rungs still run where the pipeline is: for CPU tests of
-    rungs a CPU would refuse (streams, partial residency)."""
-    rt = _runtime(proxy)
-    original = rt.context
-
-    def context(*args: Any, **kwargs: Any) -> Any:
-        ctx = original(*args, **kwargs)
-        return replace(ctx, machine=replace(ctx.machine, device_type=device_type))
-
-    rt.context = context
-    try:
-        yield
-    finally:
-        del rt.context
-
-
-def rung_context(proxy: Any) -> Any:
-    """What the rung table, the ladder and the planner judge ``proxy``'s plans against now
-    (an :class:`autofit.planning.context.Context`)."""
-    rt = _runtime(proxy)
-    with rt.lock:
-        return rt.context()
-
-
-def host_room(proxy: Any) -> tuple[int, int]:
-    """(host RAM, pinned host RAM) a plan of ``proxy`` may hold now."""
-    rt = _runtime(proxy)
-    with rt.lock:
-        return rt.host_room()
-
-
-def measured_activations(proxy: Any) -> dict[str, int]:
-    """Activation bytes per stage learned for the workload of the last call (measured on accelerators, not the CPU)."""
-    rt = _runtime(proxy)
-    with rt.lock:
-        return dict(rt.state.measured.get(rt.state.key, {}))
-
-
-def one_way_rungs(proxy: Any) -> dict[str, Any]:
-    """component -> the one-way storage rung applied to it (``.rung``, and ``.undo``: how it is
-    undone, None where no copy could be kept)."""
-    rt = _runtime(proxy)
-    with rt.lock:
-        return dict(rt.ledger.entries)
-
-
-def placed_plan(proxy: Any) -> Any:
-    """The plan the weights are placed for now; None: the next call places them first."""
-    rt = _runtime(proxy)
-    with rt.lock:
-        return rt.state.applied
-
-
-def pace_probes(proxy: Any, *, first_wait: int, max_wait: int, probe_share: float = 1.0) -> None:
-    """Set how often ``proxy`` probes its plan back down (see :mod:`autofit.engine.relax`): after
-    ``first_wait`` successful calls, doubling to ``max_wait`` after each failed probe, failed
-    probes taking at most ``probe_share`` of the run time (1.0: no time limit, so a test's
-    outcome does not hang on how busy the machine is)."""
-    if not 1 <= first_wait <= max_wait or not 0.0 <= probe_share <= 1.0:
-        raise ValueError("need 1 <= first_wait <= max_wait and 0 <= probe_share <= 1")
-    rt = _runtime(proxy)
-    with rt.lock:
-        relax = rt.state.relax
-        relax.first_wait, relax.max_wait, relax.probe_share = first_wait, max_wait, probe_share
-        relax.wait = min(max(relax.wait, first_wait), max_wait)
+    return remove_hooks
