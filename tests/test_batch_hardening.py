@@ -45,16 +45,16 @@ def sdxl_dir(tmp_path_factory):
 @pytest.fixture
 def load_spy(monkeypatch):
     """Records each pipeline load of the CLI (the real one still runs)."""
-    import autofit.cli as cli
+    from autofit.cli import loading
 
     calls = []
-    real = cli._load_pipeline
+    real = loading.load_pipeline
 
     def spy(args):
         calls.append(args.model_dir)
         return real(args)
 
-    monkeypatch.setattr(cli, "_load_pipeline", spy)
+    monkeypatch.setattr(loading, "load_pipeline", spy)
     return calls
 
 
@@ -275,13 +275,13 @@ def test_run_keeps_the_image_when_saving_fails_after_generation(sdxl_dir, tmp_pa
     in a traceback."""
     from PIL import Image
 
-    import autofit.cli as cli
+    from autofit.cli import loading
 
     folder, cwd = tmp_path / "out", tmp_path / "cwd"
     cwd.mkdir()
     (cwd / "cat.png").write_text("the user's own file")  # never overwritten by the fallback
     monkeypatch.chdir(cwd)
-    real = cli._load_pipeline
+    real = loading.load_pipeline
 
     def load_then_take_the_folder_away(args):
         pipe = real(args)
@@ -294,7 +294,7 @@ def test_run_keeps_the_image_when_saving_fails_after_generation(sdxl_dir, tmp_pa
         pipe.vae.decoder.register_forward_pre_hook(replace_folder)
         return pipe
 
-    monkeypatch.setattr(cli, "_load_pipeline", load_then_take_the_folder_away)
+    monkeypatch.setattr(loading, "load_pipeline", load_then_take_the_folder_away)
     code = main(["run", str(sdxl_dir), "--prompt", "x", "--out", str(folder / "cat.png"), "--steps", "1",
                  "--height", "16", "--width", "16", "--device", "cpu", "--cache-dir", str(tmp_path / "c")])
     err = capsys.readouterr().err
@@ -344,11 +344,11 @@ def test_the_writability_probes_never_touch_a_users_files(tmp_path):
     before group_disk) make a file of a new name and remove only that: a user's files beside
     them, whatever their names, are left as they were."""
     from autofit import disk
-    from autofit.cli import _check_out_dir
+    from autofit.cli.args import check_out_dir
 
     mine = {".autofit-probe.123.tmp": "a", ".autofit-probe-x": "b", ".cat.png.tmp.png": "c", "cat.png": "d"}
     for name, text in mine.items():
         (tmp_path / name).write_text(text)
-    _check_out_dir(tmp_path, "--out", str(tmp_path))
+    check_out_dir(tmp_path, "--out", str(tmp_path))
     assert disk.unusable(tmp_path) is None
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == mine

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from autofit import cli
+from autofit.cli import loading, terminal
 from autofit.cli import main
 from autofit.testing import tiny_sdxl
 
@@ -43,7 +43,7 @@ def test_an_unexpected_error_is_one_line_exit_1_and_debug_shows_the_traceback(sd
     def broken(args):
         raise RuntimeError("expected scalar type Half but found Float\nand more detail")
 
-    monkeypatch.setattr(cli, "_load_pipeline", broken)
+    monkeypatch.setattr(loading, "load_pipeline", broken)
     argv = ["run", sdxl_dir, "--prompt", "x", "--out", tmp_path / "o.png"]
     code, out, err = _run(capsys, argv)
     assert code == 1 and out == ""
@@ -96,7 +96,7 @@ def test_batch_resume_reads_the_manifest_before_loading_the_model(sdxl_dir, tmp_
     def no_load(args):
         raise AssertionError("the model was loaded for a finished batch")
 
-    monkeypatch.setattr(cli, "_load_pipeline", no_load)
+    monkeypatch.setattr(loading, "load_pipeline", no_load)
     code, out, err = _run(capsys, argv)
     assert code == 0 and json.loads(out) == {"done": 0, "skipped": 1, "failed": {}, "seconds": 0.0,
                                              "out": str(tmp_path / "o")}, err
@@ -170,7 +170,7 @@ def test_log_lines_do_not_break_the_progress_bar(capsys):
     of its own instead of landing after the bar's text."""
     from tqdm import tqdm
 
-    with cli._logs_to_stderr():
+    with terminal.logs_to_stderr():
         bar = tqdm(total=3, desc="autofit batch[0]", file=sys.stderr)
         bar.update(1)
         logging.getLogger("autofit").warning("escalate stage=denoise")
