@@ -352,3 +352,41 @@ def test_the_writability_probes_never_touch_a_users_files(tmp_path):
     check_out_dir(tmp_path, "--out", str(tmp_path))
     assert disk.unusable(tmp_path) is None
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == mine
+
+
+def test_a_failed_atomic_write_leaves_nothing_and_the_old_file_whole(tmp_path):
+    """autofit.files.write_atomically, which saves batch's and run's images: a writer that fails
+    half-way leaves the previous file as it was and no temporary behind; one that succeeds
+    replaces the file whole."""
+    from autofit.files import write_atomically
+
+    target = tmp_path / "cat.png"
+    target.write_bytes(b"old")
+
+    def half_then_fail(tmp):
+        tmp.write_bytes(b"ne")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomically(target, half_then_fail, fsync=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["cat.png"] and target.read_bytes() == b"old"
+    write_atomically(target, lambda tmp: tmp.write_bytes(b"new"))
+    assert [p.name for p in tmp_path.iterdir()] == ["cat.png"] and target.read_bytes() == b"new"
+
+
+def test_batch_cleanup_removes_dead_temporaries_but_never_a_users_files(proxy, tmp_path):
+    """Before generating, a batch removes what a killed save of its own left (a temporary of a
+    process that is gone), and leaves a user's files whose names merely look temporary."""
+    from autofit.files import temporary_name
+
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = out / temporary_name(out / "000000.png").name.replace(f".{os.getpid()}.", f".{child.pid}.")
+    mine = {".cat.png.tmp.png": "a", ".notes.tmp": "b", "cat.tmp.png": "c"}
+    for name, text in {**mine, dead.name: ""}.items():
+        (out / name).write_text(text)
+    run_batch(proxy, [BatchItem("000000", "a cat", 0)], out, defaults={"height": 64, "width": 64}, progress=False)
+    assert not dead.exists()
+    assert {n: (out / n).read_text() for n in mine} == mine
