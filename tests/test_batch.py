@@ -389,3 +389,22 @@ def test_full_disk_stops_the_job_with_one_error_and_no_temporary(tmp_path):
     report = run_batch(autofit(tiny_sdxl(), cache=False), _prompts(tmp_path, n=3), out,
                        defaults={"height": 16, "width": 16}, progress=False)
     assert report.skipped == ["000000"] and report.done == ["000001", "000002"]
+
+
+def test_manifest_rows_and_the_run_plan_file_record_escalations_one_way(tmp_path):
+    """A batch row's escalations are the full records of the steps its call took
+    (autofit.records.plan_record: every field of each EscalationRecord), as `autofit run`'s plan
+    file writes them."""
+    from autofit.records import plan_record
+
+    proxy = autofit(tiny_sdxl(), cache=False)
+    with inject_oom(proxy, stage="decode", at=1):
+        run_batch(proxy, load_items(_prompts(tmp_path, n=2)), tmp_path / "out",
+                  defaults={"height": 64, "width": 64}, progress=False)
+    first, second = list(iter_manifest(tmp_path / "out"))
+    history = proxy.autofit.history
+    assert history and first["escalations"] == json.loads(json.dumps([r.as_dict() for r in history]))
+    assert first["escalations"][0]["stage"] == "decode" and first["escalations"][0]["oom_kind"] == "device"
+    assert second["escalations"] == [] and second["plan"] == list(proxy.autofit.plan)
+    whole = plan_record(proxy.autofit.plan, history, proxy.autofit.last_call)
+    assert whole["escalations"] == [r.as_dict() for r in history] and whole["last_call"]["plan"] == list(proxy.autofit.plan)

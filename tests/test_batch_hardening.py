@@ -45,16 +45,16 @@ def sdxl_dir(tmp_path_factory):
 @pytest.fixture
 def load_spy(monkeypatch):
     """Records each pipeline load of the CLI (the real one still runs)."""
-    import autofit.cli as cli
+    from autofit.cli import loading
 
     calls = []
-    real = cli._load_pipeline
+    real = loading.load_pipeline
 
     def spy(args):
         calls.append(args.model_dir)
         return real(args)
 
-    monkeypatch.setattr(cli, "_load_pipeline", spy)
+    monkeypatch.setattr(loading, "load_pipeline", spy)
     return calls
 
 
@@ -275,13 +275,13 @@ def test_run_keeps_the_image_when_saving_fails_after_generation(sdxl_dir, tmp_pa
     in a traceback."""
     from PIL import Image
 
-    import autofit.cli as cli
+    from autofit.cli import loading
 
     folder, cwd = tmp_path / "out", tmp_path / "cwd"
     cwd.mkdir()
     (cwd / "cat.png").write_text("the user's own file")  # never overwritten by the fallback
     monkeypatch.chdir(cwd)
-    real = cli._load_pipeline
+    real = loading.load_pipeline
 
     def load_then_take_the_folder_away(args):
         pipe = real(args)
@@ -294,7 +294,7 @@ def test_run_keeps_the_image_when_saving_fails_after_generation(sdxl_dir, tmp_pa
         pipe.vae.decoder.register_forward_pre_hook(replace_folder)
         return pipe
 
-    monkeypatch.setattr(cli, "_load_pipeline", load_then_take_the_folder_away)
+    monkeypatch.setattr(loading, "load_pipeline", load_then_take_the_folder_away)
     code = main(["run", str(sdxl_dir), "--prompt", "x", "--out", str(folder / "cat.png"), "--steps", "1",
                  "--height", "16", "--width", "16", "--device", "cpu", "--cache-dir", str(tmp_path / "c")])
     err = capsys.readouterr().err
@@ -344,11 +344,49 @@ def test_the_writability_probes_never_touch_a_users_files(tmp_path):
     before group_disk) make a file of a new name and remove only that: a user's files beside
     them, whatever their names, are left as they were."""
     from autofit import disk
-    from autofit.cli import _check_out_dir
+    from autofit.cli.args import check_out_dir
 
     mine = {".autofit-probe.123.tmp": "a", ".autofit-probe-x": "b", ".cat.png.tmp.png": "c", "cat.png": "d"}
     for name, text in mine.items():
         (tmp_path / name).write_text(text)
-    _check_out_dir(tmp_path, "--out", str(tmp_path))
+    check_out_dir(tmp_path, "--out", str(tmp_path))
     assert disk.unusable(tmp_path) is None
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == mine
+
+
+def test_a_failed_atomic_write_leaves_nothing_and_the_old_file_whole(tmp_path):
+    """autofit.files.write_atomically, which saves batch's and run's images: a writer that fails
+    half-way leaves the previous file as it was and no temporary behind; one that succeeds
+    replaces the file whole."""
+    from autofit.files import write_atomically
+
+    target = tmp_path / "cat.png"
+    target.write_bytes(b"old")
+
+    def half_then_fail(tmp):
+        tmp.write_bytes(b"ne")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_atomically(target, half_then_fail, fsync=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["cat.png"] and target.read_bytes() == b"old"
+    write_atomically(target, lambda tmp: tmp.write_bytes(b"new"))
+    assert [p.name for p in tmp_path.iterdir()] == ["cat.png"] and target.read_bytes() == b"new"
+
+
+def test_batch_cleanup_removes_dead_temporaries_but_never_a_users_files(proxy, tmp_path):
+    """Before generating, a batch removes what a killed save of its own left (a temporary of a
+    process that is gone), and leaves a user's files whose names merely look temporary."""
+    from autofit.files import temporary_name
+
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    dead = out / temporary_name(out / "000000.png").name.replace(f".{os.getpid()}.", f".{child.pid}.")
+    mine = {".cat.png.tmp.png": "a", ".notes.tmp": "b", "cat.tmp.png": "c"}
+    for name, text in {**mine, dead.name: ""}.items():
+        (out / name).write_text(text)
+    run_batch(proxy, [BatchItem("000000", "a cat", 0)], out, defaults={"height": 64, "width": 64}, progress=False)
+    assert not dead.exists()
+    assert {n: (out / n).read_text() for n in mine} == mine

@@ -147,5 +147,5 @@ def test_demo_plan_file_stores_history_as_records():
         run(proxy, "sdxl", **FAST)
     record = json.loads(json.dumps(plan_record(proxy)))
     assert record["plan"] == list(proxy.autofit.plan)
-    assert [r["stage"] for r in record["history"]] == ["decode"]
-    assert record["history"][0]["action"] == proxy.autofit.history[0].action
+    assert [r["stage"] for r in record["escalations"]] == ["decode"]
+    assert record["escalations"][0]["action"] == proxy.autofit.history[0].action

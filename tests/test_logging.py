@@ -64,14 +64,15 @@ def test_an_application_that_configured_structlog_gets_the_events_there():
 def test_cli_keeps_stdout_for_results(capsys, monkeypatch):
     """Under the CLI, events a command emits go to stderr and stdout holds only its result."""
     import autofit.cli
+    import autofit.cli.doctor
 
-    doctor = autofit.cli.cmd_doctor
+    doctor = autofit.cli.doctor.cmd_doctor
 
     def doctor_that_escalates(args):  # an event emitted while the command runs
         emit("escalate", stage="decode", action="vae_tiling", attempt=1)
         return doctor(args)
 
-    monkeypatch.setattr(autofit.cli, "cmd_doctor", doctor_that_escalates)
+    monkeypatch.setattr(autofit.cli.doctor, "cmd_doctor", doctor_that_escalates)
     assert autofit.cli.main(["doctor", "--json"]) == 0
     captured = capsys.readouterr()
     json.loads(captured.out)  # nothing but the report

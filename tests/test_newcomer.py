@@ -7,10 +7,12 @@ import json
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from autofit import cli
+import autofit.cli as cli_pkg
+from autofit.cli import loading, terminal
 from autofit.cli import main
 from autofit.testing import tiny_sdxl
 
@@ -43,7 +45,7 @@ def test_an_unexpected_error_is_one_line_exit_1_and_debug_shows_the_traceback(sd
     def broken(args):
         raise RuntimeError("expected scalar type Half but found Float\nand more detail")
 
-    monkeypatch.setattr(cli, "_load_pipeline", broken)
+    monkeypatch.setattr(loading, "load_pipeline", broken)
     argv = ["run", sdxl_dir, "--prompt", "x", "--out", tmp_path / "o.png"]
     code, out, err = _run(capsys, argv)
     assert code == 1 and out == ""
@@ -64,6 +66,28 @@ def test_a_closed_stdout_ends_quietly_and_quiet_silences_dependencies(sdxl_dir):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert err == "", err
+
+
+# What dependencies print on a load that a user of the command cannot act on: transformers'
+# torchvision fallbacks, bitsandbytes' kernel notices, diffusers' and transformers' loading bars.
+_NOISE = ("torchvision", "gemm_4bit", "Loading pipeline components", "Loading weights", "Loading checkpoint")
+
+
+def test_every_command_silences_dependency_notices_and_debug_shows_them(sdxl_dir, tmp_path):
+    """`autofit run` (a real load and call, in a subprocess) without --quiet: stderr holds
+    autofit's own log lines and the denoising bar, none of the dependencies' notices or loading
+    bars; with --debug they show (so this environment does print them: the check can fail)."""
+    env = {"PYTHONPATH": str(Path(cli_pkg.__file__).parents[2]), "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "autofit.cli", "run", str(sdxl_dir), "--prompt", "a cat", "--steps", "1",
+            "--height", "64", "--width", "64", "--device", "cpu", "--cache-dir", str(tmp_path / "c")]
+    plain = subprocess.run([*argv, "--out", str(tmp_path / "a.png")], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert plain.returncode == 0, plain.stderr
+    assert not [line for line in plain.stderr.splitlines() if any(n in line for n in _NOISE)], plain.stderr
+    assert "autofit.wrapped" in plain.stderr  # autofit's own INFO lines still show
+    debug = subprocess.run([*argv, "--out", str(tmp_path / "b.png"), "--debug"], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert debug.returncode == 0 and "Loading pipeline components" in debug.stderr, debug.stderr
 
 
 def test_json_everywhere_is_one_document(sdxl_dir, tmp_path, capsys):
@@ -96,7 +120,7 @@ def test_batch_resume_reads_the_manifest_before_loading_the_model(sdxl_dir, tmp_
     def no_load(args):
         raise AssertionError("the model was loaded for a finished batch")
 
-    monkeypatch.setattr(cli, "_load_pipeline", no_load)
+    monkeypatch.setattr(loading, "load_pipeline", no_load)
     code, out, err = _run(capsys, argv)
     assert code == 0 and json.loads(out) == {"done": 0, "skipped": 1, "failed": {}, "seconds": 0.0,
                                              "out": str(tmp_path / "o")}, err
@@ -171,7 +195,7 @@ def test_log_lines_do_not_break_the_progress_bar(capsys):
     of its own instead of landing after the bar's text."""
     from tqdm import tqdm
 
-    with cli._logs_to_stderr():
+    with terminal.logs_to_stderr():
         bar = tqdm(total=3, desc="autofit batch[0]", file=sys.stderr)
         bar.update(1)
         logging.getLogger("autofit").warning("escalate stage=denoise")

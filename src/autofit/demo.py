@@ -7,7 +7,6 @@ CPU included; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -18,8 +17,11 @@ import torch
 
 
 def plan_record(proxy) -> dict:
-    """The plan in force and every escalation as a structured record (JSON-ready)."""
-    return {"plan": list(proxy.autofit.plan), "history": [dataclasses.asdict(r) for r in proxy.autofit.history]}
+    """The plan in force, every escalation and the last call, as :func:`autofit.records.plan_record`
+    writes them (the form of ``autofit run``'s plan file)."""
+    from autofit.records import plan_record as record
+
+    return record(proxy.autofit.plan, proxy.autofit.history, proxy.autofit.last_call)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """A resumable batch runner: prompts in (JSONL, CSV or text), images and a JSONL manifest out.
 
-Unattended jobs are the point: every image is written atomically (temporary file, then rename),
+Unattended jobs are the point: every image is written atomically (:mod:`autofit.files`),
 every finished item is appended to the manifest and flushed to disk, and a rerun after a crash
 or Ctrl-C skips what is finished with the same content (prompt, seed, settings, model), so an
 edited prompts file regenerates what changed. An item that fails (a bad value, an error raised
@@ -22,7 +22,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,9 @@ from autofit.batch.items import (CALL_KEYS, KNOWN_KEYS, BatchItem, RejectedItem,
                           read_items, shown_id)
 from autofit.errors import AutoFitExhausted
 from autofit.events import emit
+from autofit.files import stale_temporary, write_atomically
 from autofit.proxy import AutoFitPipeline, autofit
+from autofit.records import plan_record
 
 __all__ = ["CALL_KEYS", "KNOWN_KEYS", "BatchError", "BatchItem", "BatchReport", "RejectedItem", "iter_manifest", "pending",
            "item_key", "load_items", "read_items", "run_batch"]
@@ -94,10 +97,6 @@ def _end_torn_line(manifest: Path) -> None:
             f.write(b"\n")
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -109,13 +108,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _clean_temporaries(out_dir: Path) -> int:
-    """Remove what a killed or failed save left (``.<name>.<pid>.tmp.png``), unless its process
-    still runs (another rank of the same job)."""
+    """Remove what a killed or failed save left (autofit.files' temporaries), unless its process
+    still runs (another rank of the same job). A user's file is never one of them."""
     removed = 0
-    for tmp in out_dir.glob(".*.tmp.*"):
-        parts = tmp.name.split(".")
-        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
-        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+    for tmp in out_dir.glob(".*.tmp*"):
+        if not stale_temporary(tmp, _pid_alive):
             continue
         try:
             tmp.unlink()
@@ -123,21 +120,6 @@ def _clean_temporaries(out_dir: Path) -> int:
         except OSError:
             pass
     return removed
-
-
-def _save_atomic(image: Any, path: Path) -> None:
-    tmp = _tmp_name(path)
-    try:
-        image.save(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
 
 
 def _planned_names(item: BatchItem, settings: dict[str, Any]) -> list[str]:
@@ -226,32 +208,61 @@ def run_batch(
         good, rejected = read_items(items)
         items = [*rejected, *good]
     items = _screen(list(items))  # over every item, so ranks agree
-    out = Path(out_dir)
+    out = _output_folder(Path(out_dir))
+    rank, my_items, pipe = _share(pipe, items, distributed, options)
+    defaults = dict(defaults or {})
+    clashes = _claim_names(list(items), defaults)  # over every item, so ranks agree
+    _clean_temporaries(out)
+    report = BatchReport()
+    todo = _todo(my_items, defaults, _model_of(pipe), clashes, _finished(out), report)
+    manifest = out / (f"manifest.rank{rank}.jsonl" if distributed else "manifest.jsonl")
+    t_start = time.perf_counter()
+    bar = _bar(len(my_items), len(report.skipped), rank) if progress else None
+    try:
+        with _open_manifest(manifest) as log:
+            for item, key in todo:
+                _record(log, manifest, _run_one(pipe, item, key, defaults, out, clashes, report))
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    report.seconds = time.perf_counter() - t_start
+    emit("batch_done", stage="batch", action="none", attempt=0, done=len(report.done),
+         skipped=len(report.skipped), failed=len(report.failed), seconds=round(report.seconds, 3))
+    return report
+
+
+def _output_folder(out: Path) -> Path:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         what = "it is a file" if out.exists() else (exc.strerror or str(exc))
         raise BatchError(f"cannot create the output folder {out}: {what}") from None
-    rank, my_items = 0, list(items)
-    if distributed:
-        from accelerate import PartialState
+    return out
 
-        # Without CUDA, ask for the CPU explicitly: PartialState then joins the processes with
-        # gloo (MULTI_CPU) instead of running each one alone.
-        state = PartialState(cpu=not torch.cuda.is_available())
-        rank = state.process_index
-        with state.split_between_processes(list(items)) as mine:
-            my_items = list(mine)
-        if not isinstance(pipe, AutoFitPipeline):
-            pipe = autofit(pipe, **{**(options or {}), "device": state.device})
-    elif not isinstance(pipe, AutoFitPipeline):
-        pipe = autofit(pipe, **(options or {}))
-    defaults = dict(defaults or {})
-    model = _model_of(pipe)
-    clashes = _claim_names(list(items), defaults)  # over every item, so ranks agree
-    _clean_temporaries(out)
-    finished = _finished(out)
-    report = BatchReport()
+
+def _share(pipe: Any, items: list[BatchItem | RejectedItem], distributed: bool,
+           options: dict[str, Any] | None) -> tuple[int, list[BatchItem | RejectedItem], Any]:
+    """This process's rank, its share of the items and its proxy (a pipeline is wrapped here, on
+    this rank's device when distributed)."""
+    if not distributed:
+        return 0, list(items), pipe if isinstance(pipe, AutoFitPipeline) else autofit(pipe, **(options or {}))
+    from accelerate import PartialState
+
+    # Without CUDA, ask for the CPU explicitly: PartialState then joins the processes with
+    # gloo (MULTI_CPU) instead of running each one alone.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    with state.split_between_processes(list(items)) as mine:
+        my_items = list(mine)
+    if not isinstance(pipe, AutoFitPipeline):
+        pipe = autofit(pipe, **{**(options or {}), "device": state.device})
+    return state.process_index, my_items, pipe
+
+
+def _todo(my_items: list[BatchItem | RejectedItem], defaults: dict[str, Any], model: str, clashes: dict[str, str],
+          finished: dict[str, dict[str, Any]], report: BatchReport) -> list[tuple[BatchItem | RejectedItem, str | None]]:
+    """(item, key) to generate; what finished before with the same key goes to ``report.skipped``."""
     todo: list[tuple[BatchItem | RejectedItem, str | None]] = []
     for item in my_items:
         if isinstance(item, RejectedItem):
@@ -262,13 +273,17 @@ def run_batch(
             report.skipped.append(item.id)
         else:
             todo.append((item, key))
-    manifest = out / (f"manifest.rank{rank}.jsonl" if distributed else "manifest.jsonl")
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    return todo
 
-        bar = tqdm(total=len(my_items), initial=len(report.skipped), desc=f"autofit batch[{rank}]", unit="img")
-    t_start = time.perf_counter()
+
+def _bar(total: int, initial: int, rank: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"autofit batch[{rank}]", unit="img")
+
+
+@contextmanager
+def _open_manifest(manifest: Path) -> Iterator[Any]:
     try:
         _end_torn_line(manifest)
         # Unbuffered: a failed append raises once, here; a buffered file would try the same bytes
@@ -277,27 +292,22 @@ def run_batch(
     except OSError as exc:
         raise BatchError(f"cannot write the manifest {manifest}: {exc.strerror or exc}") from None
     try:
-        for item, key in todo:
-            record = _run_one(pipe, item, key, defaults, out, clashes, report)
-            try:
-                _append(log, (json.dumps(record, default=str) + "\n").encode("utf-8", "surrogatepass"))
-                os.fsync(log.fileno())
-            except OSError as exc:
-                raise BatchError(f"cannot append to the manifest {manifest}: {exc.strerror or exc}; "
-                                 "free space and rerun to resume") from None
-            if bar is not None:
-                bar.update(1)
+        yield log
     finally:
         try:
             log.close()
         except OSError:
             pass  # every record written was fsynced; nothing is left to flush
-        if bar is not None:
-            bar.close()
-    report.seconds = time.perf_counter() - t_start
-    emit("batch_done", stage="batch", action="none", attempt=0, done=len(report.done),
-         skipped=len(report.skipped), failed=len(report.failed), seconds=round(report.seconds, 3))
-    return report
+
+
+def _record(log: Any, manifest: Path, record: dict[str, Any]) -> None:
+    """Append one record and fsync it: a crash after this never loses the item."""
+    try:
+        _append(log, (json.dumps(record, default=str) + "\n").encode("utf-8", "surrogatepass"))
+        os.fsync(log.fileno())
+    except OSError as exc:
+        raise BatchError(f"cannot append to the manifest {manifest}: {exc.strerror or exc}; "
+                         "free space and rerun to resume") from None
 
 
 def _append(log: Any, data: bytes) -> None:
@@ -336,7 +346,7 @@ def _run_one(pipe: Any, item: BatchItem | RejectedItem, key: str | None, default
     files = []
     for image, name in zip(images, expected):
         try:
-            _save_atomic(image, out / name)
+            write_atomically(out / name, image.save, fsync=True)  # on disk before the manifest says so
         except OSError as exc:
             if exc.errno not in _ITEM_ERRNOS:
                 raise BatchError(f"cannot write {out / name}: {exc.strerror or exc}; free space and rerun "
@@ -352,13 +362,8 @@ def _run_one(pipe: Any, item: BatchItem | RejectedItem, key: str | None, default
 
 
 def _after(pipe: Any, started: float, history_before: int, kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "seconds": round(time.perf_counter() - started, 3),
-        "plan": list(pipe.autofit.plan),
-        "escalations": [{"stage": r.stage, "action": r.action, "scope": r.scope}
-                        for r in pipe.autofit.history[history_before:]],
-        "settings": kwargs,
-    }
+    return {"seconds": round(time.perf_counter() - started, 3),
+            **plan_record(pipe.autofit.plan, pipe.autofit.history[history_before:]), "settings": kwargs}
 
 
 def _failed(report: BatchReport, record: dict[str, Any], error: str, *, stage: str, **more: Any) -> dict[str, Any]:

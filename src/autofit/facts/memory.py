@@ -12,8 +12,7 @@ import torch
 from autofit import _diffusers
 from autofit.facts.devices import memory_of
 from autofit.facts.footprint import pinned_size
-
-GIB = 1024**3
+from autofit.units import GIB
 
 
 def device_budget_bytes(device: torch.device, max_vram: int | None = None) -> int | None:

@@ -23,8 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_UNITS = {"b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+from autofit.units import UNITS
+
 _SIZE = r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?i?B)"
 _PATTERNS = {
     "requested": r"tried to allocate " + _SIZE,
@@ -42,7 +42,7 @@ EXPLAINED = frozenset({"plan"})
 
 
 def _bytes(number: str, unit: str) -> int:
-    return int(float(number) * _UNITS[unit.lower()])
+    return int(float(number) * UNITS[unit.lower()])
 
 
 @dataclass(frozen=True, slots=True)
