@@ -41,8 +41,9 @@ def budgets(ctx_for: Any, now: int) -> list[int]:
     """Budgets from near nothing to one where the fastest plan of all fits (and past ``now``)."""
     from autofit.planning.planner import rank
 
-    fastest = min(c.seconds for c in rank(ctx_for(1 << 50)))  # every plan fits: the best there is
-    top = max(now * 1.1, min(c.vram for c in rank(ctx_for(1 << 50)) if c.seconds <= fastest) * 1.25)
+    roomy = rank(ctx_for(1 << 50))  # every plan fits: the best there is
+    fastest = min(c.seconds for c in roomy)
+    top = max(now * 1.1, min(c.vram for c in roomy if c.seconds <= fastest) * 1.25)
     for _ in range(24):  # a plan's peak can depend on the budget (sized chunks): look, grow, look
         if any(c.fits and c.seconds <= fastest * 1.001 for c in rank(ctx_for(int(top)))):
             break
@@ -123,9 +124,9 @@ def svg(lines: dict[str, list[tuple[int, float]]], *, now: int, title: str) -> s
                    f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{coords}" '
                    f'data-budgets-gib="{" ".join(f"{b / GIB:.6g}" for b, _ in pts)}" '
                    f'data-seconds="{" ".join(f"{s:.6g}" for _, s in pts)}"/>'
-                   f'<line x1="{_RIGHT + 20}" y1="{_TOP + 18 * i}" x2="{_RIGHT + 40}" y2="{_TOP + 18 * i}" '
+                   f'<line x1="{_RIGHT + 20}" y1="{_TOP + 40 + 18 * i}" x2="{_RIGHT + 40}" y2="{_TOP + 40 + 18 * i}" '
                    f'stroke="{color}" stroke-width="2"/>'
-                   f'<text x="{_RIGHT + 46}" y="{_TOP + 18 * i + 4}">{escape(family)}</text></g>')
+                   f'<text x="{_RIGHT + 46}" y="{_TOP + 40 + 18 * i + 4}">{escape(family)}</text></g>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
