@@ -149,8 +149,8 @@ def test_every_module_and_symbol_the_docs_name_exists():
     (`autofit.escalate`) are checked against the code by the logging test."""
     events = _emitted_events()
     # a module named bare (`cost.GIB`) is found in whichever room holds it
-    modules = {p.stem: ".".join(p.relative_to(SRC.parent).with_suffix("").parts) for p in SRC.rglob("*.py")
-               if p.stem != "__init__"}
+    modules = {p.stem: ".".join(p.relative_to(SRC.parent).with_suffix("").parts)  # shallowest wins: `plan.X`
+               for p in sorted(SRC.rglob("*.py"), key=lambda p: -len(p.parts)) if p.stem != "__init__"}
     modules |= {p.name: ".".join(p.relative_to(SRC.parent).parts) for p in SRC.rglob("*") if p.is_dir()
                 and (p / "__init__.py").exists()}
     bad = []
