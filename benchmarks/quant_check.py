@@ -63,10 +63,19 @@ def _fingerprint(pipe) -> float:
     return float(sum(p.detach().float().abs().sum().item() for p in den.parameters()))
 
 
+def switch_plan(proxy, plan) -> None:
+    """Place ``plan`` now, as an escalation would (one-way rungs applied or undone), through the
+    engine's own ``Placement``."""
+    rt = proxy._self_runtime
+    with rt.lock:
+        failure = rt.placement.switch(plan)
+    if failure is not None:
+        raise torch.OutOfMemoryError(f"while placing {plan}: {failure.head}")
+
+
 def measure_all(pipe, names_list, kwargs, device):
     from autofit import autofit
     from autofit.plan import Plan
-    from autofit.testing import switch_plan
 
     rows, reference = [], None
     fingerprint = _fingerprint(pipe)
@@ -103,7 +112,6 @@ def measure_all(pipe, names_list, kwargs, device):
 def under_cap(pipe, budget_gib, unit, kwargs, device, policy, last=False):
     from autofit import AutoFitExhausted, autofit
     from autofit.plan import Plan
-    from autofit.testing import switch_plan
 
     cuda = device.startswith("cuda")
     if cuda:

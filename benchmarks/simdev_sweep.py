@@ -29,7 +29,18 @@ from autofit.testing import simdev
 from autofit.planning.context import Workload
 from autofit.planning.cost import resident_split
 from autofit.planning.planner import predict_peaks
-from autofit.testing import measured_activations, rung_context, tiny_sdxl
+from autofit.testing import tiny_sdxl
+
+
+def rung_context(proxy):
+    """What the ladder and the planner judge ``proxy``'s plans against now."""
+    return proxy._self_runtime.context()
+
+
+def measured_activations(proxy) -> dict:
+    """Activation bytes per stage learned for the workload of the last call."""
+    rt = proxy._self_runtime
+    return rt.measurements.measured(rt.choice.key if rt.choice is not None else None) or {}
 
 MiB = 2**20
 PLACEMENTS = [(), ("model_offload",), ("group_block",), ("group_leaf",), ("group_leaf_stream",), ("sequential",),
@@ -132,12 +143,9 @@ def soak(sim, args) -> None:
     back memory), one wrapper and cache: failed calls, real OOMs, time lost to them."""
     import random
 
-    from autofit.testing import pace_probes
-
     rng = random.Random(0)
     lo, hi = [float(c) for c in args.soak_range.split(",")]
-    proxy = autofit(tiny_sdxl(), device=sim, cache=tempfile.mkdtemp())
-    pace_probes(proxy, first_wait=4, max_wait=16, probe_share=0.03)
+    proxy = autofit(tiny_sdxl(), device=sim, cache=tempfile.mkdtemp())  # probes paced as by default
     failed = 0
     t0 = time.perf_counter()
     lost = 0.0

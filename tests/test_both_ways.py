@@ -8,9 +8,8 @@ import torch
 from autofit import autofit
 from autofit.engine.relax import FIRST_WAIT
 from autofit.testing import inject_oom, tiny_sdxl
-from helpers import paced, wrap
 
-from helpers import DENOISER, CallCounter, run
+from helpers import DENOISER, CallCounter, paced, run, wrap
 
 
 def _clean(**options):

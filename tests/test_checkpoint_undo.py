@@ -20,9 +20,8 @@ from autofit.planning.cost import host_bytes
 from autofit.plan import Plan
 from autofit.strategies.casting import FromCheckpoint, apply_fp8, restore_original
 from autofit.strategies.quantize import quantize_module, quantized_level
-from helpers import rung_context, one_way_rungs, placed_plan, switch_plan
 
-from helpers import BUILDERS, DENOISER, run
+from helpers import BUILDERS, DENOISER, one_way_rungs, placed_plan, run, rung_context, switch_plan
 
 pytest.importorskip("bitsandbytes")
 

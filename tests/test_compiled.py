@@ -13,9 +13,8 @@ from autofit.facts import compiled
 from autofit.facts.components import roles
 from autofit.plan import Plan
 from autofit.testing import inject_oom, tiny_sdxl
-from helpers import switch_plan
 
-from helpers import CallCounter, run
+from helpers import CallCounter, run, switch_plan
 
 
 def _compiled_sdxl(**kw):

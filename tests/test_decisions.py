@@ -37,9 +37,8 @@ from autofit.engine.recovery import LAST_RUNG_BACKOFF
 from autofit.engine.relax import Relaxation
 from autofit.planning.rungs import refusal
 from autofit.testing import inject_oom, oom_error, tiny_sdxl
-from helpers import placed_plan, rung_context, switch_plan
 
-from helpers import run
+from helpers import placed_plan, run, rung_context, switch_plan
 
 FAST = {"num_inference_steps": 2}
 TINY = {"height": 16, "width": 16, "num_inference_steps": 1}  # one batch image: a fraction of a second

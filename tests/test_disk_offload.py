@@ -14,9 +14,8 @@ from autofit import autofit
 from autofit import disk
 from autofit.plan import Plan
 from autofit.testing import inject_oom, tiny_flux, tiny_sdxl
-from helpers import dials, switch_plan, wrap
 
-from helpers import BUILDERS, DENOISER, run
+from helpers import BUILDERS, DENOISER, dials, run, switch_plan, wrap
 
 STEPS = dict(num_inference_steps=2)
 

@@ -8,9 +8,8 @@ import torch
 from autofit import autofit
 from autofit.plan import Plan
 from autofit.testing import tiny_sdxl
-from helpers import measured_activations, switch_plan
 
-from helpers import run
+from helpers import measured_activations, run, switch_plan
 
 pytestmark = pytest.mark.gpu
 

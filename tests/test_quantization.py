@@ -18,9 +18,8 @@ from autofit.planning.planner import choose, predict, rank
 from autofit.planning.rungs import refusal
 from autofit.strategies.quantize import quantized_level
 from autofit.testing import inject_oom, tiny_flux, tiny_sdxl
-from helpers import mark_unusable, rung_context, switch_plan
 
-from helpers import BUILDERS, DENOISER, run
+from helpers import BUILDERS, DENOISER, mark_unusable, run, rung_context, switch_plan
 from footprints import FLUX, GIB, SDXL
 
 pytest.importorskip("bitsandbytes")

@@ -15,9 +15,8 @@ from autofit.planning.context import Machine, context
 from autofit.planning.ladder import next_plan
 from autofit.plan import Plan
 from autofit.testing import inject_oom, tiny_flux, tiny_sdxl
-from helpers import forget_placement, switch_plan
 
-from helpers import BUILDERS, CALL_KWARGS, MATRIX, PROMPT, STAGES, START_PLANS, run
+from helpers import BUILDERS, CALL_KWARGS, MATRIX, PROMPT, STAGES, START_PLANS, forget_placement, run, switch_plan
 from footprints import SDXL
 
 FAST = {"num_inference_steps": 1}  # one step still crosses every stage; the matrix is 180 cases

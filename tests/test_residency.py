@@ -22,9 +22,8 @@ from autofit.strategies import teardown
 from autofit.strategies import partial
 from autofit.strategies.placement import place
 from autofit.testing import inject_oom, tiny_flux, tiny_sdxl
-from helpers import judged_as, switch_plan, wrap
 
-from helpers import CALL_KWARGS, DENOISER, PROMPT, run
+from helpers import CALL_KWARGS, DENOISER, PROMPT, judged_as, run, switch_plan, wrap
 from footprints import FLUX, GIB, SDXL
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # header_folder, sized

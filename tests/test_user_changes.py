@@ -12,9 +12,8 @@ from autofit import autofit
 from autofit import _diffusers
 from autofit.plan import Plan
 from autofit.testing import inject_oom, tiny_sdxl
-from helpers import switch_plan
 
-from helpers import run
+from helpers import run, switch_plan
 
 STEPS = dict(num_inference_steps=2)
 # Placements that hold hooks or streamed copies (diffusers' loaders undo and redo only the
