@@ -21,7 +21,7 @@ from autofit.plan import Plan
 from autofit._diffusers import module_components
 from autofit.records import EscalationRecord
 from autofit.engine.runtime import Runtime
-from autofit.strategies import quantize
+from autofit.strategies import compiling, quantize
 
 
 class AutoFitControl:
@@ -298,6 +298,7 @@ def autofit(
     cache: bool | str | os.PathLike = True,
     max_vram: int | str | None = None,
     max_ram: int | str | None = None,
+    compile: bool | str | dict[str, Any] | compiling.CompileOptions | None = False,
 ) -> AutoFitPipeline:
     """Wrap a diffusers pipeline so that out-of-memory errors are recovered at the failing stage.
 
@@ -318,6 +319,13 @@ def autofit(
         cache: the plan cache: True (``$AUTOFIT_CACHE_DIR`` or ``~/.cache/autofit``), a folder, or
             False for none.
         max_vram, max_ram: cap the device / host memory autofit plans for (bytes or "8GiB").
+        compile: compile the denoiser once the first call's plan is placed (off by default):
+            True or "auto" (regional where it declares ``_repeated_blocks``, else the whole
+            module), "regional", "full", or a dict / :class:`~autofit.strategies.compiling.CompileOptions`
+            with ``how``, ``backend``, ``mode``, ``fullgraph``, ``dynamic`` (e.g.
+            ``{"backend": "eager"}``). A plan change recompiles at most once per compiled region;
+            ``last_call["compile_seconds"]`` says what a call spent compiling. docs/recipes.md,
+            "Compiled pipelines".
     """
     if isinstance(pipe, AutoFitPipeline):
         raise AutoFitUsageError(
@@ -345,6 +353,7 @@ def autofit(
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
 
+    compile_options = compiling.parse_compile(compile)
     vram_cap = _parse_bytes("max_vram", max_vram)
     ram_cap = _parse_bytes("max_ram", max_ram)
     if cache is True:
@@ -374,6 +383,7 @@ def autofit(
         preflight=preflight and plan is None and adopted is None, cache=plan_cache,
         max_vram=vram_cap, max_ram=ram_cap,
     )
+    compiling.attach(pipe, compile_options, plan=lambda: runtime.plan)
     emit(
         "wrapped",
         stage="load",

@@ -266,6 +266,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from autofit.planning.cost import pinned_bytes, resident_split
     from autofit.planning.planner import rank
     from autofit.planning.rungs import RUNGS
+    from autofit.strategies import compiling
     from autofit.strategies.quantize import missing
 
     _check_model_dir(args.model_dir)
@@ -360,6 +361,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      "steps": args.steps},
         "policy": args.policy,
         "pick": (list(pick.names) or ["device"]) if pick else None,
+        "compile_note": compiling.gain_note(pipeline, device_type),
         "by_strategy": by_strategy,
         "strategies": table,
     }
@@ -389,6 +391,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print()
         show(table, "every plan")
     print(f"\nautofit would pick: {'+'.join(summary['pick']) if pick else 'nothing fits'} (policy {args.policy})")
+    print(f"note: {summary['compile_note']}")
     return 0 if pick else 1
 
 

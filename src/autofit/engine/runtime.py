@@ -39,7 +39,7 @@ from autofit.facts.cache import PlanCache
 from autofit.engine.state import CallState, RngSnapshot, WrapperState
 from autofit import _diffusers
 from autofit.strategies import UserVae
-from autofit.strategies import quantize
+from autofit.strategies import compiling, quantize
 from autofit.strategies.residency import HostShadows
 from autofit.strategies.vae import can_slice, can_tile
 from autofit.engine.switch import adopted, holds_hooks, switch, tear_down
@@ -193,6 +193,7 @@ class Runtime:
             self.comps = module_components(self.pipe)  # once per call: pipe.components is not free
             try:
                 self._prepare(self._start_plan(args, kwargs))
+                compiling.settle(self.pipe, state.plan)  # compile= : the mode for the plan placed
                 # Chunks count images: with classifier-free guidance a chunk keeps an image's pair.
                 state.denoise_chunks = state.plan.denoise_chunks(call.shape.batch)
                 while True:
@@ -339,6 +340,7 @@ class Runtime:
         else:
             state.relax.call_succeeded()
         state.last_call["probe_seconds_lost"] = round(state.relax.probe_seconds_lost, 4)
+        state.last_call.update(compiling.report(self.pipe))  # compile= : the call's compile seconds
         if state.dirty or call.attempts or call.applied_at_start:
             measurements.remember(self, total)
         if call.attempts:
