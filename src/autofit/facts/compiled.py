@@ -14,7 +14,7 @@ Two cases do not work compiled, and run eager instead (a WARNING event, ``compil
 which component, which plan and why):
 
 * hooks on every layer *inside* a compiled region (``sequential``, ``group_leaf*``,
-  ``group_disk``): dynamo traces them with a graph break per layer, hits its recompile limit and
+  ``group_disk``, and ``resident_stream``'s on its streamed layers): dynamo traces them with a graph break per layer, hits its recompile limit and
   runs slower than eager;
 * CUDA graphs (``mode="reduce-overhead"``, or ``triton.cudagraphs``) under a plan that moves
   weights between calls: a graph replays fixed weight addresses.
@@ -172,9 +172,9 @@ def eager_reason(module: Any, placement: str | None, found: list[Region] | None 
     found = regions(module) if found is None else found
     if not found:
         return None
-    if placement in HOOKS_EVERY_LAYER and any(r.kind != "block" for r in found):
-        return "hooks_every_layer"
     family = placement.split(":", 1)[0]
+    if family in HOOKS_IN_BLOCKS and any(r.kind != "block" for r in found):
+        return "hooks_every_layer"  # resident_stream's hooks too: traced, a graph break per streamed layer
     if family not in WEIGHTS_STAY and any(uses_cuda_graphs(r) for r in found):
         return "cuda_graphs_with_moving_weights"
     return None

@@ -127,7 +127,7 @@ class Target:
     block_classes: tuple[str, ...] = ()
     variants: dict[str | None, list[Any]] = field(default_factory=dict)
     forward: compiled.CompiledForward | None = None
-    mode: Any = None  # the mode in force (_UNSET: none yet)
+    mode: Any = _UNSET  # the mode in force (_UNSET: none yet)
     announced: bool = False
 
 
@@ -138,7 +138,6 @@ class Compiler:
     def __init__(self, options: CompileOptions, targets: list[Target], plan: Callable[[], Plan | None]):
         self.options = options
         self.targets = targets
-        self._plan = plan
         self._settled: Plan | None = None
         self._call_started = compiled.compile_seconds()
         for t in targets:
@@ -219,7 +218,7 @@ def _target(name: str, module: torch.nn.Module, options: CompileOptions, value: 
             f"(_repeated_blocks={list(classes)}), so it cannot be compiled by region; pass compile=True or "
             "compile='full' to compile the whole module")
     if how == "regional":
-        return Target(name, module, "regional", blocks=blocks, mode=_UNSET,
+        return Target(name, module, "regional", blocks=blocks,
                       block_classes=tuple(sorted({type(b).__name__ for b in blocks})))
     if _holds_diffusers_hooks(module):
         # Their forward chain was built before ours and would drop it when taken down.
@@ -233,7 +232,7 @@ def _target(name: str, module: torch.nn.Module, options: CompileOptions, value: 
         eager = module.__dict__["forward"]  # the user's own instance forward
     forward = compiled.CompiledForward(eager)
     setattr(module, "_old_forward" if hooked else "forward", forward)
-    return Target(name, module, "full", forward=forward, mode=_UNSET)
+    return Target(name, module, "full", forward=forward)
 
 
 _COMPILERS: "weakref.WeakKeyDictionary[Any, Compiler]" = weakref.WeakKeyDictionary()
