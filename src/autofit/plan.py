@@ -69,6 +69,16 @@ class Placing:
         return self.scheme != "none"
 
     @property
+    def hooks_in_blocks(self) -> bool:
+        """Hooks sit inside a component's repeated blocks: on their layers, or streaming them."""
+        return self.hooks_every_layer or self.scheme == "partial"
+
+    @property
+    def hooks_outside_forward(self) -> bool:
+        """Every hook sits on the component itself, outside its forward (or there are none)."""
+        return self.scheme in ("none", "component")
+
+    @property
     def accelerate_hooks(self) -> bool:
         """Applied by accelerate's hooks (enable_model_cpu_offload / enable_sequential_cpu_offload)."""
         return self.scheme in ("component", "layer")

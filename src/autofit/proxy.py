@@ -24,7 +24,7 @@ from autofit.records import EscalationRecord
 from autofit.engine.readings import Readings
 from autofit.engine.relax import Relaxation
 from autofit.engine.runtime import Runtime
-from autofit.strategies import quantize
+from autofit.strategies import compiling, quantize
 
 
 class AutoFitControl:
@@ -305,12 +305,14 @@ class Options:
     cache: PlanCache | None
     max_vram: int | None
     max_ram: int | None
+    compile: compiling.CompileOptions | None = None
 
     @classmethod
     def parse(cls, pipe: Any, *, device: str | torch.device | None = None, policy: str = DEFAULT_POLICY,
               max_retries: int = 8, plan: str | tuple[str, ...] | list[str] | None = None, preflight: bool = True,
               cache: bool | str | os.PathLike = True, max_vram: int | str | None = None,
-              max_ram: int | str | None = None) -> Options:
+              max_ram: int | str | None = None,
+              compile: bool | str | dict[str, Any] | compiling.CompileOptions | None = False) -> Options:
         """Check every option (see :func:`autofit`); raises :class:`AutoFitUsageError` saying what to do."""
         _check_pipe(pipe)
         if policy not in POLICIES:
@@ -318,6 +320,7 @@ class Options:
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise AutoFitUsageError(f"max_retries must be an int >= 0, got {max_retries!r}")
         dev = _resolve_device(pipe, device)
+        compile_options = compiling.parse_compile(compile)
         vram_cap, ram_cap = _parse_bytes("max_vram", max_vram), _parse_bytes("max_ram", max_ram)
         if cache is True:
             plan_cache: PlanCache | None = PlanCache()
@@ -328,7 +331,7 @@ class Options:
         adopted = _diffusers.detect_placement(pipe)
         start, applied = _start(plan, adopted, dev)
         return cls(dev, policy, max_retries, start, applied, adopted, preflight and plan is None and adopted is None,
-                   plan_cache, vram_cap, ram_cap)
+                   plan_cache, vram_cap, ram_cap, compile_options)
 
 
 def _check_pipe(pipe: Any) -> None:
@@ -388,6 +391,7 @@ def autofit(
     cache: bool | str | os.PathLike = True,
     max_vram: int | str | None = None,
     max_ram: int | str | None = None,
+    compile: bool | str | dict[str, Any] | compiling.CompileOptions | None = False,
 ) -> AutoFitPipeline:
     """Wrap a diffusers pipeline so that out-of-memory errors are recovered at the failing stage.
 
@@ -408,9 +412,17 @@ def autofit(
         cache: the plan cache: True (``$AUTOFIT_CACHE_DIR`` or ``~/.cache/autofit``), a folder, or
             False for none.
         max_vram, max_ram: cap the device / host memory autofit plans for (bytes or "8GiB").
+        compile: compile the denoiser once the first call's plan is placed (off by default):
+            True or "auto" (regional where it declares ``_repeated_blocks``, else the whole
+            module), "regional", "full", or a dict / :class:`~autofit.strategies.compiling.CompileOptions`
+            with ``how``, ``backend``, ``mode``, ``fullgraph``, ``dynamic`` (e.g.
+            ``{"backend": "eager"}``). A plan change recompiles at most once per compiled region;
+            ``last_call["compile_seconds"]`` says what a call spent compiling. docs/recipes.md,
+            "Compiled pipelines".
     """
     return wrap(pipe, Options.parse(pipe, device=device, policy=policy, max_retries=max_retries, plan=plan,
-                                    preflight=preflight, cache=cache, max_vram=max_vram, max_ram=max_ram))
+                                    preflight=preflight, cache=cache, max_vram=max_vram, max_ram=max_ram,
+                                    compile=compile))
 
 
 def wrap(pipe: Any, options: Options, *, readings: Readings | None = None,
@@ -422,6 +434,7 @@ def wrap(pipe: Any, options: Options, *, readings: Readings | None = None,
     runtime = Runtime(pipe, device=o.device, policy=o.policy, max_retries=o.max_retries, plan=o.start,
                       applied=o.applied, preflight=o.preflight, cache=o.cache, max_vram=o.max_vram,
                       max_ram=o.max_ram, readings=readings, relaxation=relaxation)
+    compiling.attach(pipe, o.compile, plan=lambda: runtime.plan)
     emit("wrapped", stage="load", action="none", attempt=0, pipeline=type(pipe).__name__, device=str(o.device),
          policy=o.policy, plan=",".join(o.start.names), adopted=o.adopted,
          weights_gib=round(runtime.footprint.total / 2**30, 3), **runtime.memory())

@@ -163,6 +163,7 @@ def rank(facts: Facts, *, policy: str, every: bool) -> dict[str, Any]:
     the pick under ``policy``, one row per strategy and the plans that fit (``every``: all)."""
     from autofit.planning import planner
     from autofit.planning.context import context
+    from autofit.strategies import compiling
 
     fp, m, wl = facts.footprint, facts.machine, facts.workload
     # Rank under the permissive policy so lossy rows show too; the pick honours the policy.
@@ -188,6 +189,7 @@ def rank(facts: Facts, *, policy: str, every: bool) -> dict[str, Any]:
                      "steps": wl.steps},
         "policy": policy,
         "pick": (list(pick.names) or ["device"]) if pick else None,
+        "compile_note": compiling.gain_note(facts.pipeline, m.device_type),
         "by_strategy": _by_strategy(rows, ranked, policy, fp, fastest),
         "strategies": [_row(c, fp, fastest) for c in rows if every or c.fits],
     }
@@ -238,6 +240,7 @@ def render(doc: dict[str, Any], *, every: bool, json_out: bool) -> None:
         print()
         _table(doc["strategies"], "every plan", doc["pick"])
     print(f"\nautofit would pick: {'+'.join(doc['pick']) if doc['pick'] else 'nothing fits'} (policy {doc['policy']})")
+    print(f"note: {doc['compile_note']}")
     if doc.get("plot"):
         print(f"plot of seconds against the VRAM budget: {doc['plot']}")
 

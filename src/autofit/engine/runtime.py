@@ -37,6 +37,7 @@ from autofit.planning.context import Context, Workload
 from autofit.planning.rungs import plan_refusal
 from autofit.plan import Plan
 from autofit.records import EscalationRecord
+from autofit.strategies import compiling
 from autofit.engine.course import Course
 from autofit.engine.measurements import Measurements
 from autofit.engine.oom import OOMInfo, classify
@@ -197,6 +198,7 @@ class Runtime:
             self._measurements.begin_call()
             try:
                 self._prepare(self._start_plan(args, kwargs))
+                compiling.settle(self._pipe, self._placement.plan)  # compile= : the mode for the plan placed
                 while True:
                     attempt_started = time.perf_counter()
                     result, failure = self._run_once(args, kwargs, fn)
@@ -327,6 +329,7 @@ class Runtime:
                  planned=self._course.path[-1] == self._course.planned)
             self._measurements.learned()
         self._last_call["probe_seconds_lost"] = round(self._course.probe_seconds_lost, 4)
+        self._last_call.update(compiling.report(self._pipe))  # compile= : the call's compile seconds
         if self._measurements.dirty or attempts or call.applied_at_start:
             self._measurements.remember(total, plan=plan, steer=self._course.steering or plan, choice=self._choice,
                                        shape=call.shape, footprint=self._placement.footprint,

@@ -324,10 +324,18 @@ def _hook(module: torch.nn.Module, top: torch.nn.Module, leaves: list[torch.nn.M
     inner module's hooks outside the graph; a compiled method (vae.decode) traces them, and
     breaks the graph once to run this one."""
     regions = compiled.regions(module)
-    if regions:
+    own = compiled.dispatcher_of(module)
+    outside = compiled.outside_blocks(top, leaves) if regions and all(r.kind == "block" for r in regions) else []
+    if own is not None:
+        leaves = []  # compile= compiled forward in place: the hook runs in it, before the compiled code
+    elif outside:
+        leaves = outside  # regional: the first layers outside the compiled blocks run eagerly
+    elif regions:
         leaves = [compiled.eager_module(top)]
         top = leaves[0]
     handles = [leaf.register_forward_pre_hook(pre_hook) for leaf in leaves]
+    if own is not None:
+        handles.append(own.add_pre_hook(pre_hook))
     handles.append(top.register_forward_hook(done))
     if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
         handles.append(module.register_forward_pre_hook(enter))
