@@ -67,7 +67,7 @@ class AutoFitControl:
 
     def _counts(self) -> str:
         rt, history = self._rt, self.history
-        ooms = sum(r.oom_kind in ("device", "host") for r in history)
+        ooms = sum(r.oom_kind != "none" for r in history)
         return (f"{rt.calls} call(s), {rt.calls_recovered} recovered, {ooms} OOM(s), "
                 f"{len(history)} escalation record(s)")
 
@@ -370,7 +370,7 @@ def _start(plan: Any, adopted: str | None, dev: torch.device) -> tuple[Plan, Pla
             start = Plan.from_names(names)
         except ValueError as exc:
             raise AutoFitUsageError(f"plan={plan!r}: {exc}; {valid_plan_names()}") from None
-        if start.storage in ("int8", "nf4"):
+        if start.bitsandbytes:
             why = quantize.missing(dev.type)
             if why:
                 raise AutoFitUsageError(f"plan={plan!r} quantizes with bitsandbytes, which cannot run here: {why}")

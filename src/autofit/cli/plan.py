@@ -199,12 +199,13 @@ def _by_strategy(rows: list, ranked: list, policy: str, fp: Any, fastest: float 
     """The guide's Step 3 table: one row per strategy, fitting or not: the fastest plan using it,
     one that fits under ``policy`` first (a lossy strategy under "quality" says so)."""
     from autofit.planning.context import POLICIES
+    from autofit.plan import PLACEMENTS
     from autofit.planning.rungs import RUNGS
 
     fits_memory = {c.plan for c in rows if c.fits}
     table = []
-    for name in ("device", *RUNGS):
-        using = [c for c in ranked if (name in (c.plan.family, *c.plan.extras) if name != "device" else not c.names)]
+    for name in (PLACEMENTS[0], *RUNGS):  # the baseline ("device": no rung) first
+        using = [c for c in ranked if (name in (c.plan.family, *c.plan.extras) if name in RUNGS else not c.names)]
         if using:
             best = min(using, key=lambda c: (not c.fits, c.quality not in POLICIES[policy],
                                              c.plan not in fits_memory, c.seconds))
@@ -216,7 +217,7 @@ def _row(c: Any, fp: Any, fastest: float | None, strategy: str | None = None) ->
     from autofit.planning.cost import pinned_bytes, resident_split
 
     out: dict[str, Any] = {"strategy": strategy} if strategy is not None else {}
-    if c.plan.family == "resident_stream":  # partial residency: what stays, what streams
+    if c.plan.placing.scheme == "partial":  # partial residency: what stays, what streams
         split = resident_split(c.plan, fp).values()
         out.update(resident_gib=gib(sum(r for r, _ in split)), streamed_gib=gib(sum(s for _, s in split)))
     return {**out, "plan": list(c.names) or ["device"], "fits": c.fits, "vram_gib": gib(c.vram),

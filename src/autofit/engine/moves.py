@@ -40,7 +40,7 @@ class Moves:
     def enforce_residency(self, plan: Plan, vaes: Modules) -> None:
         """Undo per-call moves (weights moved off the device for decode) and re-assert plan
         invariants that diffusers may have reset (it re-hooks every component after each call)."""
-        if plan.placement == "device":
+        if not plan.offloads:
             stage = roles(self._pipe)
             for name, module in module_components(self._pipe).items():
                 here = module_device(module)
@@ -49,7 +49,7 @@ class Moves:
                         self._shadows.offload(module)
                 elif here not in (None, self._device):
                     self._shadows.onload(module)
-        elif "vae_cpu" in plan.extras:
+        elif plan.decode_on_cpu:
             for vae in vaes.values():
                 _diffusers.remove_component_hooks(vae)
                 if module_device(vae) != CPU:
@@ -61,7 +61,7 @@ class Moves:
         arguments to call it with, and the call's shape (a decode learns the latent size)."""
         device = self._device
         module = comps.get(name)
-        if stage == "encode" and plan.placement == "device" and "offload_encoders" in plan.extras:
+        if stage == "encode" and not plan.offloads and plan.encoders_on_demand:
             if module is not None and module_device(module) != device:
                 self._shadows.onload(module)
             # Pipelines send the inputs to where the encoder was (diffusers asks the module for
@@ -76,13 +76,13 @@ class Moves:
                 configure_vae(
                     module,
                     original=self._vae_original[name],
-                    slicing="vae_slicing" in plan.extras,
+                    slicing=plan.decode_sliced,
                     tiling=plan.tiling,
                     latent_hw=shape.latent_hw if shape else None,
                 )
-            if plan.placement == "device" and "offload_for_decode" in plan.extras:
+            if not plan.offloads and plan.decode_alone:
                 self._others_off(comps)
-            if "vae_cpu" in plan.extras:
+            if plan.decode_on_cpu:
                 args, kwargs = _to_device(args, CPU), _to_device(kwargs, CPU)
         elif stage == "vae_encode":
             # The VAE's encoder: the decode rungs apply to it too (slicing, tiles sized to the image
@@ -93,11 +93,11 @@ class Moves:
                 if isinstance(x, torch.Tensor) and x.dim() >= 4:
                     f = spatial_factor(module)
                     hw = (max(int(x.shape[-2]) // f, 1), max(int(x.shape[-1]) // f, 1))
-                configure_vae(module, original=self._vae_original[name], slicing="vae_slicing" in plan.extras,
+                configure_vae(module, original=self._vae_original[name], slicing=plan.decode_sliced,
                               tiling=plan.tiling, latent_hw=hw)
-            if plan.placement == "device" and "offload_for_decode" in plan.extras:
+            if not plan.offloads and plan.decode_alone:
                 self._others_off(comps)
-            if "vae_cpu" in plan.extras:
+            if plan.decode_on_cpu:
                 args, kwargs = _to_device(args, CPU), _to_device(kwargs, CPU)
         return args, kwargs, shape
 
@@ -110,11 +110,11 @@ class Moves:
 
     def after(self, plan: Plan, comps: Modules, name: str, stage: str) -> None:
         """After a component of ``stage`` produced its output."""
-        if stage == "encode" and plan.placement == "device" and "offload_encoders" in plan.extras:
+        if stage == "encode" and not plan.offloads and plan.encoders_on_demand:
             module = comps.get(name)
             if module is not None:
                 self._shadows.offload(module)
-        elif stage == "vae_encode" and plan.placement == "device" and "offload_for_decode" in plan.extras:
+        elif stage == "vae_encode" and not plan.offloads and plan.decode_alone:
             # The denoiser runs next: what left the device for the encoder comes back.
             stage_of = roles(self._pipe)
             for other, m in comps.items():

@@ -15,7 +15,7 @@ from autofit.errors import CheckpointChanged
 from autofit.events import emit
 from autofit.facts.footprint import Footprint
 from autofit.facts.memory import host_available_bytes, snapshot
-from autofit.plan import Plan
+from autofit.plan import Plan, storing
 from autofit.strategies import apply_fp8
 from autofit.strategies import quantize
 from autofit.strategies.casting import held_bytes, restore_original
@@ -60,8 +60,8 @@ class OneWayLedger:
         if level is None:
             return set()
         blocked = unusable.get(level, set())
-        ok = (lambda c: c.fp8_ok) if level == "fp8" else (lambda c: c.quant_ok)
-        return {c.name for c in self._footprint.components.values() if ok(c) and c.name not in blocked}
+        flag = storing(level).targets  # the ComponentFootprint flag of the components it applies to
+        return {c.name for c in self._footprint.components.values() if getattr(c, flag) and c.name not in blocked}
 
     def changes(self, target: Plan, unusable: dict[str, set[str]]) -> tuple[list[str], set[str]]:
         """(components whose rung ``target`` undoes, components ``target``'s rung must change)."""
@@ -92,7 +92,7 @@ class OneWayLedger:
         """Apply a one-way storage rung to torn-down components (their weights on the CPU)."""
         t0 = time.perf_counter()
         skip = frozenset(n for n in self._footprint.components if n not in names)
-        if level == "fp8":
+        if not storing(level).bitsandbytes:  # a cast (fp8): bitsandbytes rungs quantize below
             spare = host_available_bytes() if self._max_ram is None else min(host_available_bytes(), self._max_ram)
             cast, originals = apply_fp8(self._pipe, self._footprint, skip=skip, host_available=spare)
             comps = module_components(self._pipe)

@@ -58,7 +58,7 @@ class Placement:
         self._shadows = HostShadows(device)
         self._comps: Modules = module_components(pipe)
         for name, module in self._comps.items():
-            if quantize.quantized_level(module) == "int8":
+            if quantize.holds_int8(module):
                 fixed = quantize.adopt_int8(module)
                 if fixed:
                     emit("int8_state_follows_weight", stage="load", action="adopt", component=name, layers=fixed)
@@ -179,7 +179,7 @@ class Placement:
         loaders create the new ones next to them. In components stored in fp8, the new layers are
         made in the compute dtype (peft would make them fp8). The footprint is measured again."""
         applied = self._applied
-        plain = applied is not None and applied.placement == "device" and not self._shadows.tensors() \
+        plain = applied is not None and not applied.offloads and not self._shadows.tensors() \
             and not holds_hooks(self._pipe)
         if applied is not None and not plain:
             self.tear_down()
@@ -237,17 +237,17 @@ class Placement:
         storage_change = bool(undo or todo)
         same_placement = current is not None and current.placement == target.placement
         if same_placement and not storage_change:
-            if target.placement == "device":
+            if not target.offloads:
                 place(pipe, target, device)
             elif current is not None and current.extras != target.extras:
                 self._moves.enforce_residency(target, self._vaes)
-        elif target.placement == "device" and not holds_hooks(pipe) and not storage_change:
+        elif not target.offloads and not holds_hooks(pipe) and not storage_change:
             # From a plain pipeline: no teardown round trip through the CPU, only the moves.
             place(pipe, target, device, force=True)
         else:
             self._replace(target, undo, todo)
         for name, vae in self._vaes.items():
-            configure_vae(vae, original=self._vae_original[name], slicing="vae_slicing" in target.extras,
+            configure_vae(vae, original=self._vae_original[name], slicing=target.decode_sliced,
                           tiling=target.tiling, latent_hw=shape.latent_hw if shape else None)
 
     def _replace(self, target: Plan, undo: list[str], todo: set[str]) -> None:
@@ -256,7 +256,7 @@ class Placement:
         teardown(pipe)
         self._shadows.drop()
         free_memory(device)
-        if todo or target.placement not in ("group_leaf_stream", "device"):
+        if todo or target.placing.host_pageable:
             # Weights left in a streamed plan's pinned copies would stay page-locked (and
             # rounded up) under a plan that keeps them in host RAM; the low-memory stream
             # variant pins one group at a time, so it too starts from pageable weights; and

@@ -15,7 +15,7 @@ import torch
 from autofit.facts import cache as cache_mod
 from autofit.events import emit
 from autofit.facts.hardware import Hardware
-from autofit.plan import Plan
+from autofit.plan import LIGHTEST_EXTRAS, Plan
 from autofit.planning.context import Context, Machine, Workload
 from autofit.planning.cost import activation_factor
 from autofit.planning.planner import choose as planner_choose, predict
@@ -237,7 +237,7 @@ def activation_ceiling(stage: str, wl: Workload, device_total: int) -> int:
     """The most activation bytes a measurement of ``stage`` on a device of ``device_total`` bytes
     can have stored: the peak of a run that completed fits the device, and the stored value is
     that peak divided by the lightest plan's factor (smallest tiles, every batch split)."""
-    lightest = Plan(extras=frozenset({"vae_tiling_small", "vae_slicing", "split_batch_max"}))
+    lightest = Plan(extras=LIGHTEST_EXTRAS)
     factor = activation_factor(lightest, stage, wl)
     return int(device_total / factor) if factor > 0 else device_total
 
@@ -261,7 +261,7 @@ def _untiled_until_measured(plan: Plan, measured: dict[str, int] | None) -> Plan
     remembers."""
     if plan.tiling is None or "decode" in (measured or {}):
         return plan
-    deferred = [n for n in plan.names if n in ("vae_tiling", "vae_tiling_small")]
+    deferred = list(plan.tiling_rungs)
     for name in deferred:
         plan = plan.without(name)
     emit("tiling_deferred", stage="decode", action=",".join(deferred), attempt=0,
