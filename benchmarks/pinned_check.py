@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from autofit import autofit
-    from autofit.facts.hardware import probe
+    from autofit.facts.hardware import read_machine
     from autofit.planning.cost import pinned_bytes
     from autofit.facts.memory import pinned_in_use
     from autofit.plan import Plan
@@ -52,7 +52,7 @@ def main() -> None:
     result["weights_gib"] = round(fp.total / GIB, 3)
     result["predicted_pinned_gib"] = round(pinned_bytes(stream, fp) / GIB, 3)
     if cuda:
-        hw = probe(args.device)
+        hw = read_machine(args.device)
         free, total = torch.cuda.mem_get_info()
         result["probe"] = {"source": hw.source, "name": hw.device_name, "total_gib": round(hw.total_bytes / GIB, 2),
                            "free_gib": round(hw.free_bytes / GIB, 2), "torch_free_gib": round(free / GIB, 2),

@@ -33,7 +33,7 @@ from autofit.facts.cache import PlanCache
 from autofit.planning.ladder import LADDERS
 from autofit.engine.oom import classify
 from autofit.plan import Plan
-from autofit.engine.recovery import LAST_RUNG_BACKOFF
+from autofit.engine.state import LAST_RUNG_BACKOFF
 from autofit.engine.relax import Relaxation
 from autofit.planning.rungs import refusal
 from autofit.testing import inject_oom, oom_error, tiny_sdxl

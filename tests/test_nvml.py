@@ -223,7 +223,7 @@ def test_probe_plans_against_torch_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "torch name")
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index=None: 0)
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0, raising=False)
-    hw = hardware.probe("cuda:0")
+    hw = hardware.read_machine("cuda:0")
     assert (hw.source, hw.device_name, hw.total_bytes, hw.free_bytes) == ("nvml", "Fake GPU one", 40 * GiB, 30 * GiB)
     assert hw.other_processes_bytes == 3 * GiB
     assert hw.budget_bytes == 30 * GiB  # GPU 0 (index lookup) would have given 10 GiB

@@ -13,7 +13,7 @@ import torch
 import wrapt
 
 from autofit import _diffusers
-from autofit.units import parse_bytes
+from autofit.units import gib, parse_bytes
 from autofit.errors import AutoFitUsageError
 from autofit.events import emit
 from autofit.planning.context import DEFAULT_POLICY, POLICIES
@@ -251,7 +251,7 @@ def _check_available(dev: torch.device) -> None:
 
 def valid_plan_names() -> str:
     """Every name ``plan=`` accepts, placements first, as an error message lists them."""
-    from autofit.planning.rungs import EXTRAS, PLACEMENTS, QUANTIFIED, RESIDENT_MAX, RESIDENT_MIN
+    from autofit.plan import EXTRAS, PLACEMENTS, QUANTIFIED, RESIDENT_MAX, RESIDENT_MIN
 
     places = [f"{p}:N (N = {RESIDENT_MIN}..{RESIDENT_MAX}, % of the denoiser kept on the device; "
               f"bare: {QUANTIFIED[p]})" if p in QUANTIFIED else p for p in PLACEMENTS]
@@ -264,7 +264,9 @@ def parse_plan(plan: Any) -> tuple[str, ...]:
     also separates) or a sequence of strings. Raises AutoFitUsageError naming every valid name."""
     import difflib
 
-    from autofit.planning.rungs import PLACEMENTS, RUNGS, split_name
+    from autofit.planning.rungs import RUNGS
+
+    from autofit.plan import PLACEMENTS, split_name
 
     if isinstance(plan, str):
         names = tuple(n.strip() for n in re.split(r"[+,]", plan) if n.strip())
@@ -437,5 +439,5 @@ def wrap(pipe: Any, options: Options, *, readings: Readings | None = None,
     compiling.attach(pipe, o.compile, plan=lambda: runtime.plan)
     emit("wrapped", stage="load", action="none", attempt=0, pipeline=type(pipe).__name__, device=str(o.device),
          policy=o.policy, plan=",".join(o.start.names), adopted=o.adopted,
-         weights_gib=round(runtime.footprint.total / 2**30, 3), **runtime.memory())
+         weights_gib=gib(runtime.footprint.total, 3), **runtime.memory())
     return AutoFitPipeline(pipe, runtime)

@@ -159,7 +159,7 @@ def hardware(args: argparse.Namespace):
     """This machine's facts for ``--device`` (default: CUDA when there is one), capped by --vram/--ram."""
     import torch
 
-    from autofit.facts.hardware import probe
+    from autofit.facts.hardware import read_machine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return probe(device, max_vram=args.vram, max_ram=args.ram)
+    return read_machine(device, max_vram=args.vram, max_ram=args.ram)

@@ -61,10 +61,10 @@ def gather(args: argparse.Namespace) -> dict[str, Any]:
         "cgroup": cgroup_memory(),  # the tightest memory limit on this process's cgroup, or None
     }
     if args.device is None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        from autofit.facts.hardware import probe
+        from autofit.facts.hardware import read_machine
 
         # Every visible GPU: a batch job runs one process per GPU (autofit batch --distributed).
-        report["devices"] = [probe(f"cuda:{i}").as_dict() for i in range(torch.cuda.device_count())]
+        report["devices"] = [read_machine(f"cuda:{i}").as_dict() for i in range(torch.cuda.device_count())]
     report["missing"] = _missing(hw.device_type)
     return report
 

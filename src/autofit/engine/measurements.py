@@ -19,6 +19,7 @@ from autofit.planning.cost import activation_bytes, activation_factor, resident_
 from autofit.plan import Plan
 from autofit.engine.state import Choice
 from autofit.engine.preflight import plausible_activations
+from autofit.units import GIB, gib
 
 
 def floor_key(key: str | None, shape: Workload) -> str:
@@ -55,7 +56,7 @@ def merge_activations(stored: dict[str, int], measured: dict[str, int], key: str
         old = stored.get(stage, 0)
         if value > 0 and old >= CONTRADICTS * value:
             emit("cache_value_replaced", level="warning", stage=stage, action="none", key=key, stored=old,
-                 measured=value, reason=f"stored {old / 2**30:.3f} GiB, measured {value / 2**30:.3f} GiB here")
+                 measured=value, reason=f"stored {old / GIB:.3f} GiB, measured {value / GIB:.3f} GiB here")
             out[stage] = value
         else:
             out[stage] = max(value, old)
@@ -179,8 +180,8 @@ class Measurements:
         now = {k: v for k, v in peaks.items() if plans.get(k, plan) == plan}
         if now:
             emit("stage_peaks", stage=",".join(now), action=",".join(plan.names) or "device", attempt=0,
-                 **{f"measured_{k}_gib": round(v / 2**30, 3) for k, v in now.items()},
-                 **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in self._predicted.items() if k in now})
+                 **{f"measured_{k}_gib": gib(v, 3) for k, v in now.items()},
+                 **{f"predicted_{k}_gib": gib(v, 3) for k, v in self._predicted.items() if k in now})
         # The resolution itself, for `autofit cache list` (the key holds only its 64K-pixel bucket).
         wl = choice.workload if choice is not None else None
         size = {"size": [wl.height, wl.width]} if wl is not None else {}

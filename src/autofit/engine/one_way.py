@@ -19,6 +19,7 @@ from autofit.plan import Plan, storing
 from autofit.strategies import apply_fp8
 from autofit.strategies import quantize
 from autofit.strategies.casting import held_bytes, restore_original
+from autofit.units import GIB
 
 
 
@@ -101,12 +102,12 @@ class OneWayLedger:
                 self._entries[n] = OneWay("fp8", (lambda m=comps[n], o=orig: restore_original(m, o)) if orig else None)
             self._unvalidated |= set(cast)
             emit("fp8_cast", stage="load", action="fp8", components=",".join(cast), reversible=",".join(originals),
-                 undo_copy_gib=round(sum(held_bytes(o) for o in originals.values()) / 2**30, 3))
+                 undo_copy_gib=round(sum(held_bytes(o) for o in originals.values()) / GIB, 3))
             return
         undos = quantize.apply_quantization(self._pipe, self._footprint, level, self._device, skip=skip)
         for n, u in undos.items():
             self._entries[n] = OneWay(level, u)
         self._unvalidated |= set(undos)
         emit("quantized", stage="load", action=level, components=",".join(undos), reversible=",".join(undos),
-             undo_copy_gib=round(sum(u.held_bytes for u in undos.values()) / 2**30, 3),
+             undo_copy_gib=round(sum(u.held_bytes for u in undos.values()) / GIB, 3),
              seconds=round(time.perf_counter() - t0, 3), **snapshot(self._device, self._max_vram))

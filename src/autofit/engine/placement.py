@@ -31,6 +31,7 @@ from autofit.planning.context import Workload
 from autofit.strategies import UserVae, configure_vae, place, quantize, teardown
 from autofit.strategies.placement import unpin
 from autofit.strategies.residency import HostShadows
+from autofit.units import gib
 
 
 def holds_hooks(pipe: object) -> bool:
@@ -263,7 +264,7 @@ class Placement:
             # a storage rung may keep the originals as its undo copy.
             unpinned = unpin(pipe)
             if unpinned:
-                emit("unpinned", stage="load", action=",".join(target.names), gib=round(unpinned / 2**30, 3))
+                emit("unpinned", stage="load", action=",".join(target.names), gib=gib(unpinned, 3))
         for name in undo:
             self._ledger.undo(name)
         if todo:

@@ -14,7 +14,7 @@ import torch
 
 from autofit.facts import cache as cache_mod
 from autofit.events import emit
-from autofit.facts.hardware import Hardware
+from autofit.facts.hardware import MachineReading
 from autofit.plan import LIGHTEST_EXTRAS, Plan
 from autofit.planning.context import Context, Machine, Workload
 from autofit.planning.cost import activation_factor
@@ -24,6 +24,7 @@ from autofit.engine.readings import Readings
 from autofit.engine.state import Choice
 from autofit.engine.survey import Survey
 from autofit.strategies import quantize
+from autofit.units import GIB, gib
 
 
 @functools.lru_cache(maxsize=32)
@@ -176,7 +177,7 @@ class Preflight:
             return choice  # an explicit or adopted plan is kept; the key still serves the cache
         return self._pick(choice, record, hw, placement, measured(key), fallback)
 
-    def _pick(self, choice: Choice, record: dict | None, hw: Hardware, placement: Placement,
+    def _pick(self, choice: Choice, record: dict | None, hw: MachineReading, placement: Placement,
               measured: dict[str, int] | None, fallback: Plan) -> Choice:
         """``choice`` with its plan: the cached one if it still fits, else the planner's pick."""
         key, wl, machine, unusable = choice.key, choice.workload, choice.machine, choice.unusable
@@ -196,7 +197,7 @@ class Preflight:
             if best is None:
                 emit("preflight", level="warning", stage="load", action="none", attempt=0, source="planner",
                      reason="no plan predicted to fit; starting from the current plan and relying on recovery",
-                     budget_gib=round(hw.budget_bytes / 2**30, 3))
+                     budget_gib=gib(hw.budget_bytes, 3))
                 chosen = fallback
             else:
                 chosen = best.plan
@@ -208,9 +209,9 @@ class Preflight:
             chosen = chosen.with_rung(locked)
         cand = predict(chosen, ctx, measured=measured)
         emit("preflight", stage="load", action=",".join(chosen.names) or "device", attempt=0, source=source,
-             predicted_seconds=round(cand.seconds, 3), predicted_vram_gib=round(cand.vram / 2**30, 3),
-             **{f"predicted_{k}_gib": round(v / 2**30, 3) for k, v in cand.peaks.items()},
-             budget_gib=round(hw.budget_bytes / 2**30, 3))
+             predicted_seconds=round(cand.seconds, 3), predicted_vram_gib=gib(cand.vram, 3),
+             **{f"predicted_{k}_gib": gib(v, 3) for k, v in cand.peaks.items()},
+             budget_gib=gib(hw.budget_bytes, 3))
         return replace(choice, plan=chosen, predicted=cand.peaks, measured=stored)
 
     def predicted_peaks(self, plan: Plan, choice: Choice, measured: dict[str, int] | None) -> dict[str, int]:
@@ -276,8 +277,8 @@ def stored_activations(record: dict[str, Any], wl: Workload, device_total: int, 
                                           device_total)
     for stage, value in dropped.items():
         emit("cache_value_ignored", level="warning", stage=stage, action="none", key=key, value=value,
-             reason=f"a {stage} activation of {value / 2**30:.1f} GiB cannot have been measured on a device of "
-                    f"{device_total / 2**30:.1f} GiB; measured again")
+             reason=f"a {stage} activation of {value / GIB:.1f} GiB cannot have been measured on a device of "
+                    f"{device_total / GIB:.1f} GiB; measured again")
     return kept
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from autofit.facts.hardware import Hardware, probe
+from autofit.facts.hardware import MachineReading, read_machine
 from autofit.facts.memory import host_available_bytes, snapshot
 
 
@@ -33,9 +33,9 @@ class Readings:
         """The device type the rung table, the ladder and the planner judge plans for."""
         return self._device.type
 
-    def hardware(self) -> Hardware:
+    def hardware(self) -> MachineReading:
         """The machine now: the device budget (honouring ``max_vram``), host RAM (``max_ram``)."""
-        return probe(self._device, max_vram=self._max_vram, max_ram=self.max_ram)
+        return read_machine(self._device, max_vram=self._max_vram, max_ram=self.max_ram)
 
     def host_room(self, held: int) -> int:
         """Host RAM a plan may hold: available now plus ``held`` (weights already in host RAM,

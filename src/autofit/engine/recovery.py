@@ -19,7 +19,8 @@ from autofit.facts.devices import memory_of
 from autofit.planning.context import Context
 from autofit.planning.explain import Verdict, judge, room_at_failure, shortfall
 from autofit.planning.ladder import next_plan
-from autofit.planning.rungs import RUNGS, split_name
+from autofit.planning.rungs import RUNGS
+from autofit.plan import split_name
 from autofit.plan import Plan
 from autofit.records import EscalationRecord
 from autofit.engine.course import Course
@@ -27,7 +28,7 @@ from autofit.engine.measurements import Measurements, floor_key
 from autofit.engine.oom import OOMInfo, OOMKind, free_memory
 from autofit.engine.placement import Placement
 from autofit.engine.readings import Readings
-from autofit.engine.state import LAST_RUNG_BACKOFF, CallState, Choice, History, Retries  # noqa: F401 (LAST_RUNG_BACKOFF: re-exported)
+from autofit.engine.state import CallState, Choice, History, Retries
 from autofit.engine.survey import Survey
 from autofit.engine.wrappers import StageWrappers
 

@@ -49,6 +49,7 @@ from autofit.engine.relax import Relaxation
 from autofit.engine.state import CallState, Choice, History, RngSnapshot
 from autofit.engine.survey import Survey
 from autofit.engine.wrappers import StageWrappers
+from autofit.units import gib
 
 
 class Runtime:
@@ -268,8 +269,8 @@ class Runtime:
         now = self._readings.hardware().budget_bytes
         if now < 1.25 * before:
             return False
-        emit("memory_came_back", stage="load", action="replan", budget_gib=round(now / 2**30, 3),
-             was_gib=round(before / 2**30, 3))
+        emit("memory_came_back", stage="load", action="replan", budget_gib=gib(now, 3),
+             was_gib=gib(before, 3))
         self._course.budget_seen()
         return True
 
@@ -320,7 +321,7 @@ class Runtime:
             "seconds_lost": round(call.seconds_lost, 4),
             "plan": plan.names,
             # peak allocated per stage, on any accelerator (autofit.facts.devices)
-            "stage_peaks_gib": {k: round(v / 2**30, 3) for k, v in self._measurements.peaks_under(plan).items()},
+            "stage_peaks_gib": {k: gib(v, 3) for k, v in self._measurements.peaks_under(plan).items()},
         }
         if self._course.succeeded(plan):  # the probe held for a whole call: the step down stays
             self._history.add(EscalationRecord(stage="load", action="relaxed", error="", attempt=0, component=None,

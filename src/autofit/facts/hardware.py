@@ -18,7 +18,7 @@ DEFAULT_PAGEABLE_GBPS = 8.9
 
 
 @dataclass(frozen=True, slots=True)
-class Hardware:
+class MachineReading:
     device_type: str
     device_name: str
     total_bytes: int
@@ -132,7 +132,7 @@ def _nvml_read(nvml, uuid: str | None, pci_bus_id: str | None) -> tuple[int, int
 
 def _nvml(index: int) -> tuple[int, int, int | None, str] | None:
     """(total, free, used by other processes, name) of torch's cuda:index from NVML, or None
-    without it (probe then uses torch's mem_get_info, which honours CUDA_VISIBLE_DEVICES)."""
+    without it (read_machine then uses torch's mem_get_info, which honours CUDA_VISIBLE_DEVICES)."""
     try:
         import pynvml
     except ImportError:
@@ -145,12 +145,12 @@ def _nvml(index: int) -> tuple[int, int, int | None, str] | None:
     return _nvml_read(pynvml, uuid, bus_id)
 
 
-def probe(
+def read_machine(
     device: torch.device | str,
     *,
     max_vram: int | None = None,
     max_ram: int | None = None,
-) -> Hardware:
+) -> MachineReading:
     """Read the machine. The budget honours ``set_per_process_memory_fraction`` (which NVML and
     ``mem_get_info`` ignore), an explicit ``max_vram``, and memory other processes hold."""
     device = torch.device(device)
@@ -174,16 +174,16 @@ def probe(
         # Memory held by other processes is not ours to use, whatever the fraction says.
         held_here = torch.cuda.memory_reserved(index)
         budget = min(configured, free + held_here)
-        return Hardware("cuda", name, total, free, others, budget, host_total, host_avail, configured,
+        return MachineReading("cuda", name, total, free, others, budget, host_total, host_avail, configured,
                         source=source, **pinned)
     if device.type == "cpu":
         budget = min(host_avail, max_vram) if max_vram is not None else host_avail
         configured = min(host_total, max_vram) if max_vram is not None else host_total
-        return Hardware("cpu", "cpu", host_total, host_avail, None, budget, host_total, host_avail, configured,
+        return MachineReading("cpu", "cpu", host_total, host_avail, None, budget, host_total, host_avail, configured,
                         pinned_gbps=20.0, pageable_gbps=20.0, source="psutil", **pinned)
     # Other accelerators: what torch exposes (autofit.facts.devices).
     got = memory_of(device).free_and_total()
     free, total = got if got is not None else (0, 0)
     budget = min(free, max_vram) if max_vram is not None else free
     configured = min(total, max_vram) if max_vram is not None else total
-    return Hardware(device.type, device.type, total, free, None, budget, host_total, host_avail, configured, **pinned)
+    return MachineReading(device.type, device.type, total, free, None, budget, host_total, host_avail, configured, **pinned)

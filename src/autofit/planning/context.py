@@ -55,7 +55,7 @@ class Workload:
 
 @dataclass(frozen=True, slots=True)
 class Machine:
-    """The memory and bandwidth a plan is judged against (see :func:`autofit.facts.hardware.probe`)."""
+    """The memory and bandwidth a plan is judged against (see :func:`autofit.facts.hardware.read_machine`)."""
 
     budget_bytes: int
     # Host RAM a plan may hold: available now plus what the pipeline's weights already hold on the

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from autofit.facts.footprint import QUANT_ENCODER_FAMILIES, QUANT_MIN_ENCODER_BYTES, ComponentFootprint, Footprint
+from autofit.units import GIB
 
 if TYPE_CHECKING:
     from autofit.planning.context import Machine, Workload
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 HOST_SHARE = 0.9
 
 GB = 1e9
-GIB = 2**30
 VAE_REFERENCE_WIDTH = 128  # block_out_channels[0] of the SDXL VAE the decode figure was measured with
 
 # Calibrated on the H200 figures above (SDXL 1024x1024 with CFG: 0.058 s/step for 5.13 GB of UNet).

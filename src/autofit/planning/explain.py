@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from autofit.units import UNITS
+from autofit.units import GIB, UNITS
 
 _SIZE = r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?i?B)"
 _PATTERNS = {
@@ -86,7 +86,7 @@ class Verdict:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return f"{n / GIB:.2f} GiB"
 
 
 def judge(message: str, *, predicted_peak: int | None = None, budget: int | None = None) -> Verdict:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from autofit.planning.context import Context
 from autofit.planning.cost import activation_bytes, host_bytes, stage_peak, usable
 from autofit.plan import Plan
-from autofit.planning.rungs import HOST_LADDER, LADDERS, RUNGS, refusal, split_name, step, steps
+from autofit.planning.rungs import HOST_LADDER, LADDERS, RUNGS, refusal, step, steps
+from autofit.plan import split_name
 
 __all__ = ["HOST_LADDER", "LADDERS", "next_plan"]  # the ladders are rows of the rung table's module
 

@@ -10,10 +10,12 @@ from itertools import product
 
 from autofit.facts.components import STAGES
 from autofit.planning.context import Context
-from autofit.planning.cost import GIB, activation_bytes, activation_factor, host_bytes, predict_seconds, resident_bytes, usable
+from autofit.planning.cost import activation_bytes, activation_factor, host_bytes, predict_seconds, resident_bytes, usable
+from autofit.units import GIB
 from autofit.facts.footprint import Footprint
 from autofit.plan import STORAGE, STORING, Plan
-from autofit.planning.rungs import PLACEMENTS, RUNGS, plan_refusal, quality, sized
+from autofit.planning.rungs import RUNGS, plan_refusal, quality, sized
+from autofit.plan import PLACEMENTS
 
 
 @dataclass(frozen=True, slots=True)

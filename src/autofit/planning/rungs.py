@@ -16,16 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from autofit.plan import (DEVICE_ONLY, EXTRAS, PLACEMENTS, PLACING, QUANTIFIED, REPLACES, RESIDENT_MAX, RESIDENT_MIN,
+from autofit.plan import (DEVICE_ONLY, EXTRAS, PLACEMENTS, PLACING, REPLACES, RESIDENT_MAX, RESIDENT_MIN,
                           STORAGE, STORING, Placing, Storing, kind, split_name)
 from autofit.planning import cost
 from autofit.planning.context import POLICIES
+from autofit.units import GIB
 
 if TYPE_CHECKING:
     from autofit.planning.context import Context
     from autofit.plan import Plan
 
-GIB = 2**30
 Check = Callable[["Plan", "Context"], "str | None"]
 
 

@@ -34,6 +34,7 @@ from autofit.facts.devices import memory_of
 from autofit.events import emit
 from autofit.facts.memory import release_pinned_cache
 from autofit.strategies.quantize import quantized_level
+from autofit.units import gib
 
 HOOK = "autofit_resident_stream"
 _ATTR = "_autofit_resident_stream"
@@ -408,7 +409,7 @@ def apply(components: dict[str, torch.nn.Module], device: torch.device, percent:
         module.__dict__[_ATTR] = s
         out[name] = s
         emit("resident_stream", stage="load", action="place", component=name, percent=round(share * 100),
-             resident_gib=round(s.resident_bytes / 2**30, 3), streamed_gib=round(s.streamed_bytes / 2**30, 3),
+             resident_gib=gib(s.resident_bytes, 3), streamed_gib=gib(s.streamed_bytes, 3),
              units=len(s.units), chunks=len(s.chunks), pinned=s.pinned)
     return out
 
