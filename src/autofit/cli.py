@@ -563,7 +563,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     for bad in rejected:  # recorded in the manifest as failed too; the others run
         print(f"autofit batch: skipping {bad.error}", file=sys.stderr)
     _check_model_dir(args.model_dir)
-    _check_device(args.device)
+    if args.ray is None:  # with --ray, the device is the workers', not this machine's
+        _check_device(args.device)
     out = Path(args.out)
     _check_out_dir(out, "--out", args.out)
     for shard in out.glob("manifest*.jsonl"):
@@ -597,6 +598,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
                   f"done 0, skipped {len(items)} (finished before), failed 0 -> {args.out} (nothing to do: "
                   "the model was not loaded)")
             return 0
+    if args.ray is not None:  # the same job on a Ray cluster (src/autofit/ray.py)
+        try:
+            from .ray import cli_batch
+        except ImportError as exc:
+            raise UsageError(str(exc)) from None
+        return cli_batch(args, items, rejected, defaults)
     pipe = _load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
     options = dict(policy=args.policy, max_vram=args.vram, max_ram=args.ram, cache=args.cache_dir or True)
@@ -778,6 +785,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--distributed", action="store_true",
                    help="one process per GPU under `accelerate launch`; items split with PartialState")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster, one actor per GPU: the one at ADDRESS (ray://host:10001, "
+                        "host:6379, auto), else a new local one; --out must be a folder every node sees; "
+                        "put --ray after MODEL_DIR (needs the [ray] extra)")
     hw_opts(p)
     p.set_defaults(fn=cmd_batch)
 
