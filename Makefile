@@ -11,11 +11,12 @@ TORCH_INDEX ?=
 
 .PHONY: install test demo bench mutate clean
 
+# [ray]: tests/test_ray.py runs Ray batch jobs on a local cluster (ray[data]: ~60 s, ~505 MB to install).
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install --quiet -e ".[test,nvml,quant]"
+	$(PY) -m pip install --quiet -e ".[test,nvml,quant,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

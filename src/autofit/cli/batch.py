@@ -27,6 +27,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--distributed", action="store_true",
                    help="one process per GPU under `accelerate launch`; items split with PartialState")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on a Ray cluster, one actor per GPU: the one at ADDRESS (ray://host:10001, "
+                        "host:6379, auto), else a new local one; --out must be a folder every node sees; "
+                        "put --ray after MODEL_DIR (needs the [ray] extra)")
     a.add_machine_options(p)
     p.set_defaults(fn=cmd_batch)
 
@@ -58,6 +62,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
         done = _finished_before(args, items, defaults)
         if done is not None:
             return done
+    if args.ray is not None:  # the same job on a Ray cluster (autofit.ray)
+        try:
+            from autofit.ray import cli_batch
+        except ImportError as exc:
+            raise UsageError(str(exc)) from None
+        return cli_batch(args, items, rejected, defaults)
     pipe = loading.load_pipeline(args)
     pipe.set_progress_bar_config(disable=True)
     options = dict(policy=args.policy, max_vram=args.vram, max_ram=args.ram, cache=args.cache_dir or True)
@@ -81,7 +91,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def _check_out(args: argparse.Namespace) -> None:
     """The model folder, the device and the output folder, before anything is loaded."""
     a.check_model_dir(args.model_dir)
-    a.check_device(args.device)
+    if args.ray is None:  # with --ray, the device is the workers', not this machine's
+        a.check_device(args.device)
     out = Path(args.out)
     a.check_out_dir(out, "--out", args.out)
     for shard in out.glob("manifest*.jsonl"):
