@@ -74,7 +74,7 @@ def main() -> None:
     modes = ("copy in RAM", "checkpoint")
     for mode in reversed(modes) if args.checkpoint_first else modes:
         unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float16).eval()
-        with torch.no_grad():  # weights in anonymous memory, as after a teardown from the GPU
+        with torch.no_grad():  # weights in anonymous memory, as after a tear-down from the GPU
             for p in unet.parameters():
                 p.data = p.data.clone()
         weights = sum(p.numel() * p.element_size() for p in unet.parameters()) / GIB

@@ -142,11 +142,11 @@ def forget_placement(proxy):
         rt.placement.forget()
 
 
-def mark_unusable(proxy, rung, components):
+def mark_broken(proxy, rung, components):
     """Record that ``rung`` broke ``components``, as a roll back (or the plan cache) would."""
     rt = engine(proxy)
     with rt.lock:
-        rt.placement.mark_unusable(rung, components)
+        rt.placement.mark_broken(rung, components)
 
 
 def rung_context(proxy):

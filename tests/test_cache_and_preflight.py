@@ -199,19 +199,19 @@ def test_updates_from_many_writers_are_merged_not_lost(tmp_path):
 
 
 def test_a_success_keeps_what_another_process_found_broken(tmp_path):
-    """Process B stores the plan that worked for it; the rung process A marked unusable
+    """Process B stores the plan that worked for it; the rung process A marked broken
     meanwhile stays marked, so the next process does not repeat A's failure."""
     proxy = autofit(tiny_sdxl(), cache=tmp_path)
     run(proxy, "sdxl")
     (path,) = (tmp_path / "plans").glob("*.json")
     record = json.loads(path.read_text())
-    record["unusable"] = {"fp8": ["unet"]}  # what another process learned
+    record["broken"] = {"fp8": ["unet"]}  # what another process learned
     record["activations"] = {"decode": 1}
     path.write_text(json.dumps(record))
     with inject_oom(proxy, stage="denoise", times=1):
         run(proxy, "sdxl")
     stored = json.loads(path.read_text())
-    assert stored["unusable"]["fp8"] == ["unet"]
+    assert stored["broken"]["fp8"] == ["unet"]
     assert stored["plan"] == list(proxy.autofit.plan) and proxy.autofit.plan != ()
 
 

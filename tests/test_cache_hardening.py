@@ -26,7 +26,7 @@ MALFORMED = {
     "string": '"plan"',
     "plan 5": json.dumps({"schema": SCHEMA, "plan": 5}),
     "activations list": json.dumps({"schema": SCHEMA, "plan": [], "activations": [1, 2]}),
-    "unusable string": json.dumps({"schema": SCHEMA, "plan": [], "unusable": "fp8"}),
+    "broken string": json.dumps({"schema": SCHEMA, "plan": [], "broken": "fp8"}),
     "inf activation": '{"schema": 1, "plan": [], "activations": {"denoise": 1e999}}',
     "NaN activation": '{"schema": 1, "plan": [], "activations": {"denoise": NaN}}',
     "negative activation": json.dumps({"schema": SCHEMA, "plan": [], "activations": {"denoise": -5}}),
@@ -163,14 +163,14 @@ _record = st.one_of(
     st.fixed_dictionaries({"schema": st.just(SCHEMA)}, optional={
         "plan": _json | st.lists(st.sampled_from(["model_offload", "vae_tiling", "teleport", ""]), max_size=3),
         "activations": _json | st.dictionaries(st.sampled_from(["encode", "denoise", "decode"]), _json, max_size=3),
-        "unusable": _json | st.dictionaries(st.text(max_size=6), st.lists(st.text(max_size=6), max_size=2)),
+        "broken": _json | st.dictionaries(st.text(max_size=6), st.lists(st.text(max_size=6), max_size=2)),
         "key": _json, "updated": _json}),
 )
 
 
 def _as_the_runtime_reads_it(record):
     """What runtime._choose_plan and the cache updates do with a record (runtime.py)."""
-    for strategy, names in record.get("unusable", {}).items():
+    for strategy, names in record.get("broken", {}).items():
         set().update(names)
     try:
         Plan.from_names(tuple(record["plan"]))

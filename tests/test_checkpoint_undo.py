@@ -197,7 +197,7 @@ def test_a_failed_roll_back_leaves_the_pipeline_placed_again_at_the_next_call(tm
     pipe = _from_disk("flux", tmp_path / "model")
     handle = _break_when_quantized(pipe.transformer.transformer_blocks[0])
     proxy = autofit(pipe, plan=("nf4",), policy="balanced", cache=False)
-    switch_plan(proxy, Plan(extras=frozenset({"nf4"})))  # quantize now, then make the checkpoint unusable
+    switch_plan(proxy, Plan(extras=frozenset({"nf4"})))  # quantize now, then make the checkpoint broken
     _touch(tmp_path / "model" / "transformer" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(CheckpointChanged, match="It was being undone because transformer failed"):
         run(proxy, "flux")
@@ -305,7 +305,7 @@ def test_a_checkpoint_truncated_in_place_is_a_mismatch_not_a_crash(tmp_path):
     """Read with plain reads, not memory maps: a file cut short under autofit gives a short read
     (weights kept in RAM) instead of a SIGBUS."""
     pipe = _from_disk("flux", tmp_path / "model")
-    with torch.no_grad():  # in anonymous memory, as after a teardown from the GPU
+    with torch.no_grad():  # in anonymous memory, as after a tear-down from the GPU
         for p in pipe.transformer.parameters():
             p.data = p.data.clone()
     source = Checkpoint.of(pipe.transformer)

@@ -25,7 +25,7 @@ def _break_under_fp8(module):
 
 def test_a_component_broken_by_fp8_is_restored_and_the_call_succeeds(tmp_path):
     """fp8 breaks the UNet: its original weights come back bit for bit, the plan drops fp8, the
-    call returns the image of a clean fp32 run, and the plan cache marks fp8 unusable for it."""
+    call returns the image of a clean fp32 run, and the plan cache marks fp8 broken for it."""
     original = {k: v.clone() for k, v in tiny_sdxl().unet.state_dict().items()}
     reference = run(autofit(tiny_sdxl(), cache=False), "sdxl")
     pipe = tiny_sdxl()
@@ -42,7 +42,7 @@ def test_a_component_broken_by_fp8_is_restored_and_the_call_succeeds(tmp_path):
     torch.testing.assert_close(image, reference)
 
 
-def test_fp8_marked_unusable_is_not_tried_again(tmp_path):
+def test_fp8_marked_broken_is_not_tried_again(tmp_path):
     """After the rollback, a denoise OOM skips fp8 with the reason, in this process and the next."""
     pipe = tiny_sdxl()
     handle = _break_under_fp8(pipe.unet.time_embedding.linear_1)
@@ -50,7 +50,7 @@ def test_fp8_marked_unusable_is_not_tried_again(tmp_path):
     run(first, "sdxl")
     handle.remove()
     records = [json.loads(p.read_text()) for p in (tmp_path / "plans").glob("*.json")]
-    assert any(r.get("unusable") == {"fp8": ["unet"]} for r in records)
+    assert any(r.get("broken") == {"fp8": ["unet"]} for r in records)
     from autofit.testing import inject_oom
 
     import structlog

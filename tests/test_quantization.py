@@ -19,7 +19,7 @@ from autofit.planning.rungs import refusal
 from autofit.strategies.quantize import quantized_level
 from autofit.testing import inject_oom, tiny_flux, tiny_sdxl
 
-from helpers import BUILDERS, DENOISER, mark_unusable, run, rung_context, switch_plan
+from helpers import BUILDERS, DENOISER, mark_broken, run, rung_context, switch_plan
 from footprints import FLUX, GIB, SDXL
 
 pytest.importorskip("bitsandbytes")
@@ -145,10 +145,10 @@ def test_a_component_broken_by_quantization_is_restored_and_marked(tmp_path):
     for key, value in pipe.transformer.state_dict().items():
         assert torch.equal(value, original[key]), key
     records = [json.loads(p.read_text()) for p in (tmp_path / "plans").glob("*.json")]
-    assert any(r.get("unusable") == {"nf4": ["transformer"]} for r in records)
+    assert any(r.get("broken") == {"nf4": ["transformer"]} for r in records)
     again = tiny_flux()
     second = autofit(again, cache=tmp_path, policy="balanced", max_vram="64GiB")
-    mark_unusable(second, "nf4", records[0]["unusable"]["nf4"])
+    mark_broken(second, "nf4", records[0]["broken"]["nf4"])
     switch_plan(second, Plan(extras=frozenset({"nf4"})))
     assert quantized_level(again.transformer) is None and quantized_level(again.text_encoder_2) == "nf4"
 
@@ -241,7 +241,7 @@ def test_ladder_reaches_quantization_only_when_it_lowers_the_peak():
     assert refusal("nf4", nf4, ctx(policy="quality")).startswith("lossy rung")
     broken = frozenset({("nf4", "unet"), ("nf4", "text_encoder_2")})
     assert refusal("nf4", nf4, ctx(ram=64, broken=broken)) == \
-        "nf4 broke text_encoder_2, unet before (marked unusable in the plan cache)"
+        "nf4 broke text_encoder_2, unet before (marked broken in the plan cache)"
     assert refusal("int8", Plan(extras=frozenset({"int8"})), ctx(ram=64, broken=broken)) is None
     assert refusal("nf4", nf4, ctx(ram=4)).startswith("host RAM cannot hold the full-precision")
     # Without the checkpoint as undo copy, the full-precision originals stay in host RAM too.

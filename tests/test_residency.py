@@ -18,7 +18,7 @@ from autofit.errors import AutoFitUsageError
 from autofit.planning.ladder import next_plan
 from autofit.plan import Plan
 from autofit.planning.planner import choose, predict
-from autofit.strategies import teardown
+from autofit.strategies import tear_down
 from autofit.strategies import partial
 from autofit.strategies.placement import place
 from autofit.testing import inject_oom, tiny_flux, tiny_sdxl
@@ -243,7 +243,7 @@ def test_teardown_restores_the_original_placement_exactly():
     chunks = [c for m in pipe.components.values() if isinstance(m, torch.nn.Module) and partial.streamer_of(m)
               for c in partial.streamer_of(m).chunks]
     spans = [(c.data_ptr(), c.data_ptr() + c.numel()) for c in chunks]
-    teardown(pipe)
+    tear_down(pipe)
     assert not hooks_left(pipe)
     for n, m in pipe.components.items():
         if not isinstance(m, torch.nn.Module):
@@ -281,7 +281,7 @@ def test_an_oom_lowers_residency_and_the_output_is_unchanged(kind, monkeypatch):
 
 
 def test_a_switch_to_another_placement_and_back():
-    """resident_stream -> device (a switch that comes without a teardown) -> resident_stream: no
+    """resident_stream -> device (a switch that comes without a tear-down) -> resident_stream: no
     hook is left behind, and every output equals the raw pipeline's."""
     kind = "flux"
     pipe = tiny_flux()

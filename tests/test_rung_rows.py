@@ -13,7 +13,7 @@ from autofit import _diffusers
 from autofit.plan import EXTRAS, PLACEMENTS, PLACING, STORAGE, STORING, Placing, Plan, Storing, placement_of
 from autofit.planning.rungs import RUNGS
 from autofit.strategies import placement as placement_strategy
-from autofit.strategies.placement import place, teardown
+from autofit.strategies.placement import place, tear_down
 
 SRC = Path(autofit.__file__).parent
 NAMES = set(PLACEMENTS) | set(EXTRAS)
@@ -103,5 +103,5 @@ def test_a_placed_group_offload_is_detected_as_its_rung(name, tmp_path, monkeypa
         assert _diffusers.detect_placement(pipe) == name
         assert _diffusers.placement_intact(pipe, name)
     finally:
-        teardown(pipe)
+        tear_down(pipe)
     assert _diffusers.detect_placement(pipe) is None

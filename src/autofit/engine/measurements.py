@@ -160,7 +160,7 @@ class Measurements:
         return floor
 
     def remember(self, seconds: float, *, plan: Plan, steer: Plan, choice: Choice | None, shape: Workload,
-                 footprint: Footprint, unusable: dict[str, set[str]],
+                 footprint: Footprint, broken: dict[str, set[str]],
                  predict: Callable[[Plan, Choice, dict[str, int]], dict[str, int]]) -> None:
         """Store the plan that worked (and the measured activations) under the workload's key.
         ``steer``: the plan that steers the next process, raised only by escalations the OOM's
@@ -195,17 +195,17 @@ class Measurements:
             return {"plan": list(steer.names), "running": list(plan.names), "explained": steer == plan,
                     "activations": {**stored, **merge_activations(stored, activations, key)},
                     "seconds": round(seconds, 4),
-                    "key": choice.fields if choice is not None else {}, "unusable": _merged(unusable, record),
+                    "key": choice.fields if choice is not None else {}, "broken": _merged(broken, record),
                     **size}
 
         self._update_cache(key, change)
 
-    def persist_unusable(self, *, choice: Choice | None, steer: Plan, unusable: dict[str, set[str]]) -> None:
+    def persist_broken(self, *, choice: Choice | None, steer: Plan, broken: dict[str, set[str]]) -> None:
         """Store the rungs found broken (with the plan that steers) under the workload's key."""
 
         def change(record: dict | None) -> dict:
             record = record or {"key": choice.fields if choice is not None else {}}
-            return {**record, "plan": list(steer.names), "unusable": _merged(unusable, record)}
+            return {**record, "plan": list(steer.names), "broken": _merged(broken, record)}
 
         self._update_cache(choice.key if choice is not None else None, change)
 
@@ -218,9 +218,9 @@ class Measurements:
             emit("cache_write_failed", level="warning", stage="load", action="none", error=str(exc)[:200])
 
 
-def _merged(unusable: dict[str, set[str]], record: dict | None) -> dict[str, list[str]]:
+def _merged(broken: dict[str, set[str]], record: dict | None) -> dict[str, list[str]]:
     """This process's broken rungs together with those another process stored."""
-    out = {k: set(v) for k, v in (record or {}).get("unusable", {}).items()}
-    for k, v in unusable.items():
+    out = {k: set(v) for k, v in (record or {}).get("broken", {}).items()}
+    for k, v in broken.items():
         out.setdefault(k, set()).update(v)
     return {k: sorted(v) for k, v in out.items()}

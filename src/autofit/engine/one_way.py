@@ -55,20 +55,20 @@ class OneWayLedger:
         """The storage rung applied to some component without a way back, if any."""
         return next((w.rung for w in self._entries.values() if w.undo is None), None)
 
-    def targets(self, plan: Plan, unusable: dict[str, set[str]]) -> set[str]:
+    def targets(self, plan: Plan, broken: dict[str, set[str]]) -> set[str]:
         """Components the plan's storage rung changes (minus those it broke before)."""
         level = plan.storage
         if level is None:
             return set()
-        blocked = unusable.get(level, set())
+        blocked = broken.get(level, set())
         flag = storing(level).targets  # the ComponentFootprint flag of the components it applies to
         return {c.name for c in self._footprint.components.values() if getattr(c, flag) and c.name not in blocked}
 
-    def changes(self, target: Plan, unusable: dict[str, set[str]]) -> tuple[list[str], set[str]]:
+    def changes(self, target: Plan, broken: dict[str, set[str]]) -> tuple[list[str], set[str]]:
         """(components whose rung ``target`` undoes, components ``target``'s rung must change)."""
         undo = [n for n, w in self._entries.items() if w.rung != target.storage and w.undo is not None]
         kept = {n for n in self._entries if n not in undo}
-        return undo, self.targets(target, unusable) - kept
+        return undo, self.targets(target, broken) - kept
 
     def can_roll_back(self, name: str) -> bool:
         return name in self._unvalidated and name in self._entries and self._entries[name].undo is not None

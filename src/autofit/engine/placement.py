@@ -4,7 +4,7 @@ the rungs found broken. :class:`Placement` alone changes them (read-only propert
 ``switch(target)`` places the weights as ``target`` says, then makes it the plan in force: a
 transaction. A failure that is not an OOM puts the previous plan back (or, if even that fails,
 tears down) and passes through: the plan in force stays the previous one. An OOM while placing
-leaves the previous plan in force with nothing placed (the next switch starts from a teardown)
+leaves the previous plan in force with nothing placed (the next switch starts from a tear-down)
 and is returned, so that recovery escalates from the plan that was being placed.
 """
 
@@ -28,7 +28,8 @@ from autofit.engine.one_way import OneWayLedger
 from autofit.engine.oom import OOMInfo, classify, free_memory
 from autofit.plan import Plan
 from autofit.planning.context import Workload
-from autofit.strategies import UserVae, configure_vae, place, quantize, teardown
+from autofit import strategies
+from autofit.strategies import UserVae, configure_vae, place, quantize
 from autofit.strategies.placement import unpin
 from autofit.strategies.residency import HostShadows
 from autofit.units import gib
@@ -53,7 +54,7 @@ class Placement:
         # The plan in force starts as what the pipeline is: its adopted offloading, else plain.
         self._plan = applied if applied is not None else Plan()
         self._applied = applied  # the plan the weights are placed for; None: to place
-        self._unusable: dict[str, set[str]] = {}  # rung -> components it broke (plan cache too)
+        self._broken: dict[str, set[str]] = {}  # rung -> components it broke (plan cache too)
         self._footprint = measure(pipe)
         self._ledger = OneWayLedger(pipe, self._footprint, device, max_vram=max_vram, max_ram=max_ram)
         self._shadows = HostShadows(device)
@@ -99,18 +100,18 @@ class Placement:
         return self._vaes
 
     @property
-    def unusable(self) -> dict[str, set[str]]:
+    def broken(self) -> dict[str, set[str]]:
         """rung -> the components it broke (a copy)."""
-        return {k: set(v) for k, v in self._unusable.items()}
+        return {k: set(v) for k, v in self._broken.items()}
 
     # ---- changes ---------------------------------------------------------------------------
     def refresh_components(self) -> None:
         """Once per call: ``pipe.components`` is not free, and the user may have swapped one."""
         self._comps = module_components(self._pipe)
 
-    def mark_unusable(self, rung: str, components: Any) -> None:
+    def mark_broken(self, rung: str, components: Any) -> None:
         """``rung`` broke ``components`` (a roll back, or the plan cache, says so)."""
-        self._unusable.setdefault(rung, set()).update(components)
+        self._broken.setdefault(rung, set()).update(components)
 
     def forget(self) -> None:
         """Nothing counts as placed: the next call places the plan in force again."""
@@ -161,7 +162,7 @@ class Placement:
         """No hooks, weights on the CPU, nothing placed: the next switch places the plan in force."""
         with self._suspend():
             try:
-                teardown(self._pipe)
+                strategies.tear_down(self._pipe)
             finally:
                 self._applied = None
 
@@ -202,7 +203,7 @@ class Placement:
         self.tear_down()
         rung = self._ledger.entries[name].rung
         self._ledger.undo(name)
-        self.mark_unusable(rung, {name})
+        self.mark_broken(rung, {name})
         still = any(w.rung == rung for w in self._ledger.entries.values())
         return rung, self._plan if still else Plan(self._plan.placement, self._plan.extras - {rung})
 
@@ -226,15 +227,15 @@ class Placement:
             self._apply(None, previous, None)
             self._applied = previous
         except BaseException as again:  # leave it consistent at least
-            emit("rollback_failed", level="error", stage="load", action="teardown", error=str(again)[:200])
-            teardown(self._pipe)
+            emit("rollback_failed", level="error", stage="load", action="tear_down", error=str(again)[:200])
+            strategies.tear_down(self._pipe)
         emit("rolled_back", level="warning", stage="load", action=",".join(target.names),
              error=f"{type(exc).__name__}: {str(exc)[:200]}", plan=",".join(previous.names))
 
     def _apply(self, current: Plan | None, target: Plan, shape: Workload | None) -> None:
         """Move the weights from where ``current`` put them (None: unknown) to where ``target`` says."""
         pipe, device = self._pipe, self._device
-        undo, todo = self._ledger.changes(target, self._unusable)
+        undo, todo = self._ledger.changes(target, self._broken)
         storage_change = bool(undo or todo)
         same_placement = current is not None and current.placement == target.placement
         if same_placement and not storage_change:
@@ -243,7 +244,7 @@ class Placement:
             elif current is not None and current.extras != target.extras:
                 self._moves.enforce_residency(target, self._vaes)
         elif not target.offloads and not holds_hooks(pipe) and not storage_change:
-            # From a plain pipeline: no teardown round trip through the CPU, only the moves.
+            # From a plain pipeline: no tear-down round trip through the CPU, only the moves.
             place(pipe, target, device, force=True)
         else:
             self._replace(target, undo, todo)
@@ -254,7 +255,7 @@ class Placement:
     def _replace(self, target: Plan, undo: list[str], todo: set[str]) -> None:
         """Tear down, undo and apply the storage rungs, place ``target`` from scratch."""
         pipe, device = self._pipe, self._device
-        teardown(pipe)
+        strategies.tear_down(pipe)
         self._shadows.drop()
         free_memory(device)
         if todo or target.placing.host_pageable:

@@ -170,8 +170,8 @@ class Preflight:
         machine = Machine(hw.budget_bytes, room, hw.device_type, hw.pinned_gbps, hw.pageable_gbps,
                           quant_missing=quantize.missing(device_type), pinned_available_bytes=pinned)
         record = self._cache.get(key) if self._cache is not None else None
-        unusable = {s: set(names) for s, names in (record or {}).get("unusable", {}).items()}
-        choice = Choice(signature, key=key, fields=fields, machine=machine, workload=wl, unusable=unusable,
+        broken = {s: set(names) for s, names in (record or {}).get("broken", {}).items()}
+        choice = Choice(signature, key=key, fields=fields, machine=machine, workload=wl, broken=broken,
                         device_total=hw.total_bytes)
         if not self._enabled:
             return choice  # an explicit or adopted plan is kept; the key still serves the cache
@@ -180,20 +180,20 @@ class Preflight:
     def _pick(self, choice: Choice, record: dict | None, hw: MachineReading, placement: Placement,
               measured: dict[str, int] | None, fallback: Plan) -> Choice:
         """``choice`` with its plan: the cached one if it still fits, else the planner's pick."""
-        key, wl, machine, unusable = choice.key, choice.workload, choice.machine, choice.unusable
+        key, wl, machine, broken = choice.key, choice.workload, choice.machine, choice.broken
         assert key is not None and wl is not None and machine is not None
         source, stored = "planner", None
         chosen = _stored_plan(record, key)
         if chosen is not None:
             measured = stored = stored_activations(record, wl, hw.total_bytes, key)
             source = "cache"
-        ctx = self._survey.context(wl, unusable=unusable, machine=machine)
+        ctx = self._survey.context(wl, broken=broken, machine=machine)
         if chosen is not None and _stale(chosen, ctx, measured):
             chosen = None
         if chosen is None:
-            known = {s: placement.unusable.get(s, set()) | unusable.get(s, set())
-                     for s in {*placement.unusable, *unusable}}
-            best = planner_choose(self._survey.context(wl, unusable=known, machine=machine), measured=measured)
+            known = {s: placement.broken.get(s, set()) | broken.get(s, set())
+                     for s in {*placement.broken, *broken}}
+            best = planner_choose(self._survey.context(wl, broken=known, machine=machine), measured=measured)
             if best is None:
                 emit("preflight", level="warning", stage="load", action="none", attempt=0, source="planner",
                      reason="no plan predicted to fit; starting from the current plan and relying on recovery",

@@ -207,7 +207,7 @@ class Recovery:
         """Park the pipeline, log, and raise :class:`AutoFitExhausted` saying what to do."""
         records = list(call.retries.records)
         plan, path = self._placement.plan, self._course.path
-        self.park()
+        self.tear_down()
         emit("exhausted", stage=stage, action="none", attempt=call.retries.attempts,
              reason=why, error=failure.head, plan=",".join(plan.names), **self._readings.memory())
         # What was tried: the plan in force and how it was reached from the planned plan, not only
@@ -224,7 +224,7 @@ class Recovery:
             history=records,
         ) from failure.error  # the allocator's own error, its type and message (no frames)
 
-    def park(self) -> None:
+    def tear_down(self) -> None:
         """After exhaustion: no hooks, weights on the CPU, nothing held; the next call re-places."""
         self._wrappers.uninstall()
         try:
@@ -248,11 +248,11 @@ class Recovery:
             self._history.add(record)
             call.retries.add(record)
             emit("rolled_back", level="warning", stage=stage, action=action, component=name,
-                 attempt=record.attempt, error=error[:200], plan=",".join(target.names), marked_unusable=True)
+                 attempt=record.attempt, error=error[:200], plan=",".join(target.names), marked_broken=True)
             failure = placement.switch(target, call.shape)
             self._measurements.learned()
-            self._measurements.persist_unusable(choice=choice, steer=self._course.steering or placement.plan,
-                                                unusable=placement.unusable)
+            self._measurements.persist_broken(choice=choice, steer=self._course.steering or placement.plan,
+                                                broken=placement.broken)
         if failure is None:
             return 0.0
         return self.on_oom(call, choice, "load", failure, component=None, scope="load", from_plan=target)

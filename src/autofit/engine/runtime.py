@@ -230,8 +230,8 @@ class Runtime:
             # Taken before the switch: a plan that fails to place is not chosen again for this workload.
             self._choice = choice
             self._measurements.chose(choice)
-            for rung, names in choice.unusable.items():
-                placement.mark_unusable(rung, names)
+            for rung, names in choice.broken.items():
+                placement.mark_broken(rung, names)
             if choice.plan is not None:
                 course.chosen(choice.plan)
                 return choice.plan
@@ -334,7 +334,7 @@ class Runtime:
         if self._measurements.dirty or attempts or call.applied_at_start:
             self._measurements.remember(total, plan=plan, steer=self._course.steering or plan, choice=self._choice,
                                        shape=call.shape, footprint=self._placement.footprint,
-                                       unusable=self._placement.unusable, predict=self._preflight.predicted_peaks)
+                                       broken=self._placement.broken, predict=self._preflight.predicted_peaks)
         if attempts:
             emit("recovered", attempts=attempts, seconds=round(total, 3), seconds_lost=round(call.seconds_lost, 3),
                  stages=",".join(r.stage for r in call.retries.records), plan=",".join(plan.names), **self.memory())

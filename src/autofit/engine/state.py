@@ -116,7 +116,7 @@ class Choice:
     workload: Workload | None = None
     predicted: dict[str, int] = field(default_factory=dict)
     measured: dict[str, int] | None = None  # activations stored in the plan cache
-    unusable: dict[str, set[str]] = field(default_factory=dict)  # broken rungs stored in the cache
+    broken: dict[str, set[str]] = field(default_factory=dict)  # broken rungs stored in the cache
     device_total: int | None = None  # the device's memory: bounds what a stored measurement can be
 
     @property

@@ -33,8 +33,8 @@ class Survey:
         return room, pinned_room(room, held_pinned)
 
     def context(self, workload: Workload, *, machine: Machine | None = None,
-                unusable: dict[str, set[str]] | None = None) -> Context:
-        """``machine``: what preflight probed (None: no budget known); ``unusable`` adds broken
+                broken: dict[str, set[str]] | None = None) -> Context:
+        """``machine``: what preflight probed (None: no budget known); ``broken`` adds broken
         rungs not yet in the placement's (the plan cache's)."""
         placement, readings = self._placement, self._readings
         vaes = list(placement.vaes.values())
@@ -44,15 +44,14 @@ class Survey:
         machine = replace(machine, host_available_bytes=room, pinned_available_bytes=pinned,
                           disk_available_bytes=disk.free_bytes(), disk_unusable=disk.unusable(),
                           device_type=readings.judged_type)
-        broken = {(r, n) for r, names in placement.unusable.items() for n in names}
-        broken |= {(r, n) for r, names in (unusable or {}).items() for n in names}
+        pairs = {(r, n) for r, names in (*placement.broken.items(), *(broken or {}).items()) for n in names}
         pipeline = PipelineFacts(
             footprint=placement.footprint,
             has_offload_seq=getattr(self._pipe, "model_cpu_offload_seq", None) is not None,
             vae_can_tile=bool(vaes) and all(can_tile(v) for v in vaes),
             vae_can_slice=bool(vaes) and all(can_slice(v) for v in vaes),
             fp8_supported=hasattr(torch, "float8_e4m3fn"),
-            broken=frozenset(broken),
+            broken=frozenset(pairs),
             storage_locked=placement.ledger.locked(),
             has_bnb=any(quantize.quantized_level(m) for m in placement.components.values()),
         )

@@ -176,7 +176,7 @@ def _targets_left(rung: str, targets: list[str], ctx: Context, none: str) -> str
         return none
     broken = sorted(n for r, n in ctx.pipeline.broken if r == rung)
     if all(n in broken for n in targets):
-        return f"{rung} broke {', '.join(broken)} before (marked unusable in the plan cache)"
+        return f"{rung} broke {', '.join(broken)} before (marked broken in the plan cache)"
     return None
 
 

@@ -4,7 +4,7 @@ and costs, and when it is tried, is its row in :mod:`autofit.planning.rungs` (it
 its scheme: ``placement.SCHEMES``)."""
 
 from autofit.strategies.casting import apply_fp8
-from autofit.strategies.placement import place, teardown
+from autofit.strategies.placement import place, tear_down
 from autofit.strategies.vae import UserVae, VaeSettings, configure_vae
 
-__all__ = ["apply_fp8", "place", "teardown", "UserVae", "VaeSettings", "configure_vae"]
+__all__ = ["apply_fp8", "place", "tear_down", "UserVae", "VaeSettings", "configure_vae"]

@@ -31,7 +31,7 @@ def _all_on(module: torch.nn.Module, device: torch.device) -> bool:
     return all(p.device == device for p in module.parameters())
 
 
-def teardown(pipe: Any) -> None:
+def tear_down(pipe: Any) -> None:
     """Back to a consistent state: no offload hooks, every weight on the CPU. Also mends a
     half-moved pipeline left by a weight move that ran out of memory. Weights offloaded to disk
     are read back first, and autofit's offload folder removed."""
@@ -131,7 +131,7 @@ def _skew(module: torch.nn.Module) -> dict[int, int]:
 
 
 # How each placement scheme (autofit.plan.Placing.scheme, in the placement's row) is applied to a
-# torn-down pipeline; ``teardown`` undoes every one of them. A new scheme registers here.
+# torn-down pipeline; ``tear_down`` undoes every one of them. A new scheme registers here.
 Apply = Callable[[Any, dict[str, torch.nn.Module], Plan, torch.device, "Layout"], None]
 SCHEMES: dict[str, Apply] = {}
 
@@ -204,7 +204,7 @@ def place(pipe: Any, plan: Plan, device: torch.device, *, force: bool = False) -
     of a pipeline goes through the same move a real load would (and can fail like one)."""
     comps = module_components(pipe)
     # Partial residency has no diffusers/accelerate hooks, so a switch may come here without a
-    # teardown: its streamed weights go back to pageable memory first (resident ones stay put).
+    # tear_down: its streamed weights go back to pageable memory first (resident ones stay put).
     partial.remove(comps)
     stage = roles(pipe)
     vae_names = [n for n in comps if stage[n] == "decode"]

@@ -5,7 +5,7 @@ would also treat (norms, embeddings and in/out projections are left alone) is sw
 bitsandbytes layer built around the same weight tensor; bitsandbytes quantizes it when the layer
 is moved to its device, one layer at a time, so the full-precision component never has to fit on
 the device. The original ``nn.Linear`` modules are kept to make this one-way rung undoable, bit
-for bit. Their weights stay on the CPU (where they are after teardown) unless the component was
+for bit. Their weights stay on the CPU (where they are after tear-down) unless the component was
 loaded from a folder and the weight equals its file: then it is released and read back from the
 file on undo (``checkpoint.py``).
 
