@@ -11,6 +11,7 @@ import torch
 from diffusers import FluxPipeline
 
 from autofit import autofit
+from autofit.records import plan_record
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", default="black-forest-labs/FLUX.1-dev")
@@ -30,4 +31,4 @@ image = pipe(
     generator=torch.Generator("cpu").manual_seed(0),
 ).images[0]
 image.save(args.out)
-print(json.dumps({"plan": pipe.autofit.plan, "history": [r.action for r in pipe.autofit.history]}))
+print(json.dumps(plan_record(pipe.autofit.plan, pipe.autofit.history, pipe.autofit.last_call)))

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 
 class AutoFitExhausted(torch.OutOfMemoryError):
-    """Every strategy the policy allows was tried and the stage still ran out of memory.
+    """Every rung the policy allows was tried and the stage still ran out of memory.
 
     A subclass of ``torch.OutOfMemoryError``, so ``except torch.OutOfMemoryError`` keeps working.
     The pipeline stays usable: the next call starts from the last plan.

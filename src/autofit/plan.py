@@ -198,7 +198,7 @@ class Plan:
             object.__setattr__(self, "placement", f"{family}:{QUANTIFIED[family]}")
         unknown = set(self.extras) - set(EXTRAS)
         if unknown:
-            raise ValueError(f"unknown strategies {sorted(unknown)}; choose from {EXTRAS}")
+            raise ValueError(f"unknown rungs {sorted(unknown)}; choose from {EXTRAS}")
         storage = [s for s in STORAGE if s in self.extras]
         if len(storage) > 1:
             raise ValueError(f"a plan stores weights one way, got {storage}; pick one of {STORAGE}")

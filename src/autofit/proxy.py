@@ -35,7 +35,7 @@ class AutoFitControl:
 
     @property
     def plan(self) -> tuple[str, ...]:
-        """The strategies applied now, in application order (empty: everything on the device)."""
+        """The rungs applied now, in application order (empty: everything on the device)."""
         return self._rt.plan.names
 
     @property
@@ -273,7 +273,7 @@ def parse_plan(plan: Any) -> tuple[str, ...]:
     elif isinstance(plan, (list, tuple)) and all(isinstance(n, str) for n in plan):
         names = tuple(n.strip() for n in plan)
     else:
-        raise AutoFitUsageError(f"plan={plan!r}: give strategy names as a string (\"model_offload\", "
+        raise AutoFitUsageError(f"plan={plan!r}: give rung names as a string (\"model_offload\", "
                                 f"\"model_offload+vae_tiling\") or a list of strings; {valid_plan_names()}")
     known = {"device", *RUNGS}
     for name in names:
@@ -281,7 +281,7 @@ def parse_plan(plan: Any) -> tuple[str, ...]:
         if family not in known:
             close = difflib.get_close_matches(family, sorted(known), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise AutoFitUsageError(f"plan={plan!r}: unknown strategy {name!r}{hint}; {valid_plan_names()}")
+            raise AutoFitUsageError(f"plan={plan!r}: unknown rung {name!r}{hint}; {valid_plan_names()}")
         try:
             split_name(name)
         except ValueError as exc:
@@ -404,7 +404,7 @@ def autofit(
         policy: which rungs are allowed. ``"quality"`` (default): lossless rungs and VAE tiling;
             ``"balanced"``, ``"speed"``, ``"memory"``: also lossy ones (fp8 weight storage).
         max_retries: escalations allowed within one call before giving up.
-        plan: strategy names to start from (see ``proxy.autofit.plan``): a string
+        plan: rung names to start from (see ``proxy.autofit.plan``): a string
             (``"model_offload"``, ``"model_offload+vae_tiling"``) or a sequence of names, e.g.
             ``("group_leaf_stream", "vae_tiling")``; turns preflight off. Every name, and the
             diffusers call each stands for: docs/recipes.md.

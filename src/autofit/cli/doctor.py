@@ -1,4 +1,4 @@
-"""``autofit doctor``: devices, memory, limits, versions, and what each strategy lacks here."""
+"""``autofit doctor``: devices, memory, limits, versions, and what each rung lacks here."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ _VERSIONS = ("torch", "diffusers", "accelerate", "transformers", "bitsandbytes",
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("doctor", help="devices, memory, limits, versions, what each strategy lacks")
+    p = sub.add_parser("doctor", help="devices, memory, limits, versions, what each rung lacks")
     a.add_machine_options(p)
     p.set_defaults(fn=cmd_doctor)
 

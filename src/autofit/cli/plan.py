@@ -1,4 +1,4 @@
-"""``autofit plan MODEL_DIR``: every strategy with predicted VRAM, RAM, seconds and quality, for this
+"""``autofit plan MODEL_DIR``: every rung with predicted VRAM, RAM, seconds and quality, for this
 machine or one described by --vram/--ram/--device. Three steps: :func:`gather` (the folder's
 weights, the machine, the workload), :func:`rank` (the planner's pure ranking, as a JSON-ready
 document) and :func:`render` (the table); ``--plot`` adds the budget sweep of :mod:`.plot`."""
@@ -17,7 +17,7 @@ from autofit.units import gib
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("plan", help="every strategy with predicted VRAM, RAM, speed and quality")
+    p = sub.add_parser("plan", help="every rung with predicted VRAM, RAM, speed and quality")
     p.add_argument("model_dir")
     a.add_machine_options(p)
     p.add_argument("--height", type=a.pixels, default=None,
@@ -36,7 +36,7 @@ def add_parser(sub: Any) -> None:
                    help="free disk for group_disk's offload folder (default: this machine's, at "
                         "$AUTOFIT_OFFLOAD_DIR or the cache folder's offload/)")
     p.add_argument("--all", action="store_true",
-                   help="after the one-row-per-strategy table, list every combination of strategies, "
+                   help="after the one-row-per-rung table, list every combination of rungs, "
                         "fitting or not")
     p.add_argument("--plot", metavar="FILE", default=None,
                    help="also draw predicted seconds against the VRAM budget, one line per plan family "
@@ -83,7 +83,7 @@ def gather(args: argparse.Namespace) -> Facts:
 
 
 def _workload(args: argparse.Namespace, pipeline: str):
-    from autofit.planning.context import Workload
+    from autofit.planning.context import Workload, uses_cfg
 
     defaults = _folder_defaults(Path(args.model_dir), pipeline)
     if args.frames is not None and args.frames > 1 and not defaults["video"]:
@@ -91,7 +91,7 @@ def _workload(args: argparse.Namespace, pipeline: str):
                          "(it is for video pipelines: Wan, CogVideoX, LTX, HunyuanVideo...)")
     return Workload(height=args.height or defaults["height"], width=args.width or defaults["width"],
                     frames=args.frames or defaults["frames"], batch=args.batch, steps=args.steps,
-                    cfg="Flux" not in pipeline)
+                    cfg=uses_cfg(pipeline))
 
 
 def _machine(args: argparse.Namespace):
@@ -236,7 +236,7 @@ def render(doc: dict[str, Any], *, every: bool, json_out: bool) -> None:
     print(f"{doc['pipeline']}: {doc['S_total_gib']} GiB of weights; budget {doc['vram_budget_gib']} GiB VRAM, "
           f"{doc['ram_available_gib']} GiB RAM ({doc['pinned_available_gib']} GiB can be pinned); "
           f"{wl['width']}x{wl['height']}, batch {wl['batch']}, {wl['steps']} steps")
-    _table(doc["by_strategy"], "strategy (fastest plan using it)", doc["pick"])
+    _table(doc["by_strategy"], "rung (fastest plan using it)", doc["pick"])
     if every:
         print()
         _table(doc["strategies"], "every plan", doc["pick"])

@@ -16,7 +16,7 @@ from autofit.facts import cache as cache_mod
 from autofit.events import emit
 from autofit.facts.hardware import MachineReading
 from autofit.plan import LIGHTEST_EXTRAS, Plan
-from autofit.planning.context import Context, Machine, Workload
+from autofit.planning.context import Context, Machine, Workload, uses_cfg
 from autofit.planning.cost import activation_factor
 from autofit.planning.planner import choose as planner_choose, predict
 from autofit.engine.placement import Placement
@@ -118,7 +118,7 @@ def workload(pipe: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Workload
     frames = int(given.get("num_frames") or 1)
     steps = int(given.get("num_inference_steps") or 30)
     guidance = given.get("guidance_scale", 5.0)
-    cfg = bool(guidance and guidance > 1) and "Flux" not in type(pipe).__name__
+    cfg = uses_cfg(type(pipe).__name__, guidance)
     # Wan, CogVideoX, HunyuanVideo name it one way, LTX the other.
     temporal = getattr(pipe, "vae_scale_factor_temporal", None) or getattr(pipe, "vae_temporal_compression_ratio",
                                                                            None)

@@ -108,7 +108,7 @@ def _str_list(value: Any) -> bool:
 def record_problem(record: Any) -> str | None:
     """Why a parsed record cannot be used (the typed loader's check), or None. What the runtime
     reads must have its type: ``plan`` a list of rung names, ``activations`` stage -> a finite,
-    non-negative byte count, ``broken`` strategy -> component names."""
+    non-negative byte count, ``broken`` rung -> component names."""
     if not isinstance(record, dict):
         return f"a record is an object, not {type(record).__name__}"
     if record.get("schema") != SCHEMA:
@@ -120,7 +120,7 @@ def record_problem(record: Any) -> str | None:
         return "activations is not stage -> finite, non-negative bytes"
     broken = record.get("broken", {})
     if not isinstance(broken, dict) or not all(isinstance(k, str) and _str_list(v) for k, v in broken.items()):
-        return "broken is not strategy -> component names"
+        return "broken is not rung -> component names"
     if "running" in record and not _str_list(record["running"]):
         return "running is not a list of rung names"
     if "explained" in record and not isinstance(record["explained"], bool):

@@ -24,6 +24,12 @@ POLICIES = {
 DEFAULT_POLICY = "quality"
 
 
+def uses_cfg(pipeline: str, guidance: float | None = 5.0) -> bool:
+    """Whether a call runs classifier-free guidance, doubling the denoiser's batch: a guidance
+    scale above 1, on a pipeline that has it (Flux's guidance is an embedding, not a second batch)."""
+    return bool(guidance and guidance > 1) and "Flux" not in pipeline
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
     """What a call asks for, as far as memory and time go."""

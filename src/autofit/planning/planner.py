@@ -101,7 +101,7 @@ def rank(ctx: Context, *, measured: dict[str, int] | None = None, margin: float 
         # plan fits, or later when recovery reaches those rungs.
         key = lambda c: (not c.fits, c.quality == "lossy", c.vram, c.seconds)  # noqa: E731
     elif ctx.policy == "balanced":
-        # The lightest technique that fits comfortably: prefer ~80% of the budget, then speed.
+        # The lightest plan that fits comfortably: prefer ~80% of the budget, then speed.
         key = lambda c: (not c.fits, c.vram > 0.8 * budget, c.seconds)  # noqa: E731
     else:  # quality (lossy plans are refused by the table) and speed
         key = lambda c: (not c.fits, c.seconds, len(c.names))  # noqa: E731
