@@ -494,32 +494,13 @@ def run_batch_on_ray(
     by the actors; an item finished before this run is skipped, one finished by an attempt of a
     retried batch counts as done. Raises :class:`BatchError` when the output folder cannot be
     written."""
-    if isinstance(items, (str, os.PathLike)):
-        good, rejected = read_items(items)
-        items = [*rejected, *good]
-    items = _screen(list(items))
     defaults = dict(defaults or {})
-    clashes = _claim_names(items, defaults)
-    items = [RejectedItem(it.id, it.line, clashes[it.id]) if isinstance(it, BatchItem) and it.id in clashes else it
-             for it in items]
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        what = "it is a file" if out.exists() else (exc.strerror or str(exc))
-        raise BatchError(f"cannot create the output folder {out}: {what}") from None
-    _clean_temporaries(out)  # before any actor runs: what is there was left by a dead process
+    items = _checked_items(items, defaults)
+    out = _output_folder(out_dir)
     report = BatchReport()
     t_start = time.perf_counter()
     run = f"{_stamp()}-{secrets.token_hex(4)}"
-    todo = [it for it in items if isinstance(it, BatchItem)]
-    model = _model_of_folder(pipeline) if not callable(pipeline) else None
-    if model is not None:  # a folder: what is finished is known without starting anything
-        manifest = _Manifest(out)
-        manifest.refresh()
-        finished = {it.id for it in todo if manifest.finished(it.id, item_key(it, {**defaults, **it.settings}, model))}
-        report.skipped.extend(it.id for it in todo if it.id in finished)
-        todo = [it for it in todo if it.id not in finished]
+    todo = _unfinished(pipeline, [it for it in items if isinstance(it, BatchItem)], out, defaults, report)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -540,6 +521,45 @@ def run_batch_on_ray(
     emit("batch_done", stage="batch", action="none", attempt=0, done=len(report.done),
          skipped=len(report.skipped), failed=len(report.failed), seconds=round(report.seconds, 3))
     return report
+
+
+def _checked_items(items: Sequence[BatchItem | RejectedItem] | str | os.PathLike,
+                   defaults: dict[str, Any]) -> list[BatchItem | RejectedItem]:
+    """The items of a prompts file (or a list), screened as ``run_batch`` screens them: an id
+    that clashes with another's files becomes a rejected item."""
+    if isinstance(items, (str, os.PathLike)):
+        good, rejected = read_items(items)
+        items = [*rejected, *good]
+    items = _screen(list(items))
+    clashes = _claim_names(items, defaults)
+    return [RejectedItem(it.id, it.line, clashes[it.id]) if isinstance(it, BatchItem) and it.id in clashes else it
+            for it in items]
+
+
+def _output_folder(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "it is a file" if out.exists() else (exc.strerror or str(exc))
+        raise BatchError(f"cannot create the output folder {out}: {what}") from None
+    _clean_temporaries(out)  # before any actor runs: what is there was left by a dead process
+    return out
+
+
+def _unfinished(pipeline: PipelineSource, todo: list[BatchItem], out: Path, defaults: dict[str, Any],
+                report: BatchReport) -> list[BatchItem]:
+    """``todo`` less what the manifest shows finished under the same content key (recorded as
+    skipped). With a model folder that is known without starting anything; with a factory the
+    actors skip them."""
+    model = _model_of_folder(pipeline) if not callable(pipeline) else None
+    if model is None:
+        return todo
+    manifest = _Manifest(out)
+    manifest.refresh()
+    finished = {it.id for it in todo if manifest.finished(it.id, item_key(it, {**defaults, **it.settings}, model))}
+    report.skipped.extend(it.id for it in todo if it.id in finished)
+    return [it for it in todo if it.id not in finished]
 
 
 def _record_rejected(rejected: list[RejectedItem], out: Path, run: str, report: BatchReport, bar: Any) -> None:
