@@ -1,4 +1,4 @@
-"""Tests that kill the mutants mutmut found alive in the decision modules (issue 26, docs/testing.md).
+"""Tests that kill the mutants mutmut found alive in oom.py (issue 26, docs/testing.md).
 
 Each test names the mutants it kills (``mutants:``, as ``mutmut results`` lists them, without the
 ``autofit.`` prefix). Every one asserts something a user or a caller can observe, against a
