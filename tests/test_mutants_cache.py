@@ -301,3 +301,64 @@ def test_a_record_that_is_not_a_regular_file_is_ignored_with_the_systems_words(t
         cache_module._open_regular(cache.plans / "d.json", os.O_RDONLY)
     assert logs[0]["reason"] == f"cannot be opened as a regular file ({refused.value.strerror})"
     assert cache_module.PlanCache(tmp_path / "nothing").get("k") is None  # no folder: no record, no event
+
+
+def test_any_value_in_the_fields_is_keyed_by_its_text_and_keys_are_32_characters():
+    """``make_key`` keys values JSON cannot write by their text (a dtype, a path), and its keys
+    are 32 hex digits: the file names the records of earlier runs are stored under.
+    mutants: cache.x_make_key__mutmut_4, cache.x_make_key__mutmut_7, cache.x_make_key__mutmut_9"""
+    from pathlib import Path
+
+    fp16, bf16 = make_key({"dtype": torch.float16}), make_key({"dtype": torch.bfloat16})
+    assert fp16 != bf16 and fp16 == make_key({"dtype": "torch.float16"})
+    assert make_key({"dir": Path("/a")}) == make_key({"dir": "/a"})
+    assert all(len(k) == 32 and set(k) <= set("0123456789abcdef") for k in (fp16, bf16))
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to plant another user's lock")
+def test_a_lock_another_user_owns_keeps_its_mode(tmp_path):
+    """Processes of several users share a lock file; only its owner sets its mode (root could
+    change anyone's).
+    mutants: cache.xǁPlanCacheǁupdate__mutmut_19"""
+    cache = PlanCache(tmp_path)
+    cache.plans.mkdir(parents=True)
+    os.chmod(cache.plans, 0o700)
+    lock = cache.plans / "k.lock"
+    lock.write_text("")
+    os.chown(lock, 12345, 12345)
+    os.chmod(lock, 0o644)
+    cache.update("k", lambda r: {"plan": []})
+    assert lock.stat().st_mode & 0o777 == 0o644 and cache.get("k")["plan"] == []
+
+
+def test_only_temporaries_older_than_ten_minutes_and_never_a_symlink_are_removed(tmp_path, monkeypatch):
+    """The next write removes a temporary file of ``put``'s naming *older than*
+    ``STALE_TEMPORARY_SECONDS`` (docs/logging.md: "older than 10 minutes"), a regular file only:
+    a symlink of that name stays, whatever it points to. Each removal is an INFO event naming the
+    file, at the cache's load stage like its other events.
+    mutants: cache.x__remove_stale_temporaries__mutmut_12, _13, _17, _22, _23, _25, _27, _29..34"""
+    cache = PlanCache(tmp_path)
+    cache.put("k", {"plan": []})
+    now = 2_000_000_000  # whole seconds: the file times below are exact
+    stale = cache_module.STALE_TEMPORARY_SECONDS
+    names = {"edge": ".k.101.0a0b0c0d.tmp", "old": ".k.102.0a0b0c0e.tmp", "link": ".k.103.0a0b0c0f.tmp"}
+    for what in ("edge", "old"):
+        (cache.plans / names[what]).write_text("{")
+    target = tmp_path / "users_old_file"
+    target.write_text("mine")
+    (cache.plans / names["link"]).symlink_to(target)
+    os.utime(cache.plans / names["edge"], (now - stale, now - stale))
+    os.utime(cache.plans / names["old"], (now - stale - 1, now - stale - 1))
+    os.utime(target, (now - 10 * stale, now - 10 * stale))
+    monkeypatch.setattr(cache_module.time, "time", lambda: float(now))
+    (cache.plans / "bad.json").write_text("[]")
+    with structlog.testing.capture_logs() as logs:
+        cache.put("k", {"plan": []})
+        cache.get("bad")
+    left = sorted(p.name for p in cache.plans.iterdir())
+    assert names["edge"] in left and names["link"] in left and names["old"] not in left
+    assert target.read_text() == "mine"
+    removed, ignored = logs
+    assert removed["event"] == "autofit.cache_temporary_removed" and removed["log_level"] == "info"
+    assert removed["file"] == names["old"] and removed["stage"] == ignored["stage"] == "load"
+    assert "action" not in removed  # nothing was decided: docs/logging.md leaves action="none" out
