@@ -117,7 +117,8 @@ def test_an_id_names_files_so_it_is_limited_in_bytes_and_characters():
     assert id_problem("é" * (MAX_ID_LENGTH // 2)) is None
     assert id_problem("") == "has an empty id" and id_problem(None) == "has an empty id"
     too_long = id_problem("a" * (MAX_ID_LENGTH + 1))
-    assert too_long.startswith(f"has an id of {MAX_ID_LENGTH + 1} characters; use at most {MAX_ID_LENGTH} (")
+    assert too_long == (f"has an id of {MAX_ID_LENGTH + 1} characters; use at most {MAX_ID_LENGTH} (ids name the "
+                        "output files, and file names are limited to 255 bytes)")  # the module's stated reason
     wide = "é" * (MAX_ID_LENGTH // 2 + 1)
     size = len(wide.encode("utf-8"))
     assert id_problem(wide).startswith(f"has an id of {len(wide)} characters, {size} bytes of UTF-8; use at most ")
@@ -299,3 +300,15 @@ def test_load_items_refuses_the_file_at_its_first_bad_item(tmp_path):
     assert load_items(ok, base_seed=4) == read_items(ok, base_seed=4)[0] and load_items(ok, base_seed=4)[0].seed == 4
     # Without a base seed both readers number the seeds alike, from 0 (the CLI's --seed default).
     assert load_items(ok) == read_items(ok)[0] and [i.seed for i in load_items(ok)] == [0]
+
+
+def test_a_csv_with_windows_line_ends_keeps_a_cells_own_line_break(tmp_path):
+    """Read as the csv module says a file must be opened (``newline=""``): a quoted cell's CRLF is
+    the cell's, kept as written.
+    mutants: batch_items.x__rows__mutmut_14, _16"""
+    path = tmp_path / "p.csv"
+    path.write_bytes(b'id,prompt\r\na,"two\r\nlines"\r\nb,"cr\ronly"\r\n')
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        expected = [row["prompt"] for row in csv.DictReader(f)]
+    good, rejected = read_items(path)
+    assert rejected == [] and [i.prompt for i in good] == expected == ["two\r\nlines", "cr\ronly"]

@@ -362,3 +362,51 @@ def test_only_temporaries_older_than_ten_minutes_and_never_a_symlink_are_removed
     assert removed["event"] == "autofit.cache_temporary_removed" and removed["log_level"] == "info"
     assert removed["file"] == names["old"] and removed["stage"] == ignored["stage"] == "load"
     assert "action" not in removed  # nothing was decided: docs/logging.md leaves action="none" out
+
+
+def test_puts_temporary_file_is_one_the_next_writer_would_clean_up(tmp_path):
+    """While ``put`` writes, its temporary file is in the folder under a name of the pattern the
+    stale-file cleanup removes (so a writer killed at that moment leaves nothing forever).
+    mutants: cache.xǁPlanCacheǁput__mutmut_14, _15"""
+    cache = PlanCache(tmp_path)
+    seen = []
+
+    class Peek:  # written by json's default=str while the temporary file is open
+        def __str__(self):
+            seen.extend(n for n in os.listdir(cache.plans) if n.endswith(".tmp"))
+            return "peeked"
+
+    cache.put("k", {"plan": [], "note": Peek()})
+    assert len(seen) == 1 and cache_module._TEMPORARY.fullmatch(seen[0]) and seen[0].startswith(".k.")
+    assert cache.get("k")["note"] == "peeked" and not any(n.endswith(".tmp") for n in os.listdir(cache.plans))
+
+
+def test_put_never_writes_through_a_symlink_planted_at_its_temporary_name(tmp_path, monkeypatch):
+    """"never followed through a symlink": a symlink planted where the temporary file goes (its
+    name made predictable here) makes the write fail; the file it points to is untouched.
+    mutants: cache.xǁPlanCacheǁput__mutmut_26"""
+    cache = PlanCache(tmp_path)
+    cache.put("k", {"plan": ["before"]})
+    monkeypatch.setattr(cache_module.secrets, "token_hex", lambda n: "0a0b0c0d")
+    victim = tmp_path / "users_file"
+    victim.write_text("mine")
+    (cache.plans / f".k.{os.getpid()}.0a0b0c0d.tmp").symlink_to(victim)
+    with pytest.raises(OSError):
+        cache.put("k", {"plan": ["after"]})
+    assert victim.read_text() == "mine" and cache.get("k")["plan"] == ["before"]
+
+
+def test_a_write_that_fails_leaves_no_temporary_and_raises_its_own_error(tmp_path):
+    """A record that cannot be written (here a value whose text raises) leaves the old record and
+    no temporary file, and the caller sees the error that stopped the write.
+    mutants: cache.xǁPlanCacheǁput__mutmut_64"""
+    cache = PlanCache(tmp_path)
+    cache.put("k", {"plan": ["before"]})
+
+    class Unwritable:
+        def __str__(self):
+            raise ValueError("cannot be written")
+
+    with pytest.raises(ValueError, match="cannot be written"):
+        cache.put("k", {"plan": ["after"], "note": Unwritable()})
+    assert sorted(os.listdir(cache.plans)) == ["k.json"] and cache.get("k")["plan"] == ["before"]
