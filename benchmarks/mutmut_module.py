@@ -10,7 +10,8 @@ selection from ``SELECTIONS`` below; mutmut runs there with ``OMP_NUM_THREADS=1`
 ``PYTHONPATH`` on the copy's ``src`` (tests that start a subprocess import the copy, not whatever
 the environment's editable install points at). It prints mutmut's counts (``mutmut
 export-cicd-stats``) and every mutant that was not killed; ``mutmut show <name>`` in the scratch
-folder shows one. A rerun with the same ``--workdir`` keeps mutmut's earlier results.
+folder shows one. A rerun with the same ``--workdir`` keeps mutmut's earlier results but tests
+the earlier survivors again (after a test was added to kill them).
 
 The selections are the fast tests of each module: the pure ones, the ``tests/test_mutants_*.py``
 written to kill mutmut's survivors, and the few pipeline tests that pin a decision. mutmut runs,
@@ -69,6 +70,18 @@ def _scoped_pyproject(text: str, module_path: str, tests: list[str]) -> str:
     return out
 
 
+def _retest_survivors(work: Path) -> None:
+    """mutmut keeps a survivor's verdict even when the tests changed: forget the verdicts of the
+    survivors (exit code 0) of an earlier run in ``work``, so they run against the tests as they are."""
+    for meta in (work / "mutants").rglob("*.py.meta"):
+        data = json.loads(meta.read_text())
+        codes = data.get("exit_code_by_key", {})
+        for name, code in codes.items():
+            if code == 0:
+                codes[name] = None
+        meta.write_text(json.dumps(data))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("module", choices=sorted(SELECTIONS))
@@ -82,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work / name, ignore_errors=True)
         shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (work / "pyproject.toml").write_text(_scoped_pyproject((REPO / "pyproject.toml").read_text(), module_path, tests))
+    _retest_survivors(work)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(work / "src")}
     mutmut = [sys.executable, "-m", "mutmut"]
     print(f"mutmut on {module_path} in {work}, tests: {' '.join(tests)}", flush=True)

@@ -312,3 +312,15 @@ def test_a_csv_with_windows_line_ends_keeps_a_cells_own_line_break(tmp_path):
         expected = [row["prompt"] for row in csv.DictReader(f)]
     good, rejected = read_items(path)
     assert rejected == [] and [i.prompt for i in good] == expected == ["two\r\nlines", "cr\ronly"]
+
+
+def test_a_csv_with_old_mac_line_ends_is_read_as_the_csv_module_reads_it(tmp_path):
+    """Bare CR line ends (old Excel for Mac) are line ends, as for ``csv`` on a file opened with
+    ``newline=""``.
+    mutants: batch_items.x__rows__mutmut_16"""
+    path = tmp_path / "p.csv"
+    path.write_bytes(b"id,prompt\ra,a cat\rb,a dog\r")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        expected = [(row["id"], row["prompt"]) for row in csv.DictReader(f)]
+    good, rejected = read_items(path)
+    assert rejected == [] and [(i.id, i.prompt) for i in good] == expected == [("a", "a cat"), ("b", "a dog")]

@@ -268,7 +268,7 @@ def test_a_record_too_large_or_not_json_is_ignored_with_its_reason(tmp_path):
     cache = PlanCache(tmp_path)
     cache.plans.mkdir(parents=True)
     (cache.plans / "big.json").write_text(" " * MAX_RECORD_BYTES + json.dumps({"schema": SCHEMA}))
-    (cache.plans / "edge.json").write_text(json.dumps({"schema": SCHEMA}).ljust(MAX_RECORD_BYTES))
+    (cache.plans / "edge.json").write_text(json.dumps({"schema": SCHEMA}).rjust(MAX_RECORD_BYTES))
     (cache.plans / "bad.json").write_text("{")
     (cache.plans / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     with structlog.testing.capture_logs() as logs:
@@ -410,3 +410,64 @@ def test_a_write_that_fails_leaves_no_temporary_and_raises_its_own_error(tmp_pat
     with pytest.raises(ValueError, match="cannot be written"):
         cache.put("k", {"plan": ["after"], "note": Unwritable()})
     assert sorted(os.listdir(cache.plans)) == ["k.json"] and cache.get("k")["plan"] == ["before"]
+
+
+def test_a_lock_that_is_not_a_regular_file_stops_the_update_with_an_einval_naming_it(tmp_path):
+    """Locks are "nor opened when they are not regular files": ``update`` raises the OSError of
+    an invalid argument (EINVAL), which names the lock file, and writes nothing.
+    mutants: cache.x__open_regular__mutmut_17, _19, _22, _23"""
+    cache = PlanCache(tmp_path)
+    cache.plans.mkdir(parents=True)
+    os.mkfifo(cache.plans / "k.lock")
+    with pytest.raises(OSError) as info:
+        cache.update("k", lambda r: {"plan": []})
+    assert (info.value.errno, info.value.strerror, info.value.filename) == (errno.EINVAL, "not a regular file", "k.lock")
+    assert cache.get("k") is None
+
+
+def test_an_ignored_record_is_a_warning_at_load_and_looking_creates_nothing(tmp_path):
+    """docs/logging.md: ``cache_record_ignored`` is a WARNING, with no placeholder ``action``;
+    like the cache's other events it is at the load stage. A cache whose plans folder is not a
+    folder of its own (a symlink) is ignored with the folder check's own words. Reading a cache
+    that does not exist creates nothing.
+    mutants: cache.xǁPlanCacheǁget__mutmut_5, _6, _11, _12, _20..23, cache.xǁPlanCacheǁ_read__mutmut_5, _6"""
+    cache = PlanCache(tmp_path / "c")
+    assert cache.get("k") is None and not (tmp_path / "c").exists()
+    cache.plans.parent.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    cache.plans.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError) as refused:
+        cache._plans_fd(create=False)
+    with structlog.testing.capture_logs() as logs:
+        assert cache.get("k") is None
+    (event,) = logs
+    assert event["event"] == "autofit.cache_record_ignored" and event["log_level"] == "warning"
+    assert event["stage"] == "load" and "action" not in event and event["key"] == "k"
+    assert event["reason"] == str(refused.value) and "not a folder of its own" in event["reason"]
+
+
+@pytest.mark.parametrize("plant, codes", [("file", {errno.ENOTDIR}), ("symlink", {errno.ELOOP, errno.ENOTDIR})])
+def test_a_plans_folder_that_is_not_a_folder_of_its_own_is_refused_naming_it(tmp_path, plant, codes):
+    """A file or a symlink standing where the plans folder goes: a write fails with the system's
+    error code and the folder's path, and a message saying what to do; a read ignores the record.
+    mutants: cache.xǁPlanCacheǁ_plans_fd__mutmut_15, _16, _18, _19, _21, _22"""
+    cache = PlanCache(tmp_path / "c")
+    cache.directory.mkdir()
+    if plant == "file":
+        cache.plans.write_text("")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        cache.plans.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError) as info:
+        cache.put("k", {"plan": []})
+    code = info.value.errno  # Linux says ENOTDIR for a symlink opened with O_DIRECTORY | O_NOFOLLOW
+    assert code in codes and info.value.filename == str(cache.plans)
+    assert info.value.strerror == f"the plan cache's plans folder is not a folder of its own ({os.strerror(code)}); remove it"
+    assert cache.get("k") is None and list((tmp_path / "elsewhere").iterdir() if plant == "symlink" else []) == []
+
+
+def test_a_cache_folder_is_made_with_its_parents(tmp_path):
+    """mutants: cache.xǁPlanCacheǁ_plans_fd__mutmut_1, _3, _5"""
+    cache = PlanCache(tmp_path / "a" / "b" / "c")
+    cache.put("k", {"plan": ["x"]})
+    assert cache.get("k")["plan"] == ["x"]
