@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install test demo bench mutate clean
+.PHONY: install test demo bench mutate mutate-module clean
 
 # [ray]: tests/test_ray.py runs Ray batch jobs on a local cluster (ray[data]: ~60 s, ~505 MB to install).
 $(STAMP): pyproject.toml Makefile
@@ -34,13 +34,20 @@ bench: install
 # mutants of issue 26 (a few minutes), then mutmut over the modules and tests in pyproject's
 # [tool.mutmut] (~30 min on 2 cores). One OpenMP thread: torch's spinning threads would starve the
 # parallel workers. `make mutate MUTANTS='autofit.engine.oom*'` runs mutmut on some mutants only.
+# `make mutate-module MODULE=cache` runs mutmut on one module with its own fast test selection, in a
+# scratch copy (benchmarks/mutmut_module.py): the per-module scores of docs/testing.md.
 MUTANTS ?=
+MODULE ?= oom
 mutate: install
 	$(PY) -m pip install --quiet -e ".[test,mutate]"
 	OMP_NUM_THREADS=1 $(PY) benchmarks/mutate.py
 	OMP_NUM_THREADS=1 $(PY) -m mutmut run $(MUTANTS)
 	$(PY) -m mutmut export-cicd-stats
 	$(PY) -m mutmut results
+
+mutate-module: install
+	$(PY) -m pip install --quiet -e ".[test,mutate]"
+	$(PY) benchmarks/mutmut_module.py $(MODULE)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache demo.png demo.plan.json mutants
