@@ -181,7 +181,12 @@ def test_cli_batch_on_ray_matches_the_single_machine_runner(cluster, tmp_path, c
         "c": summaries["local"]["failed"]["c"]}}
     assert "width=7" in summaries["ray"]["failed"]["c"]
     for name in ("a.png", "b.png", "000003.png"):
-        assert (np.asarray(Image.open(tmp_path / "ray" / name)) == np.asarray(Image.open(tmp_path / "local" / name))).all()
+        # The same image to float rounding: an actor may run torch with another thread count than
+        # this process (a CPU sums in another order), so an 8-bit value may differ by one.
+        ray_px = np.asarray(Image.open(tmp_path / "ray" / name)).astype(int)
+        local_px = np.asarray(Image.open(tmp_path / "local" / name)).astype(int)
+        assert ray_px.shape == local_px.shape and np.abs(ray_px - local_px).max() <= 1
+        assert (ray_px != local_px).mean() < 0.01
     assert main(["batch", str(model), "--out", str(tmp_path / "ray"), *common, "--ray"]) == 4
     rerun = json.loads(capsys.readouterr().out)
     assert (rerun["done"], rerun["skipped"], list(rerun["failed"])) == (0, 3, ["c"])
