@@ -471,3 +471,24 @@ def test_a_cache_folder_is_made_with_its_parents(tmp_path):
     cache = PlanCache(tmp_path / "a" / "b" / "c")
     cache.put("k", {"plan": ["x"]})
     assert cache.get("k")["plan"] == ["x"]
+
+
+@pytest.mark.parametrize("name", ["-", "_", "--", "a-b_c", "ключ", "x y", "a.b"])
+def test_the_list_calls_a_key_what_put_accepts_as_one(tmp_path, name):
+    """A record ``put`` writes is listed as a record (and one ``put`` refuses to write is listed
+    as no key): the list and the writer judge a file name the same way (they once disagreed on
+    names made only of '-' and '_')."""
+    cache = PlanCache(tmp_path)
+    try:
+        cache.put(name, {"plan": []})
+    except ValueError:
+        accepted = False
+        cache.plans.mkdir(parents=True, exist_ok=True)
+        (cache.plans / f"{name}.json").write_text("{}")
+    else:
+        accepted = True
+    (entry,) = cache.entries()
+    assert entry.key == name
+    assert (entry.problem != "not a plan-cache key") == accepted
+    if accepted:
+        assert entry.record == cache.get(name)

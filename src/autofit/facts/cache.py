@@ -105,6 +105,12 @@ def _str_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+def is_key(name: str) -> bool:
+    """Whether ``name`` can be a plan-cache key (a record's file name): letters, digits, '-', '_'.
+    The one check, for the records ``put`` writes and the ones ``entries`` lists."""
+    return bool(name) and all(c.isalnum() or c in "-_" for c in name)
+
+
 def record_problem(record: Any) -> str | None:
     """Why a parsed record cannot be used (the typed loader's check), or None. What the runtime
     reads must have its type: ``plan`` a list of rung names, ``activations`` stage -> a finite,
@@ -190,7 +196,7 @@ class PlanCache:
         return self.directory / "plans"
 
     def _path(self, key: str) -> Path:
-        if not key or not all(c.isalnum() or c in "-_" for c in key):
+        if not is_key(key):
             raise ValueError(f"{key!r} is not a plan-cache key (letters, digits, '-', '_')")
         return self.plans / f"{key}.json"
 
@@ -334,8 +340,7 @@ class PlanCache:
         os.close(dfd)
         out = []
         for path in self.plans.glob("*.json"):
-            record, problem = self._read(path.stem) if path.stem.replace("-", "").replace("_", "").isalnum() \
-                else (None, "not a plan-cache key")
+            record, problem = self._read(path.stem) if is_key(path.stem) else (None, "not a plan-cache key")
             out.append(CacheEntry(path.stem, path, record, problem))
         return sorted(out, key=lambda e: -(e.record or {}).get("updated", 0))
 
