@@ -54,6 +54,9 @@ SELECTIONS: dict[str, tuple[str, list[str]]] = {
         _B + "test_excel_csv_with_a_bom_and_plain_text_prompt_files", _B + "test_bad_values_are_refused_with_their_line",
         "tests/test_batch_hardening.py::test_read_items_names_the_duplicate_apart",
         _D + "test_ids_that_differ_only_in_case_are_one_file_and_collide"]),
+    "rungs": ("src/autofit/planning/rungs.py", [
+        "tests/test_rung_rows.py", "tests/test_planner.py", "tests/test_decisions.py",
+        "tests/test_disk_offload.py"]),
 }
 
 
