@@ -272,3 +272,25 @@ def test_without_ray_the_adapter_says_which_extra_to_install(monkeypatch):
     monkeypatch.delitem(sys.modules, "autofit.ray")
     with pytest.raises(ImportError, match=r"\[ray\]"):
         import autofit.ray  # noqa: F401
+
+
+def test_the_end_of_a_run_removes_only_its_own_start_notes(tmp_path):
+    """`.autofit-ray/<run>/` holds the notes of one run's item starts; at the end only that run's
+    `*.started` files go. Another run's notes, a user's file in the folder, and a symlink's target
+    stay (a link named like a note is removed as a link, its target kept)."""
+    from autofit.ray import STARTS_DIR, _remove_starts
+
+    folder = tmp_path / STARTS_DIR
+    (folder / "r1").mkdir(parents=True)
+    (folder / "r2").mkdir()
+    (folder / "r1" / "node-1.started").write_text("a\n")
+    keep = {folder / "r1" / "notes.txt": "mine", folder / "r2" / "node-2.started": "b\n",
+            tmp_path / "target.txt": "the target"}
+    for path, text in keep.items():
+        path.write_text(text)
+    (folder / "r1" / "link.started").symlink_to(tmp_path / "target.txt")
+    _remove_starts(tmp_path, "r1")
+    assert {p: p.read_text() for p in keep} == keep
+    assert sorted(p.name for p in (folder / "r1").iterdir()) == ["notes.txt"]
+    _remove_starts(tmp_path, "r2")  # the last run's notes gone: its folder and the empty root go too
+    assert not (folder / "r2").exists() and (folder / "r1" / "notes.txt").exists()

@@ -52,7 +52,7 @@ import pyarrow as pa
 # resuming, so a Ray job and `autofit batch` write the same files and records.
 from autofit.batch.items import BatchItem, RejectedItem, _check, read_items, shown_id
 from autofit.batch.runner import (BatchError, BatchReport, _append, _claim_names, _clean_temporaries, _end_torn_line,
-                                  _model_of, _run_one, _screen, item_key)
+                                  _model_of, _open_manifest, _record, _run_one, _screen, item_key)
 from autofit.events import emit
 
 __all__ = ["ROW_SCHEMA", "GenerateImages", "map_images", "run_batch_on_ray"]
@@ -566,24 +566,11 @@ def _record_rejected(rejected: list[RejectedItem], out: Path, run: str, report: 
     if not rejected:
         return
     shard = out / f"manifest.ray-{_stamp()}-driver-{os.getpid()}.jsonl"
-    try:
-        _end_torn_line(shard)
-        log = open(shard, "ab", buffering=0)
-    except OSError as exc:
-        raise BatchError(f"cannot write the manifest {shard}: {exc.strerror or exc}") from None
-    try:
+    with _open_manifest(shard) as log:
         for item in rejected:
-            record = {**_run_one(None, item, None, {}, out, {}, report), "run": run}
-            try:
-                _append(log, (json.dumps(record, default=str) + "\n").encode("utf-8", "surrogatepass"))
-                os.fsync(log.fileno())
-            except OSError as exc:
-                raise BatchError(f"cannot append to the manifest {shard}: {exc.strerror or exc}; free space and "
-                                 "rerun to resume") from None
+            _record(log, shard, {**_run_one(None, item, None, {}, out, {}, report), "run": run})
             if bar is not None:
                 bar.update(1)
-    finally:
-        log.close()
 
 
 def _generate(pipeline: PipelineSource, todo: list[BatchItem], out: Path, report: BatchReport, bar: Any, *,
@@ -646,11 +633,10 @@ def _remove_starts(out: Path, run: str) -> None:
             pass  # not empty (another run), or gone
 
 
-def cli_batch(args: Any, items: list[BatchItem], rejected: list[RejectedItem], defaults: dict[str, Any]) -> int:
-    """``autofit batch ... --ray [ADDRESS]``: the job of ``cmd_batch`` on a Ray cluster, with its
-    summary and exit codes."""
-    import sys
-
+def cli_batch(args: Any, items: list[BatchItem], rejected: list[RejectedItem],
+              defaults: dict[str, Any]) -> BatchReport:
+    """``autofit batch ... --ray [ADDRESS]``: the job of ``cmd_batch`` on a Ray cluster; its report
+    (``cmd_batch`` prints the summary). Raises :class:`BatchError` as ``run_batch`` does."""
     from autofit.errors import AutoFitUsageError
 
     if args.distributed:
@@ -669,19 +655,10 @@ def cli_batch(args: Any, items: list[BatchItem], rejected: list[RejectedItem], d
     for name, log in loud.items():
         log.setLevel(logging.ERROR if getattr(args, "quiet", False) or name.endswith("progress") else logging.WARNING)
     try:
-        report = run_batch_on_ray(args.model_dir, [*rejected, *items], args.out, defaults=defaults,
-                                  options={k: v for k, v in options.items() if v is not None},
-                                  cache_dir=args.cache_dir, dtype=args.dtype, address=args.ray or None,
-                                  progress=not (args.json or getattr(args, "quiet", False)))
-    except BatchError as exc:
-        print(f"autofit batch: {exc}", file=sys.stderr)
-        return 1
+        return run_batch_on_ray(args.model_dir, [*rejected, *items], args.out, defaults=defaults,
+                                options={k: v for k, v in options.items() if v is not None},
+                                cache_dir=args.cache_dir, dtype=args.dtype, address=args.ray or None,
+                                progress=not (args.json or getattr(args, "quiet", False)))
     finally:
         for name, log in loud.items():
             log.setLevel(levels[name])
-    summary = {"done": len(report.done), "skipped": len(report.skipped), "failed": report.failed,
-               "seconds": round(report.seconds, 2), "out": str(args.out)}
-    print(json.dumps(summary) if args.json else
-          f"done {summary['done']}, skipped {summary['skipped']} (finished before), failed {len(report.failed)} "
-          f"in {summary['seconds']} s -> {args.out}" + (" (see the manifest for the errors)" if report.failed else ""))
-    return 0 if not report.failed else 4

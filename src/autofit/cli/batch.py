@@ -67,24 +67,36 @@ def cmd_batch(args: argparse.Namespace) -> int:
             from autofit.ray import cli_batch
         except ImportError as exc:
             raise UsageError(str(exc)) from None
-        return cli_batch(args, items, rejected, defaults)
-    pipe = loading.load_pipeline(args)
-    pipe.set_progress_bar_config(disable=True)
-    options = dict(policy=args.policy, max_vram=args.vram, max_ram=args.ram, cache=args.cache_dir or True)
-    if not args.distributed:
-        pipe = autofit(pipe, device=args.device, **options)
+
+        def run() -> Any:
+            return cli_batch(args, items, rejected, defaults)
+    else:
+        pipe = loading.load_pipeline(args)
+        pipe.set_progress_bar_config(disable=True)
+        options = dict(policy=args.policy, max_vram=args.vram, max_ram=args.ram, cache=args.cache_dir or True)
+        if not args.distributed:
+            pipe = autofit(pipe, device=args.device, **options)
+
+        def run() -> Any:
+            return run_batch(pipe, [*rejected, *items], args.out, defaults=defaults,
+                             progress=not (args.json or getattr(args, "quiet", False)),
+                             distributed=args.distributed, options=options)
     try:
-        report = run_batch(pipe, [*rejected, *items], args.out, defaults=defaults,
-                           progress=not (args.json or getattr(args, "quiet", False)),
-                           distributed=args.distributed, options=options)
+        report = run()
     except BatchError as exc:
         print(f"autofit batch: {exc}", file=sys.stderr)
         return 1
+    return _summary(args, report)
+
+
+def _summary(args: argparse.Namespace, report: Any) -> int:
+    """The job's last line (one JSON document under --json) and its exit code, the same for both runners."""
     summary = {"done": len(report.done), "skipped": len(report.skipped), "failed": report.failed,
                "seconds": round(report.seconds, 2), "out": str(args.out)}
+    where = "the manifest" if args.ray is not None else "manifest.jsonl"  # a Ray job writes one shard per actor
     print(json.dumps(summary) if args.json else
           f"done {summary['done']}, skipped {summary['skipped']} (finished before), failed {len(report.failed)} "
-          f"in {summary['seconds']} s -> {args.out}" + (" (see manifest.jsonl for the errors)" if report.failed else ""))
+          f"in {summary['seconds']} s -> {args.out}" + (f" (see {where} for the errors)" if report.failed else ""))
     return 0 if not report.failed else 4
 
 
