@@ -31,23 +31,19 @@ bench: install
 	$(PY) benchmarks/overhead.py
 
 # Mutation testing of the decision modules (docs/testing.md), outside `make test`: first the hand-made
-# mutants of issue 26 (a few minutes), then mutmut over the modules and tests in pyproject's
-# [tool.mutmut] (~30 min on 2 cores). One OpenMP thread: torch's spinning threads would starve the
-# parallel workers. `make mutate MUTANTS='autofit.engine.oom*'` runs mutmut on some mutants only.
-# `make mutate-module MODULE=cache` runs mutmut on one module with its own fast test selection, in a
-# scratch copy (benchmarks/mutmut_module.py): the per-module scores of docs/testing.md.
-MUTANTS ?=
-MODULE ?= oom
+# mutants of issue 26 (a few minutes), then mutmut on each decision module with that module's own
+# selection of tests, in a scratch copy (benchmarks/mutmut_module.py), ending with the table of scores
+# of docs/testing.md. One OpenMP thread: torch's spinning threads would starve the parallel workers.
+# `make mutate MODULE=cache` runs one module; `make mutate-module MODULE=cache` skips the hand-made mutants.
+MODULE ?= all
 mutate: install
 	$(PY) -m pip install --quiet -e ".[test,mutate]"
 	OMP_NUM_THREADS=1 $(PY) benchmarks/mutate.py
-	OMP_NUM_THREADS=1 $(PY) -m mutmut run $(MUTANTS)
-	$(PY) -m mutmut export-cicd-stats
-	$(PY) -m mutmut results
+	OMP_NUM_THREADS=1 $(PY) benchmarks/mutmut_module.py $(MODULE)
 
 mutate-module: install
 	$(PY) -m pip install --quiet -e ".[test,mutate]"
-	$(PY) benchmarks/mutmut_module.py $(MODULE)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/mutmut_module.py $(MODULE)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache demo.png demo.plan.json mutants

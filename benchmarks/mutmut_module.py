@@ -55,14 +55,51 @@ SELECTIONS: dict[str, tuple[str, list[str]]] = {
         "tests/test_batch_hardening.py::test_read_items_names_the_duplicate_apart",
         _D + "test_ids_that_differ_only_in_case_are_one_file_and_collide"]),
     "rungs": ("src/autofit/planning/rungs.py", [
-        "tests/test_rung_rows.py", "tests/test_planner.py", "tests/test_decisions.py",
+        "tests/test_mutants_rungs.py", "tests/test_rung_rows.py", "tests/test_planner.py", "tests/test_decisions.py",
         "tests/test_disk_offload.py"]),
+    "recovery": ("src/autofit/engine/recovery.py", [
+        "tests/test_mutants_recovery.py", "tests/test_recovery.py", "tests/test_decisions.py",
+        "tests/test_engine_objects.py", "tests/test_oom_handlers.py", "tests/test_both_ways.py",
+        "tests/test_one_way.py", "tests/test_checkpoint_undo.py"]),
+    "placement": ("src/autofit/engine/placement.py", [
+        "tests/test_mutants_placement.py", "tests/test_switch.py", "tests/test_one_way.py",
+        "tests/test_checkpoint_undo.py", "tests/test_decisions.py", "tests/test_engine_objects.py",
+        "tests/test_user_changes.py"]),
+    "preflight": ("src/autofit/engine/preflight.py", [
+        "tests/test_mutants_preflight.py", "tests/test_cache_and_preflight.py", "tests/test_decisions.py",
+        "tests/test_workload.py", "tests/test_both_ways.py"]),
+    "batch_runner": ("src/autofit/batch/runner.py", [
+        "tests/test_mutants_batch_runner.py", "tests/test_batch.py", "tests/test_batch_hardening.py",
+        "tests/test_decisions.py"]),
+}
+
+
+# Mutants judged equivalent (no observable change), by module; docs/testing.md says why for each.
+# mutmut numbers a function's mutants in order, so an edit of that function renumbers them: after
+# one, check the survivors again (``mutmut show <name>``) and update this table and the docs.
+EQUIVALENT: dict[str, set[str]] = {
+    "oom": {"x_free_memory__mutmut_4", "x_free_memory__mutmut_5"},
+    "relax": {"xǁRelaxationǁplan_chosen__mutmut_3"},
+    "cache": {"xǁPlanCacheǁentries__mutmut_2", "xǁPlanCacheǁ_read__mutmut_4", "xǁPlanCacheǁ_path__mutmut_7",
+              "xǁPlanCacheǁupdate__mutmut_32", "xǁPlanCacheǁupdate__mutmut_39", "xǁPlanCacheǁupdate__mutmut_40",
+              "xǁPlanCacheǁupdate__mutmut_15", "x__open_regular__mutmut_9", "xǁPlanCacheǁput__mutmut_23",
+              "x__open_regular__mutmut_1", "xǁPlanCacheǁput__mutmut_49", "xǁPlanCacheǁput__mutmut_53",
+              "xǁPlanCacheǁput__mutmut_55", "x__remove_stale_temporaries__mutmut_9",
+              "x__remove_stale_temporaries__mutmut_24", "x__remove_stale_temporaries__mutmut_28",
+              "xǁPlanCacheǁget__mutmut_7", "xǁPlanCacheǁget__mutmut_13", "xǁPlanCacheǁ_read__mutmut_27"},
+    "batch_items": {"x_id_problem__mutmut_21", "x__rows__mutmut_4", "x__rows__mutmut_31"},
+    "rungs": {"x_sized__mutmut_27", "x_step__mutmut_6", "x_steps__mutmut_12"},
+    "recovery": set(),
+    "placement": set(),
+    "preflight": set(),
+    "batch_runner": set(),
 }
 
 
 def _scoped_pyproject(text: str, module_path: str, tests: list[str]) -> str:
     section = ("[tool.mutmut]\n"
                'source_paths = ["src"]\n'
+               'also_copy = ["docs"]\n'  # tests read the docs' tables as their reference
                f"only_mutate = {json.dumps([module_path])}\n"
                f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
                'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
@@ -75,26 +112,68 @@ def _scoped_pyproject(text: str, module_path: str, tests: list[str]) -> str:
 
 def _retest_survivors(work: Path) -> None:
     """mutmut keeps a survivor's verdict even when the tests changed: forget the verdicts of the
-    survivors (exit code 0) of an earlier run in ``work``, so they run against the tests as they are."""
+    survivors (and of the mutants no test reached) of an earlier run in ``work``, so they run
+    against the tests as they are."""
     for meta in (work / "mutants").rglob("*.py.meta"):
         data = json.loads(meta.read_text())
         codes = data.get("exit_code_by_key", {})
         for name, code in codes.items():
-            if code == 0:
+            if code in (0, 5, 33):  # survived, or no selected test reached it (tests may have been added)
                 codes[name] = None
         meta.write_text(json.dumps(data))
 
 
+def score(module: str, work: Path) -> dict[str, object]:
+    """mutmut's verdicts in ``work`` for ``module``, and the score: (killed + timed out) /
+    (all - equivalent). Survivors named in ``EQUIVALENT`` are the equivalent ones."""
+    codes: dict[str, int | None] = {}
+    for meta in (work / "mutants").rglob("*.py.meta"):
+        codes.update(json.loads(meta.read_text()).get("exit_code_by_key", {}))
+    short = {name.rsplit(".", 1)[-1]: code for name, code in codes.items()}
+    # mutmut's exit codes (mutmut.stats.status_by_exit_code): 1, 3 killed; 0 survived; None not run.
+    killed = sum(code in (1, 3) for code in short.values())
+    timeout = sum(code in (36, -24, 24, 152, 255) for code in short.values())  # a mutant that loops
+    survivors = sorted(n for n, code in short.items() if code == 0)
+    equivalent = [n for n in survivors if n in EQUIVALENT[module]]
+    unchecked = sum(code is None for code in short.values())
+    other = len(short) - killed - timeout - len(survivors) - unchecked  # no tests, suspicious, segfault
+    denominator = len(short) - len(equivalent)
+    return {"module": module, "mutants": len(short), "not_checked": unchecked, "other": other, "killed": killed,
+            "timeout": timeout, "survived": len(survivors), "equivalent": len(equivalent),
+            "score": round(100 * (killed + timeout) / denominator, 1) if denominator else None,
+            "left": [n for n in survivors if n not in EQUIVALENT[module]]}
+
+
+def _table_row(module: str, s: dict[str, object]) -> str:
+    path = SELECTIONS[module][0]
+    return (f"| `{path}` | {s['mutants']} | {s['killed']} | {s['timeout']} | {s['survived']} | {s['equivalent']} | "
+            f"{s['score']} % |")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("module", choices=sorted(SELECTIONS))
+    ap.add_argument("module", choices=[*sorted(SELECTIONS), "all"],
+                    help="one module, or all of them in turn (then a table of scores)")
     ap.add_argument("--max-children", type=int, default=2)
-    ap.add_argument("--workdir", type=Path, help="the scratch folder (default: a new temporary one)")
+    ap.add_argument("--workdir", type=Path, help="the scratch folder (default: a new temporary one; with 'all', "
+                                                 "one sub-folder per module)")
     args = ap.parse_args(argv)
+    if args.module == "all":
+        base = args.workdir or Path(tempfile.mkdtemp(prefix="mutmut-all-"))
+        rows, worst = [], 0
+        for module in SELECTIONS:
+            rc = main([module, "--max-children", str(args.max_children), "--workdir", str(base / module)])
+            worst = max(worst, rc)
+            rows.append(_table_row(module, score(module, base / module)))
+        print("| module | mutants | killed | timeout | survived | equivalent | score |", "|---|---|---|---|---|---|---|",
+              *rows, sep="\n")
+        return worst
     module_path, tests = SELECTIONS[args.module]
+    # A module's tests/test_mutants_<module>.py exists once a survivor was killed.
+    tests = [t for t in tests if (REPO / t.split("::")[0]).exists()]
     work = args.workdir or Path(tempfile.mkdtemp(prefix=f"mutmut-{args.module}-"))
     work.mkdir(parents=True, exist_ok=True)
-    for name in ("src", "tests"):
+    for name in ("src", "tests", "docs"):
         shutil.rmtree(work / name, ignore_errors=True)
         shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (work / "pyproject.toml").write_text(_scoped_pyproject((REPO / "pyproject.toml").read_text(), module_path, tests))
@@ -102,12 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(work / "src")}
     mutmut = [sys.executable, "-m", "mutmut"]
     print(f"mutmut on {module_path} in {work}, tests: {' '.join(tests)}", flush=True)
-    subprocess.run([*mutmut, "run", "--max-children", str(args.max_children)], cwd=work, env=env,
-                   stdout=subprocess.DEVNULL, check=False)
-    subprocess.run([*mutmut, "export-cicd-stats"], cwd=work, env=env, stdout=subprocess.DEVNULL, check=True)
-    stats = json.loads((work / "mutants" / "mutmut-cicd-stats.json").read_text())
-    print(json.dumps(stats))
-    subprocess.run([*mutmut, "results"], cwd=work, env=env, check=False)  # the mutants not killed
+    run = subprocess.run([*mutmut, "run", "--max-children", str(args.max_children)], cwd=work, env=env,
+                         capture_output=True, text=True, check=False)
+    if run.returncode != 0:  # e.g. the selected tests fail on the unmutated code ("failed to collect stats")
+        print(run.stdout[-3000:].replace("\r", "\n"), run.stderr[-3000:], sep="\n", file=sys.stderr)
+        return run.returncode
+    result = score(args.module, work)
+    print(json.dumps({k: v for k, v in result.items() if k != "left"}))
+    for name in result["left"]:  # the survivors not judged equivalent: `mutmut show <name>` in work
+        print("survived:", name)
     return 0
 
 

@@ -220,7 +220,6 @@ class Rung:
     name: str
     kind: str  # "placement" (where weights live; one per plan), "storage" (one-way; one per plan), "extra"
     quality: str  # lossless | near_lossless | lossy
-    summary: str
     needs: Need = NOTHING
     replaces: frozenset[str] = frozenset()  # rungs dropped from a plan when this one is added
     # The planner's grid (planner.candidate_plans): "decode", a decode remedy tried with every
@@ -242,48 +241,45 @@ class Rung:
         return PLACING.get(self.name) or STORING.get(self.name)
 
 
-def _placement(name: str, summary: str, needs: Need = NOTHING) -> Rung:
-    return Rung(name, "placement", "lossless", summary, needs | host_ram, replaces=DEVICE_ONLY)
+def _placement(name: str, needs: Need = NOTHING) -> Rung:
+    return Rung(name, "placement", "lossless", needs | host_ram, replaces=DEVICE_ONLY)
 
 
-def _storage(name: str, summary: str, needs: Need) -> Rung:
-    return Rung(name, "storage", "lossy", summary, needs | _unlocked(name) | host_ram,
+def _storage(name: str, needs: Need) -> Rung:
+    return Rung(name, "storage", "lossy", needs | _unlocked(name) | host_ram,
                 replaces=frozenset(STORAGE) - {name})
 
 
-_TABLE = (
-    _placement("resident_stream", "the denoiser partly resident (':N' keeps N%), the rest and large text encoders "
-               "streamed ahead of use from pinned RAM", device_memory),
-    _placement("model_offload", "one whole component on the device at a time; moves every component each call",
-               offload_sequence),
-    _placement("group_leaf_stream", "leaf-level group offload, CUDA-stream prefetch from pinned RAM",
-               streams | pinned_ram),
-    _placement("group_leaf_lowmem", "leaf-level group offload with streams, pinning one group at a time", streams),
-    _placement("group_block", "block-level group offload, no stream"),
-    _placement("group_leaf", "leaf-level group offload, no stream (slow)"),
-    _placement("group_disk", "block-level group offload from files on disk, read back each step: for when host "
-               "RAM is short too", disk_room),
-    _placement("sequential", "accelerate sequential offload (slowest)", no_bitsandbytes | no_fp8 | accelerator),
-    Rung("split_batch", "extra", "lossless", "run the denoiser on half the batch at a time (same seeds)", a_batch),
-    Rung("split_batch_max", "extra", "lossless", "run the denoiser one sample at a time", a_batch,
-         replaces=frozenset({"split_batch"})),
-    Rung("offload_encoders", "extra", "lossless", "text encoders live on the CPU and visit the device only to encode",
-         device_placement | text_encoders | host_ram, planned="moves", off_device="encode"),
-    Rung("offload_for_decode", "extra", "lossless", "other components leave the device before the VAE decodes",
-         device_placement | host_ram, planned="moves"),
-    Rung("vae_slicing", "extra", "lossless", "decode one image of the batch at a time", vae_slices | a_batch),
-    Rung("vae_tiling", "extra", "near_lossless", "decode in overlapping tiles sized to really tile at this size",
-         vae_tiles, planned="decode"),
-    Rung("vae_tiling_small", "extra", "near_lossless", "tiles half that size", vae_tiles,
-         replaces=frozenset({"vae_tiling"}), planned="decode"),
-    Rung("vae_cpu", "extra", "lossless", "decode on the CPU (slow, no device memory)", host_ram,
-         replaces=frozenset({"vae_tiling", "vae_tiling_small", "vae_slicing"}), planned="decode", off_device="decode"),
-    _storage("fp8", "fp8 (e4m3) weight storage for the denoiser; one-way", fp8_here | not_sequential),
-    _storage("int8", "bitsandbytes LLM.int8 weights for the denoiser and large text encoders; one-way",
-             _quantizable("int8") | not_sequential),
-    _storage("nf4", "bitsandbytes 4-bit NormalFloat weights for the denoiser and large text encoders; one-way",
-             _quantizable("nf4") | not_sequential),
-)
+def _table() -> tuple[Rung, ...]:
+    """The rows (what each rung does: docs/recipes.md's table). A function, called once at import,
+    so a test can build the rows again and check them."""
+    return (
+        _placement("resident_stream", device_memory),
+        _placement("model_offload", offload_sequence),
+        _placement("group_leaf_stream", streams | pinned_ram),
+        _placement("group_leaf_lowmem", streams),
+        _placement("group_block"),
+        _placement("group_leaf"),
+        _placement("group_disk", disk_room),
+        _placement("sequential", no_bitsandbytes | no_fp8 | accelerator),
+        Rung("split_batch", "extra", "lossless", a_batch),
+        Rung("split_batch_max", "extra", "lossless", a_batch, replaces=frozenset({"split_batch"})),
+        Rung("offload_encoders", "extra", "lossless", device_placement | text_encoders | host_ram, planned="moves",
+             off_device="encode"),
+        Rung("offload_for_decode", "extra", "lossless", device_placement | host_ram, planned="moves"),
+        Rung("vae_slicing", "extra", "lossless", vae_slices | a_batch),
+        Rung("vae_tiling", "extra", "near_lossless", vae_tiles, planned="decode"),
+        Rung("vae_tiling_small", "extra", "near_lossless", vae_tiles, replaces=frozenset({"vae_tiling"}),
+             planned="decode"),
+        Rung("vae_cpu", "extra", "lossless", host_ram,
+             replaces=frozenset({"vae_tiling", "vae_tiling_small", "vae_slicing"}), planned="decode", off_device="decode"),
+        _storage("fp8", fp8_here | not_sequential),
+        _storage("int8", _quantizable("int8") | not_sequential),
+        _storage("nf4", _quantizable("nf4") | not_sequential),
+    )
+
+
+_TABLE = _table()
 RUNGS: dict[str, Rung] = {r.name: r for r in _TABLE}
 # One row for every name of the grammar (autofit.plan), of the grammar's kind, replacing what it says.
 assert set(RUNGS) == set(PLACEMENTS[1:] + EXTRAS) and all(
