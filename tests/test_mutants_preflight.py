@@ -127,3 +127,145 @@ def test_a_video_call_is_planned_at_the_frames_it_makes():
     video = _run(pipe, **kwargs)
     assert (wl.frames, wl.height, wl.width) == (video.shape[1], *video.shape[-2:])
     assert wl.frames == 16
+
+
+# ---- stored activations a run on this device could have measured ---------------------------------
+@pytest.mark.parametrize("stage", ["encode", "denoise", "decode"])
+def test_a_stored_activation_is_kept_up_to_what_the_device_can_hold_under_the_lightest_plan(stage):
+    """The ceiling: a stored value times the lightest plan's activation factor (smallest tiles,
+    every batch split: autofit.planning.cost) must fit in the device's memory; one byte more is a
+    value no completed run on this device can have measured, and is dropped.
+    mutants: engine.preflight.x_activation_ceiling__mutmut_*, x_plausible_activations__mutmut_*"""
+    from autofit.engine.preflight import plausible_activations
+    from autofit.plan import LIGHTEST_EXTRAS, Plan
+    from autofit.planning.context import Workload
+    from autofit.planning.cost import activation_factor
+
+    wl, total = Workload(height=1024, width=1024, batch=4, steps=30, cfg=True), 80 * 2**30
+    factor = activation_factor(Plan(extras=LIGHTEST_EXTRAS), stage, wl)
+    largest = max(v for v in range(int(total / factor) - 4, int(total / factor) + 4) if v * factor <= total)
+    kept, dropped = plausible_activations({stage: largest, "other": 1}, wl, total)
+    assert kept == {stage: largest, "other": 1} and dropped == {}
+    kept, dropped = plausible_activations({stage: largest + 1}, wl, total)
+    assert kept == {} and dropped == {stage: largest + 1}
+    # No device size known (the record read before any device was seen): nothing is dropped.
+    for unknown in (None, 0):
+        assert plausible_activations({stage: 2**60}, wl, unknown) == ({stage: 2**60}, {})
+
+
+def test_stored_activations_no_run_here_can_have_measured_are_dropped_and_said(tmp_path):
+    """A record's activations as the cache file holds them (read back with the json module): the
+    plausible ones kept (as ints), each impossible one dropped with a ``cache_value_ignored``
+    warning carrying the fields docs/logging.md lists (stage, key, value, reason); a record with
+    no activations gives none.
+    mutants: engine.preflight.x_stored_activations__mutmut_*"""
+    import json
+
+    import structlog
+
+    from autofit.engine.preflight import stored_activations
+    from autofit.planning.context import Workload
+
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps({"plan": ["model_offload"], "activations": {"denoise": 2**49, "decode": 3.0 * 2**20,
+                                                                            "encode": 2**20}}))
+    record = json.loads(path.read_text())
+    total = 24 * 2**30
+    with structlog.testing.capture_logs() as logs:
+        kept = stored_activations(record, Workload(), total, "k1")
+    assert kept == {"decode": 3 * 2**20, "encode": 2**20} and all(type(v) is int for v in kept.values())
+    (event,) = [e for e in logs if e["event"] == "autofit.cache_value_ignored"]
+    assert event["log_level"] == "warning"
+    assert (event["stage"], event["key"], event["value"]) == ("denoise", "k1", record["activations"]["denoise"])
+    assert f"{2**49 / 2**30:.1f} GiB" in event["reason"] and f"{total / 2**30:.1f} GiB" in event["reason"]
+    with structlog.testing.capture_logs() as logs:
+        assert stored_activations({"plan": ["model_offload"]}, Workload(), total, "k1") == {}
+    assert logs == []
+
+
+def test_an_image_given_as_a_path_counts_as_one():
+    """Only lists and batched arrays or tensors are counted; anything else (a path) is one image,
+    unless ``batch_size`` says otherwise.
+    mutants: engine.preflight.x__count__mutmut_*, x_batch_of__mutmut_*"""
+    assert batch_of((), {"prompt": None, "image": "cat.png"}) == 1
+    assert batch_of((), {"prompt": None, "image": "cat.png", "batch_size": 3}) == 3
+    assert batch_of((), {"prompt": None, "image": torch.zeros(3, 32, 32)}) == 1  # one image, (C, H, W)
+    assert batch_of((), {"prompt": None, "latents": torch.zeros(2, 4, 8, 8)}) == 2
+
+
+# ---- a cached plan checked against this machine before it is trusted ----------------------------
+def _stale_ctx(budget, host=120 * 2**30):
+    from autofit.planning.context import Machine, Workload, context
+
+    from footprints import SDXL
+    return context(SDXL, Machine(budget_bytes=int(budget), host_available_bytes=int(host)), Workload(steps=30))
+
+
+def test_a_cached_plan_that_ran_is_held_to_the_whole_budget_and_to_what_was_measured():
+    """The stored plan ran within the whole budget (no working reserve asked: a prediction at
+    exactly the budget fits), against the measured activations when there are some; one byte of
+    budget less, or measured activations that do not fit, and it is refused, said with the plan's
+    names (``device`` for the empty plan) in a ``cache_plan_refused`` event whose stage is one
+    docs/logging.md names.
+    mutants: engine.preflight.x__stale__mutmut_4, _5, _8, _10, _36, _40, _45, _50"""
+    import structlog
+
+    from autofit.engine.preflight import _stale
+    from autofit.plan import Plan
+    from autofit.planning.planner import predict
+
+    plan, measured = Plan("model_offload"), {"encode": 2**28, "denoise": 2**30, "decode": 2**29}
+    exact = predict(plan, _stale_ctx(80 * 2**30), measured=measured).vram
+    with structlog.testing.capture_logs() as logs:
+        assert not _stale(plan, _stale_ctx(exact), measured)
+        assert _stale(plan, _stale_ctx(exact - 1), measured)
+    (refused,) = [e for e in logs if e["event"] == "autofit.cache_plan_refused"]
+    assert refused["action"] == "model_offload" and refused["stage"] == "load" and refused["reason"]
+    # The measured activations decide, not the estimate: far larger ones refuse a plan the estimate fits.
+    estimate = predict(plan, _stale_ctx(80 * 2**30)).vram
+    heavy = {"denoise": 4 * estimate}
+    assert predict(plan, _stale_ctx(estimate), margin=1.0).fits
+    assert _stale(plan, _stale_ctx(estimate), heavy)
+    with structlog.testing.capture_logs() as logs:
+        assert _stale(Plan(), _stale_ctx(predict(Plan(), _stale_ctx(80 * 2**30), measured=measured).vram - 1),
+                      measured)
+    (refused,) = [e for e in logs if e["event"] == "autofit.cache_plan_refused"]
+    assert refused["action"] == "device"
+
+
+def test_without_measurements_only_a_device_memory_misfit_is_set_aside():
+    """No activations measured (no peaks on this device): the estimate's word that device memory
+    is short does not overrule a plan that ran; host RAM short still refuses it.
+    mutants: engine.preflight.x__stale__mutmut_* (the branch without measurements)"""
+    from autofit.engine.preflight import _stale
+    from autofit.plan import Plan
+    from autofit.planning.planner import predict
+
+    plan = Plan("model_offload")
+    estimate = predict(plan, _stale_ctx(80 * 2**30)).vram
+    assert not _stale(plan, _stale_ctx(estimate // 4), None)
+    assert not _stale(plan, _stale_ctx(estimate // 4), {})
+    assert _stale(plan, _stale_ctx(estimate // 4, host=2**20), None)  # 1 MiB of host RAM: refused
+
+
+
+def test_a_stored_plan_naming_an_unknown_rung_is_reported_under_its_key(tmp_path):
+    """The ``cache_record_ignored`` warning names the record it ignores: its key, which is the
+    record's file name in the cache (docs/logging.md lists ``key``).
+    mutants: engine.preflight.xǁPreflightǁ_pick__mutmut_12"""
+    import json
+
+    import structlog
+
+    from autofit import autofit
+    from autofit.testing import tiny_sdxl
+
+    small = dict(num_inference_steps=1, height=16, width=16, output_type="pt")
+    run_once = lambda proxy: proxy("a cat", generator=torch.Generator().manual_seed(0), **small)  # noqa: E731
+    run_once(autofit(tiny_sdxl(), cache=tmp_path))
+    (path,) = (tmp_path / "plans").glob("*.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "plan": ["teleport_weights"]}))
+    with structlog.testing.capture_logs() as logs:
+        run_once(autofit(tiny_sdxl(), cache=tmp_path))
+    (ignored,) = [e for e in logs if e["event"] == "autofit.cache_record_ignored"]
+    assert ignored["key"] == path.stem and "teleport_weights" in ignored["reason"]

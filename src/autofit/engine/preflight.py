@@ -72,12 +72,11 @@ def _image_hw(image: Any) -> tuple[int, int] | None:
 
 
 def _count(value: Any) -> int | None:
+    """Images in an image input: a list's length, a batched array's or tensor's first dimension."""
     if isinstance(value, (list, tuple)):
         return len(value)
-    if isinstance(value, str):
-        return 1
     shape = getattr(value, "shape", None)
-    if shape is not None and len(shape) >= 4 and not isinstance(value, str):
+    if shape is not None and len(shape) >= 4:
         return int(shape[0])
     return None
 
