@@ -266,3 +266,17 @@ def test_the_fault_matrix_on_real_ooms(sim, reference, start):
     ooms = _ooms(proxy.autofit.history)
     assert 1 <= len(ooms) <= 3
     assert len(steps) == CALL["num_inference_steps"]  # completed UNet calls: none made twice
+
+
+@pytest.mark.parametrize("name", ["sim", "sim:0"])
+def test_a_device_named_without_an_index_is_the_device_the_weights_report(sim, reference, tmp_path, name):
+    """``device="sim"`` (no index) is the device weights report as ``sim:0``: under
+    ``offload_for_decode`` the UNet leaves it before the VAE decodes, as with an explicit
+    ``sim:0`` (a bare name made autofit see nothing on the device to move: the UNet stayed)."""
+    seen = []
+    pipe = tiny_sdxl()
+    pipe.vae.decoder.register_forward_hook(lambda m, a, out: seen.append(next(pipe.unet.parameters()).device.type))
+    proxy = autofit(pipe, device=name, plan="offload_for_decode", cache=tmp_path)
+    image = _call(proxy)
+    assert seen == ["cpu"]
+    torch.testing.assert_close(image.cpu(), reference[0], rtol=0, atol=1e-5)

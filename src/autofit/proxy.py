@@ -359,9 +359,21 @@ def _resolve_device(pipe: Any, device: str | torch.device | None) -> torch.devic
     if dev.type == "cpu":
         dev = torch.device("cpu")  # "cpu:0" (accelerate's name for it) is the same device
     _check_available(dev)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    if dev.type != "cpu" and dev.index is None:
+        # Weights report an indexed device ("sim:0", "xpu:0", "mps:0"): compared with a bare
+        # "sim", a component on the device would never count as there.
+        dev = torch.device(dev.type, _current_index(dev.type))
     return dev
+
+
+def _current_index(device_type: str) -> int:
+    """The index torch uses for ``device_type`` when none is given (its current device)."""
+    if device_type == "cuda":
+        return torch.cuda.current_device() if torch.cuda.is_available() else 0
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if accelerator is not None and accelerator.type == device_type:
+        return torch.accelerator.current_device_index()
+    return 0
 
 
 def _start(plan: Any, adopted: str | None, dev: torch.device) -> tuple[Plan, Plan | None]:
