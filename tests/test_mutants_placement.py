@@ -113,7 +113,7 @@ def test_a_rollback_that_fails_too_tears_down_and_the_first_error_passes_through
         switch_plan(proxy, _plan("model_offload"))
     assert raised.value is first
     (event,) = _events(logs, "rollback_failed")
-    assert event["log_level"] == "error" and event["stage"] == "load" and event.get("action")
+    assert event["log_level"] == "error" and event["stage"] == "load" and event["action"] == "tear_down"  # logging.md
     assert event["error"] == str(second)[:200]
     assert _events(logs, "rolled_back")[0]["plan"] == "group_block"
     assert all(d == {"cpu"} for d in _devices(pipe).values()) and not holds_hooks(pipe)
@@ -433,7 +433,7 @@ def test_a_users_int8_layers_are_adopted_with_an_event():
     with structlog.testing.capture_logs() as logs:
         wrap(pipe, device="cpu", cache=False)
     (event,) = _events(logs, "int8_state_follows_weight")
-    assert (event["component"], event["layers"]) == ("unet", len(layers))
+    assert (event["component"], event["layers"], event["action"]) == ("unet", len(layers), "adopt")  # logging.md
     assert event["log_level"] == "info" and event["stage"] == "load"
 
 
