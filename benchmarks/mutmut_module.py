@@ -92,7 +92,7 @@ EQUIVALENT: dict[str, set[str]] = {
     "recovery": set(),
     "placement": set(),
     "preflight": {"x_activation_ceiling__mutmut_11", "x_activation_ceiling__mutmut_14", "x__stale__mutmut_14",
-                  "x__stale__mutmut_22", "x__stale__mutmut_32", "xǁPreflightǁ_pick__mutmut_2"},
+                  "x__stale__mutmut_22", "x__stale__mutmut_32", "xǁPreflightǁ_pick__mutmut_2", "xǁPreflightǁ_pick__mutmut_3"},
     "batch_runner": set(),
 }
 

@@ -269,3 +269,55 @@ def test_a_stored_plan_naming_an_unknown_rung_is_reported_under_its_key(tmp_path
         run_once(autofit(tiny_sdxl(), cache=tmp_path))
     (ignored,) = [e for e in logs if e["event"] == "autofit.cache_record_ignored"]
     assert ignored["key"] == path.stem and "teleport_weights" in ignored["reason"]
+
+
+def test_a_second_process_starts_from_the_cache_and_drops_a_value_no_run_here_measured(tmp_path):
+    """The second process's ``preflight`` says ``source=cache`` (docs/logging.md: planner or
+    cache); a stored activation larger than this device can hold is dropped with a
+    ``cache_value_ignored`` warning that names the record (its file name) and the value as the
+    file holds it (read back with the json module).
+    mutants: engine.preflight.xǁPreflightǁ_pick__mutmut_19, _20, _25, _26, _27"""
+    import json
+
+    import structlog
+
+    from autofit import autofit
+    from autofit.testing import tiny_sdxl
+
+    small = dict(num_inference_steps=1, height=16, width=16, output_type="pt")
+    run_once = lambda proxy: proxy("a cat", generator=torch.Generator().manual_seed(0), **small)  # noqa: E731
+    with structlog.testing.capture_logs() as logs:
+        run_once(autofit(tiny_sdxl(), cache=tmp_path))
+    assert [e["source"] for e in logs if e["event"] == "autofit.preflight"] == ["planner"]
+    (path,) = (tmp_path / "plans").glob("*.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "activations": {"denoise": 2**49}}))
+    stored = json.loads(path.read_text())["activations"]["denoise"]
+    with structlog.testing.capture_logs() as logs:
+        run_once(autofit(tiny_sdxl(), cache=tmp_path))
+    assert [e["source"] for e in logs if e["event"] == "autofit.preflight"] == ["cache"]
+    (ignored,) = [e for e in logs if e["event"] == "autofit.cache_value_ignored"]
+    assert (ignored["key"], ignored["stage"], ignored["value"]) == (path.stem, "denoise", stored)
+
+
+def test_a_stored_plan_whose_rung_broke_its_components_is_not_taken_again(tmp_path):
+    """The record says fp8 broke the UNet (its ``broken`` field, as a roll back stores it): the
+    stored fp8 plan is refused before the call (``cache_plan_refused`` says why) and not used.
+    mutants: engine.preflight.xǁPreflightǁ_pick__mutmut_30"""
+    import json
+
+    import structlog
+
+    from autofit import autofit
+    from autofit.testing import tiny_sdxl
+
+    small = dict(num_inference_steps=1, height=16, width=16, output_type="pt")
+    run_once = lambda proxy: proxy("a cat", generator=torch.Generator().manual_seed(0), **small)  # noqa: E731
+    run_once(autofit(tiny_sdxl(), cache=tmp_path, policy="speed"))
+    (path,) = (tmp_path / "plans").glob("*.json")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "plan": ["fp8"], "broken": {"fp8": ["unet"]}}))
+    proxy = autofit(tiny_sdxl(), cache=tmp_path, policy="speed")
+    with structlog.testing.capture_logs() as logs:
+        run_once(proxy)
+    (refused,) = [e for e in logs if e["event"] == "autofit.cache_plan_refused"]
+    assert "fp8 broke unet" in refused["reason"]
+    assert "fp8" not in proxy.autofit.plan
