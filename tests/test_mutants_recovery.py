@@ -12,6 +12,7 @@ bytes: those tests place the pipeline on the simulated capped device (autofit.te
 """
 
 import re
+import time
 
 import pytest
 import structlog
@@ -25,7 +26,7 @@ from autofit.plan import Plan
 from autofit.planning import cost, rungs
 from autofit.planning.rungs import LADDERS
 
-from helpers import judged_as, measured_activations, rung_context, run, wrap
+from helpers import judged_as, measured_activations, paced, rung_context, run, wrap
 
 MiB, GiB = 1 << 20, 1 << 30
 FAST = {"num_inference_steps": 2}
@@ -78,12 +79,12 @@ def _check_exhausted_event(event, *, stage, attempts, plan, error):
 def test_backoffs_run_out_the_message_counts_the_retries_and_the_event_is_documented(backoff_waits):
     """With no rung left (leaf group offload on the CPU), the plan in force is retried after each
     backoff (docs/logging.md: 0.5, 1, 2 s; each retry_same_plan event's reason says the wait);
-    one more OOM gives up. Every climb passed over the lossy rungs (policy quality), with why,
-    the last one too. The message names the stage, why, what was tried (the retries, counted
+    one more OOM gives up. Every climb passed over each lossy rung (policy quality) once, with
+    why (docs/logging.md: one rung_skipped per rung passed over), the last climb too. The message names the stage, why, what was tried (the retries, counted
     from the history, not listed one by one), the plan in force, the last error and the advice
     for policy quality (lossy rungs are not allowed); the exception carries the stage, this
     call's history and the allocator's error; the event is as docs/logging.md says.
-    mutants: engine.recovery.x_climb__mutmut_43, _46, _47, _58, _64, _66,
+    mutants: engine.recovery.x_climb__mutmut_43, _46, _47, _58, _64, _66, engine.recovery.xǁRecoveryǁon_oom__mutmut_70,
     engine.recovery.xǁRecoveryǁ_exhausted__mutmut_4, _5, _7..10, _12, _14..22, _24, _27, _28, _30, _32..34,
     _37, _40, _42..45, _50..52, _54, _55"""
     proxy = autofit(tiny_sdxl(), cache=False, plan=("group_leaf", "vae_tiling"))
@@ -101,9 +102,9 @@ def test_backoffs_run_out_the_message_counts_the_retries_and_the_event_is_docume
     assert [e["log_level"] for e in retried] == ["warning"] * 3
     for event, wait in zip(retried, backoff_waits, strict=True):
         assert f"{wait:g} s" in event["reason"], event
-    lossy = {(e["attempt"], e["action"]) for e in logs
-             if e["event"] == "autofit.rung_skipped" and "policy" in e["reason"]}
-    assert lossy == {(k, rung) for k in range(1, fault.fired + 1) for rung in ("fp8", "int8", "nf4")}, lossy
+    lossy = sorted((e["attempt"], e["action"]) for e in logs
+                   if e["event"] == "autofit.rung_skipped" and "policy" in e["reason"])
+    assert lossy == sorted((k, rung) for k in range(1, fault.fired + 1) for rung in ("fp8", "int8", "nf4")), lossy
     event = _exhausted_event(logs)
     _check_exhausted_event(event, stage="denoise", attempts=fault.fired, plan=",".join(plan), error=_head(message))
     exc = info.value
@@ -159,7 +160,7 @@ def test_what_was_tried_lists_the_rungs_of_earlier_calls_on_the_way_to_the_plan_
 # what the stage held when it failed, not the request, sets how much the next plan must shed.
 HELD_MOST = (
     "CUDA out of memory. Tried to allocate 1.00 GiB. GPU 0 has a total capacity of 8.00 GiB of which "
-    "900.00 MiB is free. Including non-PyTorch memory, this process has 7.10 GiB memory in use. Of the "
+    "900.50 KiB is free. Including non-PyTorch memory, this process has 7.10 GiB memory in use. Of the "
     "allocated memory 7.00 GiB is allocated by PyTorch, and 20.00 MiB is reserved by PyTorch but "
     "unallocated. If reserved but unallocated memory is large try setting "
     "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
@@ -189,7 +190,8 @@ def test_a_device_oom_sizes_the_jump_from_its_own_figures_and_leaves_the_floor(s
     taken; moving the other components off frees only their weights. The second OOM reaches
     max_retries=1; the floor learned from the figures stays under the workload's key.
     mutants: engine.recovery.xǁRecoveryǁ_climb__mutmut_1, _2, _6, _8, _12, _14..34, _49, _64,
-    engine.recovery.x_climb__mutmut_9..11, _17..19, _35, _36, engine.recovery.xǁRecoveryǁon_oom__mutmut_20, _21"""
+    engine.recovery.x_climb__mutmut_9..11, _17..19, _35, _36, engine.recovery.xǁRecoveryǁon_oom__mutmut_20, _21,
+    engine.recovery.xǁRecoveryǁ_take__mutmut_137..145"""
     monkeypatch.setitem(OOM_MESSAGES, "held_most", (torch.OutOfMemoryError, HELD_MOST))
     requested = _figure(HELD_MOST, r"Tried to allocate SIZE\.")
     free = _figure(HELD_MOST, r"of which SIZE is free")
@@ -210,7 +212,7 @@ def test_a_device_oom_sizes_the_jump_from_its_own_figures_and_leaves_the_floor(s
     (escalate,) = [e for e in logs if e["event"] == "autofit.escalate"]
     assert (escalate["stage"], escalate["action"], escalate["cause"], escalate["explained"]) == (
         "decode", "vae_tiling", "plan", True)
-    assert escalate["need_mib"] == round(lacked / MiB, 2)
+    assert escalate["need_mib"] == round(lacked / MiB, 2) != round(lacked / MiB, 3)  # MiB, to 2 decimals
     (record,) = proxy.autofit.history
     reasons = dict(record.skipped)
     assert f"less than the {shed / MiB:.1f} MiB the failed allocation lacked" in reasons["offload_for_decode"], reasons
@@ -221,15 +223,18 @@ def test_a_device_oom_sizes_the_jump_from_its_own_figures_and_leaves_the_floor(s
 def test_a_host_oom_on_a_device_climbs_the_host_ladder(sim, tmp_path, monkeypatch):
     """A host-RAM OOM (the CPU allocator's message) in the decode of a pipeline on a device under
     model offload (its weights on the host): retried once on the plan in force (it says nothing
-    about the plan), then the next rung comes from the host-RAM ladder of docs/architecture.md,
+    about the plan; the retry_same_plan event says host RAM), then the next rung comes from the host-RAM ladder of docs/architecture.md,
     not the decode ladder (a device OOM there takes a decode rung).
     mutants: engine.recovery.xǁRecoveryǁ_climb__mutmut_46, engine.recovery.x_climb__mutmut_6,
-    engine.recovery.xǁRecoveryǁon_oom__mutmut_19, _22, _26"""
+    engine.recovery.xǁRecoveryǁon_oom__mutmut_19, _22, _26, _28, _29, _31..33, _35"""
     monkeypatch.setenv("AUTOFIT_OFFLOAD_DIR", str(tmp_path / "offload"))
     proxy = autofit(tiny_sdxl(), device=sim, cache=False, plan=("model_offload",))
-    with inject_oom(proxy, stage="decode", kind="cpu", times=2) as fault:
-        run(proxy, "sdxl", **FAST)
+    with structlog.testing.capture_logs() as logs:
+        with inject_oom(proxy, stage="decode", kind="cpu", times=2) as fault:
+            run(proxy, "sdxl", **FAST)
     assert fault.fired == 2
+    (retried,) = _events(logs, "retry_same_plan")
+    assert (retried["cause"], retried["oom"]) == ("host", "host") and "host RAM" in retried["reason"], retried
     retry, escalation = proxy.autofit.history
     assert (retry.action, retry.oom_kind, retry.cause) == ("retry_same_plan", "host", "host")
     assert (escalation.oom_kind, escalation.cause) == ("host", "host")
@@ -270,7 +275,7 @@ def test_a_load_oom_while_placing_a_rung_records_what_both_ladders_passed_over()
     The load ladder, tried first, has nothing (that is why the denoise ladder goes on): the
     record of that step lists the rungs passed over on both: every load rung the plan being
     placed lacks, the load peak's reasons among them.
-    mutants: engine.recovery.x_climb__mutmut_20"""
+    mutants: engine.recovery.x_climb__mutmut_20, engine.recovery.xǁRecoveryǁon_oom__mutmut_114..117"""
     proxy = autofit(tiny_sdxl(), cache=False, plan=("model_offload",))
     run(proxy, "sdxl", **FAST)
     with inject_oom(proxy, stage="denoise", at=1) as denoise:
@@ -278,7 +283,8 @@ def test_a_load_oom_while_placing_a_rung_records_what_both_ladders_passed_over()
                         expect_fire=True) as load:
             run(proxy, "sdxl", **FAST)
     first, second = proxy.autofit.history
-    assert (first.stage, second.stage) == ("denoise", "load") and second.action in LADDERS["denoise"]
+    assert (first.stage, second.stage, second.scope) == ("denoise", "load", "load")
+    assert second.action in LADDERS["denoise"]
     reasons = [why for _, why in second.skipped]
     assert any("load peak" in why for why in reasons), reasons
     passed = {name for name, _ in second.skipped}
@@ -309,3 +315,113 @@ def test_resident_streaming_jumps_to_the_first_quarter_step_predicted_to_fit_the
             run(proxy, "sdxl", num_inference_steps=1)
     assert fault.fired == 1
     assert proxy.autofit.plan == expected.names == steps[1].names, proxy.autofit.history
+
+
+# ---- _take and on_oom: what is logged about each step (docs/logging.md) --------------------------
+ESCALATE_FIELDS = {"stage", "action", "attempt", "component", "scope", "oom", "cause", "explained", "error", "lossless",
+                   "plan"}
+LOSSY = {"fp8", "int8", "nf4"}  # docs/architecture.md: the lossy rungs (policy balanced and up)
+
+
+def _events(logs, name):
+    return [e for e in logs if e["event"] == f"autofit.{name}"]
+
+
+def test_an_escalation_logs_its_skips_the_escalation_the_retry_and_the_recovery_as_documented():
+    """A denoise OOM on the CPU (the CUDA message: its figures blame the plan). The rungs passed
+    over are logged one event each (DEBUG), as the history's record lists them; the escalation
+    (WARNING) has its documented fields with the record's values (lossless: not an fp8/int8/nf4
+    rung); the retry (DEBUG) says which stage runs again, in which scope; the recovered call's
+    lost seconds are part of its seconds, within the time the call took.
+    mutants: engine.recovery.xǁRecoveryǁ_take__mutmut_63..74, _120..136, engine.recovery.xǁRecoveryǁon_oom__mutmut_102..112"""
+    proxy = autofit(tiny_sdxl(), cache=False)
+    message = OOM_MESSAGES["cuda"][1]
+    started = time.perf_counter()
+    with structlog.testing.capture_logs() as logs:
+        with inject_oom(proxy, stage="denoise", at=2) as fault:
+            run(proxy, "sdxl", **FAST)
+    took = time.perf_counter() - started
+    assert fault.fired == 1
+    (record,) = proxy.autofit.history
+    skipped = _events(logs, "rung_skipped")
+    assert record.skipped and [(e["action"], e["reason"]) for e in skipped] == list(record.skipped)
+    assert all((e["log_level"], e["stage"], e["attempt"]) == ("debug", "denoise", 1) for e in skipped), skipped
+    (escalate,) = _events(logs, "escalate")
+    assert escalate["log_level"] == "warning"
+    assert ESCALATE_FIELDS <= set(escalate) and set(escalate) & MEMORY_FIELDS, escalate
+    assert {k: escalate[k] for k in ESCALATE_FIELDS} == {
+        "stage": "denoise", "action": record.action, "attempt": 1, "component": "unet", "scope": "stage",
+        "oom": "device", "cause": "plan", "explained": True, "error": _head(message),
+        "lossless": record.action not in LOSSY, "plan": ",".join(proxy.autofit.plan)}
+    assert proxy.autofit.plan == record.plan
+    (retry,) = _events(logs, "retry")
+    assert (retry["log_level"], retry["stage"], retry["attempt"], retry["scope"]) == ("debug", "denoise", 1, "stage")
+    (recovered,) = _events(logs, "recovered")
+    assert 0 < recovered["seconds_lost"] <= recovered["seconds"] <= took, recovered
+
+
+def test_a_lossy_escalation_is_logged_as_not_lossless(backoff_waits):
+    """Under policy balanced, leaf group offload on the CPU has only fp8 storage left for the
+    denoiser: the escalation to it says lossless=False.
+    mutants: engine.recovery.xǁRecoveryǁ_take__mutmut_134..136"""
+    proxy = autofit(tiny_sdxl(), cache=False, plan=("group_leaf",), policy="balanced")
+    with structlog.testing.capture_logs() as logs:
+        with inject_oom(proxy, stage="denoise"):
+            run(proxy, "sdxl", num_inference_steps=1)
+    (escalate,) = _events(logs, "escalate")
+    assert escalate["action"] in LOSSY and escalate["lossless"] is False, escalate
+
+
+@pytest.mark.parametrize("kind, steers", [("cuda", True), ("cuda_spike", False)])
+def test_an_escalation_steers_the_next_process_unless_another_process_held_the_memory(tmp_path, kind, steers):
+    """README: "the plan cache remembers an escalation unless the OOM's figures put it on another
+    process's memory". An explained OOM (this process held nearly all of it) steers: a new
+    wrapper on the same cache starts on the escalated plan. Another process's spike, escalated
+    after its same-plan retry, does not: the new wrapper starts on the planned plan.
+    mutants: engine.recovery.xǁRecoveryǁ_take__mutmut_147, _150, _152..154, and the retry branch's:
+    engine.recovery.xǁRecoveryǁ_take__mutmut_33..61, engine.recovery.x_triage__mutmut_12..26"""
+    first = autofit(tiny_sdxl(), cache=tmp_path)
+    run(first, "sdxl", num_inference_steps=1)
+    planned = first.autofit.plan
+    with structlog.testing.capture_logs() as logs:
+        with inject_oom(first, stage="denoise", times=2 if kind == "cuda_spike" else 1, kind=kind):
+            run(first, "sdxl", num_inference_steps=1)
+    escalated = first.autofit.plan
+    if not steers:  # the spike was retried on the plan in force first, saying why from its figures
+        message = OOM_MESSAGES[kind][1]
+        held = re.search(r"this process has ([0-9.]+ GiB) memory in use", message).group(1)
+        total = re.search(r"total capacity of ([0-9.]+ GiB)", message).group(1)
+        (retried,) = _events(logs, "retry_same_plan")
+        assert retried["log_level"] == "warning"
+        assert (retried["stage"], retried["component"], retried["scope"], retried["cause"], retried["error"],
+                retried.get("plan", "")) == ("denoise", "unet", "stage", "others", _head(message), ",".join(planned))
+        assert held in retried["reason"] and total in retried["reason"], retried
+        assert first.autofit.history[-2].action == "retry_same_plan"
+    assert escalated != planned
+    assert first.autofit.history[-1].cause == ("plan" if steers else "others")
+    second = autofit(tiny_sdxl(), cache=tmp_path)
+    run(second, "sdxl", num_inference_steps=1)
+    assert second.autofit.plan == (escalated if steers else planned)
+
+
+def test_a_probe_that_runs_out_logs_the_plan_it_goes_back_to_and_the_doubled_wait():
+    """A probe (one step back down after a quiet call) runs out: docs/logging.md's probe_failed
+    (INFO) with the stage, the plan it came from (back in force), the cause and the wait, which
+    doubles (paced: first_wait 1); the history records it as probe_failed.
+    mutants: engine.recovery.xǁRecoveryǁ_take__mutmut_1..32"""
+    proxy = wrap(tiny_sdxl(), cache=False, probes=paced(first_wait=1, max_wait=4))
+    run(proxy, "sdxl", num_inference_steps=1)
+    planned = proxy.autofit.plan
+    with structlog.testing.capture_logs() as logs:
+        with inject_oom(proxy, stage="denoise", when=lambda n: proxy.autofit.plan == planned):
+            for _ in range(4):
+                run(proxy, "sdxl", num_inference_steps=1)
+                if _events(logs, "probe_failed"):
+                    break
+    (event,) = _events(logs, "probe_failed")
+    escalated = proxy.autofit.plan
+    assert escalated != planned
+    assert event["log_level"] == "info" and set(event) & MEMORY_FIELDS, event
+    assert (event["stage"], event["plan"], event["cause"], event["wait"]) == ("denoise", ",".join(escalated), "plan", 2)
+    record = proxy.autofit.history[-1]
+    assert (record.action, record.stage, record.plan) == ("probe_failed", "denoise", escalated)
