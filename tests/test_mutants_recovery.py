@@ -220,6 +220,39 @@ def test_a_device_oom_sizes_the_jump_from_its_own_figures_and_leaves_the_floor(s
     assert floor is not None and allocated + requested - weights <= floor <= allocated + requested, floor
 
 
+def _shed(message: str) -> int:
+    """What the stage must shed by the message's figures alone (see the test above)."""
+    requested = _figure(message, r"Tried to allocate SIZE\.")
+    free = _figure(message, r"of which SIZE is free")
+    process = _figure(message, r"this process has SIZE memory in use")
+    allocated = _figure(message, r"Of the allocated memory SIZE is allocated by PyTorch")
+    return max(requested - free, allocated + requested - _usable(free + process))
+
+
+def test_without_a_cache_each_workload_keeps_its_own_floor(sim, monkeypatch):
+    """No plan cache and no preflight (no cache key): the floor an OOM's figures set is kept per
+    workload. A 64 px call's decode runs out with the larger figures (OOM_MESSAGES["cuda"]); then,
+    on the same plan, a 32 px call's decode with smaller ones: what it must shed comes from its own figures, not
+    from the other workload's floor.
+    mutants: engine.recovery.xǁRecoveryǁ_climb__mutmut_3"""
+    monkeypatch.setitem(OOM_MESSAGES, "held_most", (torch.OutOfMemoryError, HELD_MOST))
+    big = OOM_MESSAGES["cuda"][1]
+    def held_and_asked(message):  # the decode's peak, at least, by the figures
+        return _figure(message, r"Of the allocated memory SIZE") + _figure(message, r"Tried to allocate SIZE\.")
+
+    assert held_and_asked(big) > held_and_asked(HELD_MOST)
+    proxy = autofit(tiny_sdxl(), device=sim, cache=False, preflight=False, max_retries=1)
+    for kind, size in (("cuda", 64), ("held_most", 32)):
+        proxy.autofit.reset()  # both start on the plan autofit started with (no tiling)
+        with inject_oom(proxy, stage="decode", kind=kind, times=2):
+            with pytest.raises(AutoFitExhausted):
+                run(proxy, "sdxl", height=size, width=size, **FAST)
+    record = proxy.autofit.history[-1]
+    assert (record.stage, record.action in LADDERS["decode"]) == ("decode", True), record
+    expected = f"less than the {_shed(HELD_MOST) / MiB:.1f} MiB the failed allocation lacked"
+    assert expected in dict(record.skipped)["offload_for_decode"], record
+
+
 def test_a_host_oom_on_a_device_climbs_the_host_ladder(sim, tmp_path, monkeypatch):
     """A host-RAM OOM (the CPU allocator's message) in the decode of a pipeline on a device under
     model offload (its weights on the host): retried once on the plan in force (it says nothing
