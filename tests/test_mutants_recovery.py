@@ -84,7 +84,7 @@ def test_backoffs_run_out_the_message_counts_the_retries_and_the_event_is_docume
     from the history, not listed one by one), the plan in force, the last error and the advice
     for policy quality (lossy rungs are not allowed); the exception carries the stage, this
     call's history and the allocator's error; the event is as docs/logging.md says.
-    mutants: engine.recovery.x_climb__mutmut_43, _46, _47, _58, _64, _66, engine.recovery.xǁRecoveryǁon_oom__mutmut_70,
+    mutants: engine.recovery.x_climb__mutmut_43, _46, _47, _50, _51, _58, _64, _66, engine.recovery.xǁRecoveryǁon_oom__mutmut_70,
     engine.recovery.xǁRecoveryǁ_exhausted__mutmut_4, _5, _7..10, _12, _14..22, _24, _27, _28, _30, _32..34,
     _37, _40, _42..45, _50..52, _54, _55"""
     proxy = autofit(tiny_sdxl(), cache=False, plan=("group_leaf", "vae_tiling"))
@@ -111,6 +111,7 @@ def test_backoffs_run_out_the_message_counts_the_retries_and_the_event_is_docume
     assert (exc.stage, exc.history) == ("denoise", history)
     text = str(exc)
     assert text.startswith(f"autofit could not fit the denoise stage ({event['reason']}). "), text
+    assert event["reason"].startswith("no rung left")  # README: "With no rung left, ... before giving up"
     assert f"Tried: 3 retries of the plan in force; the plan in force was {'+'.join(plan)}." in text, text
     assert f"Last error: {_head(message)}." in text, text
     assert "allow lossy rungs" in text, text
@@ -120,7 +121,7 @@ def test_backoffs_run_out_the_message_counts_the_retries_and_the_event_is_docume
 def test_one_retry_then_max_retries_the_message_says_one_retry(backoff_waits):
     """max_retries=1 (README: escalations allowed within one call): the first OOM is retried
     after a backoff, the second reaches the limit; the message counts 1 retry, in the singular.
-    mutants: engine.recovery.xǁRecoveryǁ_exhausted__mutmut_36, _38, _39, _41"""
+    mutants: engine.recovery.xǁRecoveryǁ_exhausted__mutmut_36, _38, _39, _41, engine.recovery.xǁRecoveryǁon_oom__mutmut_10..18"""
     proxy = autofit(tiny_sdxl(), cache=False, plan=("group_leaf",), max_retries=1)
     with structlog.testing.capture_logs() as logs:
         with inject_oom(proxy, stage="denoise", at=2, times=2) as fault:
@@ -128,8 +129,12 @@ def test_one_retry_then_max_retries_the_message_says_one_retry(backoff_waits):
                 run(proxy, "sdxl", **FAST)
     assert fault.fired == 2 and backoff_waits == [0.5]
     event = _exhausted_event(logs)
-    assert "max_retries=1" in event["reason"]
-    assert "Tried: 1 retry of the plan in force; the plan in force was group_leaf." in str(info.value), str(info.value)
+    _check_exhausted_event(event, stage="denoise", attempts=2, plan="group_leaf", error=_head(OOM_MESSAGES["cuda"][1]))
+    assert "max_retries=1" in event["reason"] and info.value.stage == "denoise"
+    text = str(info.value)
+    assert text.startswith(f"autofit could not fit the denoise stage ({event['reason']}). "), text
+    assert "Tried: 1 retry of the plan in force; the plan in force was group_leaf." in text, text
+    assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
 
 
 def test_what_was_tried_lists_the_rungs_of_earlier_calls_on_the_way_to_the_plan_in_force():
