@@ -463,3 +463,20 @@ def test_a_probe_that_runs_out_logs_the_plan_it_goes_back_to_and_the_doubled_wai
     assert (event["stage"], event["plan"], event["cause"], event["wait"]) == ("denoise", ",".join(escalated), "plan", 2)
     record = proxy.autofit.history[-1]
     assert (record.action, record.stage, record.plan) == ("probe_failed", "denoise", escalated)
+
+
+def test_an_oom_without_figures_is_judged_by_the_plans_predicted_peak_against_the_budget(tmp_path):
+    """docs/architecture.md: "A message without figures (cuDNN, "CUDA error: out of memory") is
+    judged by the plan's predicted peak against the budget." With max_vram below any plan's
+    prediction, preflight's own event shows the denoise peak predicted over the budget: the
+    figureless OOM is the plan's fault and escalates at once (no same-plan retry).
+    mutants: engine.recovery.xǁRecoveryǁ_judge__mutmut_1, _2, _4..10, _12..16"""
+    proxy = autofit(tiny_sdxl(), cache=tmp_path, max_vram="1MiB")
+    with structlog.testing.capture_logs() as logs:
+        with inject_oom(proxy, stage="denoise", kind="cuda_runtime") as fault:
+            run(proxy, "sdxl", num_inference_steps=1)
+    assert fault.fired == 1
+    (predicted,) = [e for e in _events(logs, "preflight") if "predicted_denoise_gib" in e]
+    assert predicted["predicted_denoise_gib"] > predicted["budget_gib"], predicted
+    (record,) = proxy.autofit.history
+    assert (record.stage, record.cause, record.action in LADDERS["denoise"]) == ("denoise", "plan", True), record
