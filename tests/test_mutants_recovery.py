@@ -85,6 +85,7 @@ def test_backoffs_run_out_the_message_counts_the_retries_and_the_event_is_docume
     for policy quality (lossy rungs are not allowed); the exception carries the stage, this
     call's history and the allocator's error; the event is as docs/logging.md says.
     mutants: engine.recovery.x_climb__mutmut_43, _46, _47, _50, _51, _58, _64, _66, engine.recovery.xǁRecoveryǁon_oom__mutmut_70,
+    engine.recovery.xǁRecoveryǁ_take__mutmut_110..118,
     engine.recovery.xǁRecoveryǁ_exhausted__mutmut_4, _5, _7..10, _12, _14..22, _24, _27, _28, _30, _32..34,
     _37, _40, _42..45, _50..52, _54, _55"""
     proxy = autofit(tiny_sdxl(), cache=False, plan=("group_leaf", "vae_tiling"))
@@ -101,7 +102,8 @@ def test_backoffs_run_out_the_message_counts_the_retries_and_the_event_is_docume
     retried = [e for e in logs if e["event"] == "autofit.retry_same_plan"]
     assert [e["log_level"] for e in retried] == ["warning"] * 3
     for event, wait in zip(retried, backoff_waits, strict=True):
-        assert f"{wait:g} s" in event["reason"], event
+        assert f"{wait:g} s" in event["reason"] and set(event) & MEMORY_FIELDS, event
+        assert (event["stage"], event["plan"], event["error"]) == ("denoise", ",".join(plan), _head(message)), event
     lossy = sorted((e["attempt"], e["action"]) for e in logs
                    if e["event"] == "autofit.rung_skipped" and "policy" in e["reason"])
     assert lossy == sorted((k, rung) for k in range(1, fault.fired + 1) for rung in ("fp8", "int8", "nf4")), lossy
@@ -433,7 +435,7 @@ def test_an_escalation_steers_the_next_process_unless_another_process_held_the_m
         assert retried["log_level"] == "warning"
         assert (retried["stage"], retried["component"], retried["scope"], retried["cause"], retried["error"],
                 retried.get("plan", "")) == ("denoise", "unet", "stage", "others", _head(message), ",".join(planned))
-        assert held in retried["reason"] and total in retried["reason"], retried
+        assert held in retried["reason"] and total in retried["reason"] and set(retried) & MEMORY_FIELDS, retried
         assert first.autofit.history[-2].action == "retry_same_plan"
     assert escalated != planned
     assert first.autofit.history[-1].cause == ("plan" if steers else "others")
@@ -445,8 +447,9 @@ def test_an_escalation_steers_the_next_process_unless_another_process_held_the_m
 def test_a_probe_that_runs_out_logs_the_plan_it_goes_back_to_and_the_doubled_wait():
     """A probe (one step back down after a quiet call) runs out: docs/logging.md's probe_failed
     (INFO) with the stage, the plan it came from (back in force), the cause and the wait, which
-    doubles (paced: first_wait 1); the history records it as probe_failed.
-    mutants: engine.recovery.xǁRecoveryǁ_take__mutmut_1..32"""
+    doubles (paced: first_wait 1); the history records it as probe_failed, and the next probe comes
+    after the doubled wait (the lost time counted is the failed call's).
+    mutants: engine.recovery.xǁRecoveryǁ_take__mutmut_1..32 (_7: the lost time)"""
     proxy = wrap(tiny_sdxl(), cache=False, probes=paced(first_wait=1, max_wait=4))
     run(proxy, "sdxl", num_inference_steps=1)
     planned = proxy.autofit.plan
@@ -463,6 +466,13 @@ def test_a_probe_that_runs_out_logs_the_plan_it_goes_back_to_and_the_doubled_wai
     assert (event["stage"], event["plan"], event["cause"], event["wait"]) == ("denoise", ",".join(escalated), "plan", 2)
     record = proxy.autofit.history[-1]
     assert (record.action, record.stage, record.plan) == ("probe_failed", "denoise", escalated)
+    # The failed probe's lost time is its call's, within the run time (probe_share 1.0): after the
+    # doubled wait of quiet calls, the next call probes again.
+    seen = len(proxy.autofit.history)
+    with inject_oom(proxy, stage="denoise", when=lambda n: proxy.autofit.plan == planned):
+        for _ in range(event["wait"] + 1):
+            run(proxy, "sdxl", num_inference_steps=1)
+    assert [r.action for r in proxy.autofit.history[seen:]] == ["probe", "probe_failed"], proxy.autofit.history
 
 
 def test_an_oom_without_figures_is_judged_by_the_plans_predicted_peak_against_the_budget(tmp_path):
