@@ -89,10 +89,14 @@ EQUIVALENT: dict[str, set[str]] = {
               "xǁPlanCacheǁget__mutmut_7", "xǁPlanCacheǁget__mutmut_13", "xǁPlanCacheǁ_read__mutmut_27"},
     "batch_items": {"x_id_problem__mutmut_21", "x__rows__mutmut_4", "x__rows__mutmut_31"},
     "rungs": {"x_sized__mutmut_27", "x_step__mutmut_6", "x_steps__mutmut_12"},
-    "recovery": set(),
-    "placement": set(),
+    "recovery": {"xǁRecoveryǁ_exhausted__mutmut_6", "xǁRecoveryǁ_exhausted__mutmut_13", "x_climb__mutmut_2",
+                 "x_climb__mutmut_24", "xǁRecoveryǁ_climb__mutmut_7", "xǁRecoveryǁ_climb__mutmut_41",
+                 "xǁRecoveryǁ_judge__mutmut_3", "xǁRecoveryǁ_take__mutmut_156"},
+    "placement": {"xǁPlacementǁ_restore__mutmut_28", "xǁPlacementǁ_restore__mutmut_34", "xǁPlacementǁ_apply__mutmut_23",
+                  "xǁPlacementǁ__init____mutmut_47"},
     "preflight": {"x_activation_ceiling__mutmut_11", "x_activation_ceiling__mutmut_14", "x__stale__mutmut_14",
-                  "x__stale__mutmut_22", "x__stale__mutmut_32", "xǁPreflightǁ_pick__mutmut_2", "xǁPreflightǁ_pick__mutmut_3"},
+                  "x__stale__mutmut_22", "x__stale__mutmut_32", "xǁPreflightǁ_pick__mutmut_2", "xǁPreflightǁ_pick__mutmut_3",
+                  "x_stored_activations__mutmut_18", "x_stored_activations__mutmut_25"},
     "batch_runner": set(),
 }
 
