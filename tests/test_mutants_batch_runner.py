@@ -178,24 +178,27 @@ def _finished_folder(tmp_path, records):
 
 def test_pending_lists_exactly_what_a_run_would_make(tmp_path):
     """From the manifest alone: an item is pending when it was rejected, its names clash, it has
-    no record, or its last record's key (recomputed here from the documented fields) differs.
-    A folder that does not exist yet: everything is pending.
-    mutants: batch.runner.x_pending__mutmut_1..15, x_pending__mutmut_17..34"""
+    no record, its last record's key (recomputed here from the documented fields) differs, or
+    its image is gone. A folder that does not exist yet: everything is pending.
+    mutants: batch.runner.x_pending__mutmut_1..15, x_pending__mutmut_17..34, x__finished__mutmut_20"""
     defaults = {"height": 16}
     x = BatchItem("x", "two birds", 5, {"num_images_per_prompt": 2})
     items = [BatchItem("a", "a cat", 1), BatchItem("b", "a dog", 2), BatchItem("c", "a cow", 3),
-             RejectedItem("r", 4, "refused"), x, BatchItem("x_0", "a fish", 6)]
+             RejectedItem("r", 4, "refused"), x, BatchItem("x_0", "a fish", 6), BatchItem("g", "a goat", 7)]
     out = _finished_folder(tmp_path, [
         {"id": "a", "status": "ok", "files": ["a.png"], "key": ref_key("a cat", 1, defaults)},
         {"id": "b", "status": "ok", "files": ["b.png"], "key": ref_key("a dog", 99, defaults)},  # another seed
         {"id": "x", "status": "ok", "files": ["x_0.png", "x_1.png"],
          "key": ref_key("two birds", 5, {**defaults, "num_images_per_prompt": 2})},
         {"id": "x_0", "status": "ok", "files": ["x_0.png"], "key": ref_key("a fish", 6, defaults)},
+        {"id": "g", "status": "ok", "files": ["g.png"], "key": ref_key("a goat", 7, defaults)},
     ])
-    assert pending(items, out, defaults=defaults, model=MODEL) == ["b", "c", "r", "x_0"]
-    assert pending(items, out, defaults={"height": 24}, model=MODEL) == ["a", "b", "c", "r", "x", "x_0"]
-    assert pending(items, out, defaults=defaults, model=f"{SDXL}:org/other") == ["a", "b", "c", "r", "x", "x_0"]
-    assert pending(items, tmp_path / "nowhere", defaults=defaults, model=MODEL) == ["a", "b", "c", "r", "x", "x_0"]
+    (out / "g.png").unlink()  # recorded, but the image is gone
+    everything = ["a", "b", "c", "r", "x", "x_0", "g"]
+    assert pending(items, out, defaults=defaults, model=MODEL) == ["b", "c", "r", "x_0", "g"]
+    assert pending(items, out, defaults={"height": 24}, model=MODEL) == everything
+    assert pending(items, out, defaults=defaults, model=f"{SDXL}:org/other") == everything
+    assert pending(items, tmp_path / "nowhere", defaults=defaults, model=MODEL) == everything
 
 
 def test_the_last_record_of_an_id_decides_and_foreign_lines_are_ignored(tmp_path):
@@ -262,7 +265,7 @@ def test_iter_manifest_reads_every_shard_past_bad_lines_and_folders(tmp_path):
 def test_a_manifest_append_that_fails_is_one_line_naming_the_manifest(proxy, tmp_path):
     """The manifest on a full device (a link to /dev/full: every write fails with ENOSPC) stops
     the job with one line: the manifest, the reason, what to do.
-    mutants: batch.runner.x__record__mutmut_20..23, x_run_batch__mutmut_65"""
+    mutants: batch.runner.x__record__mutmut_20..23, x_run_batch__mutmut_65, x__append__mutmut_1..4"""
     out = tmp_path / "out"
     out.mkdir()
     (out / "manifest.jsonl").symlink_to("/dev/full")
@@ -344,8 +347,8 @@ def test_a_run_records_the_documented_fields_events_and_progress_and_resumes_by_
     key recomputed here from them, the line of each item, the settings it ran with; each failure
     and the end are logged with the documented fields; the timings fit the wall clock. A rerun
     skips what is finished, with a progress bar that starts at the skipped count; a changed model
-    makes every good item again, and nothing else changes.
-    mutants: batch.runner.x__model_of__mutmut_1..3, x__model_of__mutmut_5, x__model_of__mutmut_6, x__model_of__mutmut_8..15, x__model_of__mutmut_17..19, x_run_batch__mutmut_1, x_run_batch__mutmut_35, x_run_batch__mutmut_45, x_run_batch__mutmut_54..62, x_run_batch__mutmut_84..91, x_run_batch__mutmut_94..99, x_run_batch__mutmut_102..116, x__bar__mutmut_1..10, x__share__mutmut_2, x__after__mutmut_1..7, x__after__mutmut_13, x__after__mutmut_14, x__run_one__mutmut_4, x__run_one__mutmut_13, x__run_one__mutmut_14, x__run_one__mutmut_19, x__run_one__mutmut_20, x__run_one__mutmut_25..27, x__run_one__mutmut_32, x__run_one__mutmut_33, x__run_one__mutmut_38..40, x__run_one__mutmut_183, x__failed__mutmut_4, x__failed__mutmut_6, x__failed__mutmut_7, x__failed__mutmut_9, x__failed__mutmut_10, x__failed__mutmut_13, x__failed__mutmut_14, x__failed__mutmut_16..19, x__failed__mutmut_22..24, x__todo__mutmut_7, x__end_torn_line__mutmut_15, x__end_torn_line__mutmut_16, x__end_torn_line__mutmut_19, x__end_torn_line__mutmut_20"""
+    makes every good item again, the same bytes, and nothing else changes.
+    mutants: batch.runner.x__model_of__mutmut_1..3, x__model_of__mutmut_5, x__model_of__mutmut_6, x__model_of__mutmut_8..15, x__model_of__mutmut_17..19, x_run_batch__mutmut_1, x_run_batch__mutmut_35, x_run_batch__mutmut_45, x_run_batch__mutmut_54..62, x_run_batch__mutmut_84..91, x_run_batch__mutmut_94..99, x_run_batch__mutmut_102..116, x__bar__mutmut_1..10, x__share__mutmut_2, x__after__mutmut_1..7, x__after__mutmut_13, x__after__mutmut_14, x__run_one__mutmut_4, x__run_one__mutmut_13, x__run_one__mutmut_14, x__run_one__mutmut_19, x__run_one__mutmut_20, x__run_one__mutmut_25..27, x__run_one__mutmut_32, x__run_one__mutmut_33, x__run_one__mutmut_38..40, x__run_one__mutmut_183, x__failed__mutmut_4, x__failed__mutmut_6, x__failed__mutmut_7, x__failed__mutmut_9, x__failed__mutmut_10, x__failed__mutmut_13, x__failed__mutmut_14, x__failed__mutmut_16..19, x__failed__mutmut_22..24, x__todo__mutmut_7, x__run_one__mutmut_45, x__run_one__mutmut_47, x__end_torn_line__mutmut_15, x__end_torn_line__mutmut_16, x__end_torn_line__mutmut_19, x__end_torn_line__mutmut_20"""
     rows = [{"id": "a", "prompt": "a red cat", "seed": 1},
             {"id": "b", "prompt": "a blue dog", "seed": 2, "guidance_scale": 3.0},
             {"id": "bad", "prompt": "x", "height": 7},
@@ -394,6 +397,7 @@ def test_a_run_records_the_documented_fields_events_and_progress_and_resumes_by_
 
     # A rerun (progress on by default): everything good is skipped; the bar starts at 3 of 5.
     inodes = {n: (out / n).stat().st_ino for names in files.values() for n in names}
+    pixels = {n: (out / n).read_bytes() for n in inodes}
     again = run_batch(proxy, prompts, out, defaults=TINY)
     err = capsys.readouterr().err
     assert (again.done, again.skipped, list(again.failed)) == ([], ["a", "b", "x"], ["bad", "x_0"])
@@ -411,6 +415,8 @@ def test_a_run_records_the_documented_fields_events_and_progress_and_resumes_by_
         inner.register_to_config(_name_or_path=None)
     assert other.done == ["a", "b", "x"] and not other.skipped
     assert all((out / n).stat().st_ino != ino for n, ino in inodes.items())
+    # Same weights, same seeds: the images made again are the same bytes (each item's own generator).
+    assert {n: (out / n).read_bytes() for n in inodes} == pixels
     last = {r["id"]: r for r in _lines(out)}
     for item_id in files:
         row = rows[[r["id"] for r in rows].index(item_id)]
