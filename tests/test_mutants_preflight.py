@@ -210,7 +210,7 @@ def test_a_cached_plan_that_ran_is_held_to_the_whole_budget_and_to_what_was_meas
     budget less, or measured activations that do not fit, and it is refused, said with the plan's
     names (``device`` for the empty plan) in a ``cache_plan_refused`` event whose stage is one
     docs/logging.md names.
-    mutants: engine.preflight.x__stale__mutmut_4, _5, _8, _10, _36, _40, _45, _50"""
+    mutants: engine.preflight.x__stale__mutmut_4, _5, _8, _10, _36, _40, _45, _48, _50"""
     import structlog
 
     from autofit.engine.preflight import _stale
@@ -234,6 +234,11 @@ def test_a_cached_plan_that_ran_is_held_to_the_whole_budget_and_to_what_was_meas
                       measured)
     (refused,) = [e for e in logs if e["event"] == "autofit.cache_plan_refused"]
     assert refused["action"] == "device"
+    two = Plan("model_offload", frozenset({"vae_tiling"}))
+    with structlog.testing.capture_logs() as logs:
+        assert _stale(two, _stale_ctx(2**20), measured)
+    (refused,) = [e for e in logs if e["event"] == "autofit.cache_plan_refused"]
+    assert refused["action"].split(",") == list(two.names)  # a plan: its rungs, comma-joined (logging.md)
 
 
 def test_without_measurements_only_a_device_memory_misfit_is_set_aside():
@@ -305,7 +310,7 @@ def test_a_second_process_starts_from_the_cache_and_drops_a_value_no_run_here_me
 def test_a_stored_plan_whose_rung_broke_its_components_is_not_taken_again(tmp_path):
     """The record says fp8 broke the UNet (its ``broken`` field, as a roll back stores it): the
     stored fp8 plan is refused before the call (``cache_plan_refused`` says why) and not used.
-    mutants: engine.preflight.xǁPreflightǁ_pick__mutmut_30"""
+    mutants: engine.preflight.xǁPreflightǁ_pick__mutmut_30, _46, _51, _52, _54"""
     import json
 
     import structlog
@@ -315,10 +320,13 @@ def test_a_stored_plan_whose_rung_broke_its_components_is_not_taken_again(tmp_pa
 
     small = dict(num_inference_steps=1, height=16, width=16, output_type="pt")
     run_once = lambda proxy: proxy("a cat", generator=torch.Generator().manual_seed(0), **small)  # noqa: E731
-    run_once(autofit(tiny_sdxl(), cache=tmp_path, policy="speed"))
+    # 8 MiB: the planner's own pick is fp8 (checked), so only the record's word keeps it out.
+    first = autofit(tiny_sdxl(), cache=tmp_path, policy="speed", max_vram="8MiB")
+    run_once(first)
+    assert first.autofit.plan == ("fp8",)
     (path,) = (tmp_path / "plans").glob("*.json")
     path.write_text(json.dumps({**json.loads(path.read_text()), "plan": ["fp8"], "broken": {"fp8": ["unet"]}}))
-    proxy = autofit(tiny_sdxl(), cache=tmp_path, policy="speed")
+    proxy = autofit(tiny_sdxl(), cache=tmp_path, policy="speed", max_vram="8MiB")
     with structlog.testing.capture_logs() as logs:
         run_once(proxy)
     (refused,) = [e for e in logs if e["event"] == "autofit.cache_plan_refused"]
