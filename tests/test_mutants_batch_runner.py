@@ -549,3 +549,28 @@ def test_a_distributed_run_in_one_process_writes_its_rank_shard_with_the_options
     records = _lines(tmp_path, "manifest.rank0.jsonl")
     assert [(r["id"], r["status"], r["plan"]) for r in records] == [("a", "ok", ["vae_slicing"]), ("b", "ok", ["vae_slicing"])]
     assert pending(items, tmp_path, model=MODEL) == []
+
+
+def test_an_image_the_png_encoder_refuses_fails_its_item_not_the_job(built, tmp_path):
+    """Pillow refuses a CMYK image as PNG with an OSError that has no errno: the image's own
+    problem, so the item fails (stage ``save``, Pillow's own words) and the job goes on, where a
+    full disk would stop it."""
+    import io
+
+    import PIL.Image
+
+    with pytest.raises(OSError) as refused:
+        PIL.Image.new("CMYK", (1, 1)).save(io.BytesIO(), "PNG")
+    assert refused.value.errno is None
+    pipe = _fresh(built)
+    to_pil = pipe.image_processor.numpy_to_pil
+    pipe.image_processor.numpy_to_pil = lambda images: [im.convert("CMYK") for im in to_pil(images)]
+    items = [BatchItem("a", "a cat", 0), BatchItem("b", "a dog", 1)]
+    with capture_logs() as logs:
+        report = run_batch(autofit(pipe, cache=False), items, tmp_path, defaults=dict(TINY), progress=False)
+    assert report.done == [] and set(report.failed) == {"a", "b"}
+    assert all(str(refused.value) in error for error in report.failed.values())
+    records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["status"]) for r in records] == [("a", "failed"), ("b", "failed")]
+    failed = [e for e in logs if e["event"] == "autofit.batch_item_failed"]
+    assert [(e["item"], e["stage"]) for e in failed] == [("a", "save"), ("b", "save")]

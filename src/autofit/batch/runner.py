@@ -348,7 +348,8 @@ def _run_one(pipe: Any, item: BatchItem | RejectedItem, key: str | None, default
         try:
             write_atomically(out / name, image.save, fsync=True)  # on disk before the manifest says so
         except OSError as exc:
-            if exc.errno not in _ITEM_ERRNOS:
+            # No errno: the encoder refused the image (Pillow: "cannot write mode CMYK as PNG").
+            if exc.errno is not None and exc.errno not in _ITEM_ERRNOS:
                 raise BatchError(f"cannot write {out / name}: {exc.strerror or exc}; free space and rerun "
                                  "to resume") from None
             return _failed(report, record, f"cannot write {name}: {exc.strerror or exc}", stage="save",
