@@ -490,3 +490,44 @@ def test_an_oom_without_figures_is_judged_by_the_plans_predicted_peak_against_th
     assert predicted["predicted_denoise_gib"] > predicted["budget_gib"], predicted
     (record,) = proxy.autofit.history
     assert (record.stage, record.cause, record.action in LADDERS["denoise"]) == ("denoise", "plan", True), record
+
+
+def test_a_roll_back_is_recorded_and_logged_with_its_documented_fields(tmp_path):
+    """fp8 breaks the UNet on its first run (a real dtype error raised inside it): the
+    ``rolled_back`` warning carries the fields docs/logging.md lists (stage, action ``undo_fp8``,
+    component, error, plan, marked_broken), the history's record says the same (attempt, no OOM
+    kind, scope ``stage``), the plan in force drops fp8 and the plan cache marks it broken.
+    mutants: engine.recovery.xǁRecoveryǁroll_back__mutmut_*"""
+    import json
+
+    import structlog
+
+    from autofit import autofit
+    from autofit.testing import tiny_sdxl
+
+    error = "expected mat1 and mat2 to have the same dtype, but got: c10::Float8_e4m3fn != c10::Float"
+    pipe = tiny_sdxl()
+
+    def check(mod, args):
+        if mod.weight.dtype == torch.float8_e4m3fn:
+            raise RuntimeError(error)
+
+    handle = pipe.unet.time_embedding.linear_1.register_forward_pre_hook(check)
+    proxy = autofit(pipe, plan=("fp8", "vae_tiling"), cache=tmp_path, policy="speed")
+    with structlog.testing.capture_logs() as logs:
+        proxy("a cat", num_inference_steps=1, height=16, width=16, output_type="pt",
+              generator=torch.Generator().manual_seed(0))
+    handle.remove()
+    (event,) = [e for e in logs if e["event"] == "autofit.rolled_back"]
+    assert event["log_level"] == "warning"
+    assert (event["stage"], event["action"], event["component"]) == ("denoise", "undo_fp8", "unet")
+    assert event["error"] == f"RuntimeError: {error}"[:200] or error in event["error"]
+    assert proxy.autofit.plan == ("vae_tiling",)  # the plan without the rung that broke
+    assert event["plan"] == "vae_tiling" and event["marked_broken"] is True
+    (record,) = [r for r in proxy.autofit.history if r.action == "undo_fp8"]
+    assert (record.stage, record.component, record.oom_kind, record.scope) == ("denoise", "unet", "none", "stage")
+    assert record.plan == proxy.autofit.plan and "fp8" not in record.plan
+    assert record.attempt == 0 and "attempt" not in event  # no OOM came before it (emit drops attempt=0)
+    assert error[:40] in record.error
+    stored = [json.loads(p.read_text()) for p in (tmp_path / "plans").glob("*.json")]
+    assert [r["broken"] for r in stored] == [{"fp8": ["unet"]}]
