@@ -97,7 +97,15 @@ EQUIVALENT: dict[str, set[str]] = {
     "preflight": {"x_activation_ceiling__mutmut_11", "x_activation_ceiling__mutmut_14", "x__stale__mutmut_14",
                   "x__stale__mutmut_22", "x__stale__mutmut_32", "xǁPreflightǁ_pick__mutmut_2", "xǁPreflightǁ_pick__mutmut_3",
                   "x_stored_activations__mutmut_18", "x_stored_activations__mutmut_25"},
-    "batch_runner": set(),
+    "batch_runner": {"x__model_of__mutmut_4", "x__model_of__mutmut_7", "x__model_of__mutmut_16",
+                     "x__clean_temporaries__mutmut_2", "x__clean_temporaries__mutmut_12",
+                     "x__clean_temporaries__mutmut_13", "x__clean_temporaries__mutmut_14", "x_run_batch__mutmut_15",
+                     "x_run_batch__mutmut_92", "x_run_batch__mutmut_93", "x_run_batch__mutmut_100",
+                     "x_run_batch__mutmut_101", "x_run_batch__mutmut_117", "x__failed__mutmut_5", "x__failed__mutmut_8",
+                     "x__failed__mutmut_12", "x__failed__mutmut_15", "x__after__mutmut_8", "x__record__mutmut_8",
+                     "x__record__mutmut_16", "x__record__mutmut_17", "x__record__mutmut_18",
+                     "x__end_torn_line__mutmut_17", "x__end_torn_line__mutmut_18", "x_pending__mutmut_16",
+                     "x__output_folder__mutmut_13"},
 }
 
 
