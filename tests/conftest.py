@@ -26,6 +26,16 @@ def _freeze_what_earlier_modules_left():
     gc.freeze()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests: on tiny tensors a second thread only waits at
+    OpenMP's barrier, and on a busy machine it spins."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["sdxl", "flux"])
 def kind(request):
     return request.param

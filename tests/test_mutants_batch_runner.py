@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,13 +40,7 @@ SDXL = StableDiffusionXLPipeline.__name__
 MODEL = f"{SDXL}:"  # "<pipeline class>:<name_or_path>" (pending's docs); the tiny pipeline has no name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy machine torch's spinning threads slow the tiny pipelines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -329,14 +324,34 @@ def test_temporaries_of_dead_processes_go_those_of_running_ones_and_users_files_
         alive.wait()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may signal every process: no EPERM to provoke")
 def test_a_temporary_of_another_users_process_is_kept(tmp_path):
-    """A process this user may not signal (pid 1) still runs: its temporary stays.
+    """A process this user may not signal (pid 1) still runs: its temporary stays. As root
+    (who may signal every process) the clean-up runs in a child that drops to user ``nobody``,
+    in a folder that user may write.
     mutants: batch.runner.x__pid_alive__mutmut_7"""
-    tmp = _temporary(tmp_path, "a", 1)
+    folder = tmp_path
+    if os.geteuid() == 0:
+        folder = Path(tempfile.mkdtemp(dir="/tmp"))
+        folder.chmod(0o777)
+    tmp = _temporary(folder, "a", 1)
     tmp.write_bytes(b"")
-    _clean_temporaries(tmp_path)
-    assert tmp.exists()
+    if os.geteuid() == 0:
+        child = os.fork()
+        if child == 0:  # the child only drops its rights and cleans up
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                _clean_temporaries(folder)
+            finally:
+                os._exit(0)
+        os.waitpid(child, 0)
+    else:
+        _clean_temporaries(folder)
+    try:
+        assert tmp.exists()
+    finally:
+        if folder != tmp_path:
+            shutil.rmtree(folder)
 
 
 # ---- whole runs -------------------------------------------------------------------------------------

@@ -27,12 +27,7 @@ STEP = {"num_inference_steps": 1}
 LONG = "the strategy refused this placement: " + "x" * 300  # longer than an event's error field
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only waits (and the box is shared)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,7 @@ MEMORY_FIELDS = {"allocated_gib", "reserved_gib", "free_gib", "budget_gib", "rss
 HOST_LADDER_DOCS = ("group_leaf_lowmem", "group_leaf", "group_block", "group_disk", "fp8")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second intra-op thread only waits at OpenMP's barrier on a loaded box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _head(message: str) -> str:
