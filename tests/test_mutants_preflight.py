@@ -332,3 +332,63 @@ def test_a_stored_plan_whose_rung_broke_its_components_is_not_taken_again(tmp_pa
     (refused,) = [e for e in logs if e["event"] == "autofit.cache_plan_refused"]
     assert "fp8 broke unet" in refused["reason"]
     assert "fp8" not in proxy.autofit.plan
+
+
+def test_when_no_plan_is_predicted_to_fit_a_warning_says_so_and_the_call_starts_from_the_plan_in_force():
+    """A 1.6 MiB budget for a 128x128 image: no plan fits (the planner returns none). The WARNING
+    ``preflight`` line carries the fields docs/logging.md lists for it (the reason as it quotes
+    it, the budget the user gave in GiB to 3 digits), and no placeholder ``action``/``attempt``;
+    the call starts from the plan in force (the weights on the device) and returns what the raw
+    pipeline returns.
+    mutants: engine.preflight.xǁPreflightǁ_pick__mutmut_67 to _100 (the warning's fields)"""
+    import re
+    from pathlib import Path
+
+    import structlog
+
+    from autofit import autofit
+    from autofit.testing import tiny_sdxl
+
+    call = dict(num_inference_steps=1, height=128, width=128, output_type="pt")
+    reference = tiny_sdxl()("a cat", generator=torch.Generator().manual_seed(0), **call).images
+    proxy = autofit(tiny_sdxl(), max_vram="1.6MiB", cache=False)
+    with structlog.testing.capture_logs() as logs:
+        images = proxy("a cat", generator=torch.Generator().manual_seed(0), **call).images
+    warned, chosen = [e for e in logs if e["event"] == "autofit.preflight"]
+    row = next(line for line in (Path(__file__).parents[1] / "docs/logging.md").read_text().splitlines()
+               if line.startswith("| `autofit.preflight`"))
+    (documented,) = re.findall(r'`reason` "([^"]+)"', row)
+    assert warned == {"event": "autofit.preflight", "log_level": "warning", "stage": chosen["stage"],
+                      "source": "planner", "reason": documented, "budget_gib": round(1.6 * 2**20 / 2**30, 3)}
+    assert chosen["log_level"] == "info" and chosen["action"] == "device" and proxy.autofit.plan == ()
+    torch.testing.assert_close(images, reference)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_workload_seen_again_is_planned_from_what_this_process_measured():
+    """On a 26 MiB simulated device the estimate-based plan for one image runs out in the
+    denoise (recovered). Two images, then one again: preflight plans the single image anew (another
+    workload came between), from the activations measured at its first call, and it runs with
+    no OOM this time (the estimate alone would pick the plan that ran out). Images as the raw
+    pipeline's.
+    mutants: engine.preflight.xǁPreflightǁ_pick (planner_choose without ``measured``)"""
+    from autofit import autofit
+    from autofit.testing import simdev, tiny_sdxl
+
+    device = simdev.require()
+    call = dict(height=128, width=128, num_inference_steps=1, output_type="pt")
+    reference = tiny_sdxl()("a cat", generator=torch.Generator().manual_seed(0), **call).images
+    simdev.set_cap(26 << 20)
+    try:
+        proxy = autofit(tiny_sdxl(), device=device, cache=False)
+        run = lambda n: proxy("a cat", num_images_per_prompt=n, generator=torch.Generator().manual_seed(0), **call)  # noqa: E731
+        run(1)
+        first = list(proxy.autofit.history)
+        assert [r.stage for r in first if r.oom_kind == "device"][:1] == ["denoise"]  # the estimate's plan ran out
+        run(2)
+        before = len(proxy.autofit.history)
+        images = run(1).images
+        assert len(proxy.autofit.history) == before
+    finally:
+        simdev.set_cap(None)
+    torch.testing.assert_close(images.cpu(), reference, rtol=0, atol=1e-5)

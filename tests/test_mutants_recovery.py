@@ -525,3 +525,107 @@ def test_a_roll_back_is_recorded_and_logged_with_its_documented_fields(tmp_path)
     assert error[:40] in record.error
     stored = [json.loads(p.read_text()) for p in (tmp_path / "plans").glob("*.json")]
     assert [r["broken"] for r in stored] == [{"fp8": ["unet"]}]
+
+
+def _fp8_breaks_the_unet(pipe, error: str):
+    """A real dtype error raised inside the UNet while its weights are fp8 (as a kernel without
+    fp8 support raises it)."""
+    def check(mod, args):
+        if mod.weight.dtype == torch.float8_e4m3fn:
+            raise RuntimeError(error)
+    return pipe.unet.time_embedding.linear_1.register_forward_pre_hook(check)
+
+
+# Longer than the 200 characters a record and an event keep of an error.
+LONG_ERROR = ("expected mat1 and mat2 to have the same dtype, but got: c10::Float8_e4m3fn != c10::Float; "
+              + "while running the time embedding " * 6)
+
+
+def test_a_roll_back_whose_plan_does_not_fit_climbs_the_load_ladder_from_that_plan(sim, tmp_path):
+    """On an 8 MiB device fp8 fits the 10.5 MiB of weights, their original dtype does not: fp8
+    breaks the UNet, the roll back puts its weights back, and placing them runs out. That OOM is
+    a load OOM, climbed from the plan without fp8 (fp8 never comes back), and the call ends with
+    the raw pipeline's images. The roll back's record and event keep the error's first 200
+    characters; ``recovered`` names both stages.
+    mutants: engine.recovery.xǁRecoveryǁroll_back__mutmut_23, _29, _52, _54, _70 to _86"""
+    import structlog
+
+    from autofit import autofit
+    from autofit.testing import tiny_sdxl
+
+    assert len(f"RuntimeError: {LONG_ERROR}") > 200
+    call = dict(num_inference_steps=1, height=16, width=16, output_type="pt")
+    reference = tiny_sdxl()("a cat", generator=torch.Generator().manual_seed(0), **call).images
+    simdev.set_cap(8 * MiB)
+    try:
+        pipe = tiny_sdxl()
+        _fp8_breaks_the_unet(pipe, LONG_ERROR)
+        proxy = autofit(pipe, device=sim, plan=("fp8", "vae_slicing", "offload_for_decode"), cache=tmp_path,
+                        policy="speed")
+        with structlog.testing.capture_logs() as logs:
+            images = proxy("a cat", generator=torch.Generator().manual_seed(0), **call).images
+    finally:
+        simdev.set_cap(None)
+    torch.testing.assert_close(images.cpu(), reference, rtol=0, atol=1e-5)
+    undo, climbed = proxy.autofit.history
+    assert (undo.action, undo.stage, undo.oom_kind, undo.plan) == ("undo_fp8", "denoise", "none",
+                                                                   ("offload_for_decode", "vae_slicing"))
+    assert len(undo.error) == 200 and LONG_ERROR[:100] in undo.error
+    (rolled,) = [e for e in logs if e["event"] == "autofit.rolled_back"]
+    assert rolled["error"] == undo.error and rolled["plan"].split(",") == list(undo.plan)
+    assert (climbed.stage, climbed.scope, climbed.oom_kind) == ("load", "load", "device")
+    assert climbed.action in LADDERS["load"] and "fp8" not in climbed.plan and "fp8" not in proxy.autofit.plan
+    assert climbed.attempt == 1
+    (escalate,) = [e for e in logs if e["event"] == "autofit.escalate"]
+    assert (escalate["stage"], escalate["scope"]) == ("load", "load")
+    (recovered,) = [e for e in logs if e["event"] == "autofit.recovered"]
+    assert recovered["stages"] == "denoise,load" and recovered["attempts"] == 1
+
+
+def test_a_roll_back_is_remembered_even_when_the_call_then_runs_out(sim, tmp_path):
+    """Same roll back with ``max_retries=0``: the load OOM after it ends the call
+    (``AutoFitExhausted``), and the plan cache already says fp8 broke the UNet, so the next
+    process does not cast it again (its stored plan may still name fp8: preflight refuses it,
+    tests/test_mutants_preflight.py); the exhaustion's history starts with the roll back.
+    mutants: engine.recovery.xǁRecoveryǁroll_back__mutmut_61"""
+    import json
+
+    from autofit import AutoFitExhausted, autofit
+    from autofit.testing import tiny_sdxl
+
+    simdev.set_cap(8 * MiB)
+    try:
+        pipe = tiny_sdxl()
+        _fp8_breaks_the_unet(pipe, LONG_ERROR)
+        proxy = autofit(pipe, device=sim, plan=("fp8", "vae_slicing"), cache=tmp_path, policy="speed", max_retries=0)
+        with pytest.raises(AutoFitExhausted) as caught:
+            proxy("a cat", num_inference_steps=1, height=16, width=16, output_type="pt",
+                  generator=torch.Generator().manual_seed(0))
+    finally:
+        simdev.set_cap(None)
+    assert [r.action for r in caught.value.history][:1] == ["undo_fp8"]
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "plans").glob("*.json")]
+    assert record["broken"] == {"fp8": ["unet"]}
+
+
+def test_a_roll_back_after_an_oom_of_the_same_call_carries_that_attempt():
+    """The text encoder runs out first (attempt 1, the encoders offloaded), then fp8 breaks the
+    UNet at its first run: the roll back's record and ``rolled_back`` event carry attempt 1, the
+    attempt the call is at (docs/logging.md: ``attempt``), and the call ends on the plan without fp8.
+    mutants: engine.recovery.xǁRecoveryǁroll_back__mutmut_35, _44"""
+    import structlog
+
+    from autofit import autofit
+
+    pipe = tiny_sdxl()
+    _fp8_breaks_the_unet(pipe, LONG_ERROR)
+    proxy = autofit(pipe, plan=("fp8",), cache=False, policy="speed")
+    with structlog.testing.capture_logs() as logs, inject_oom(proxy, stage="encode", times=1) as fault:
+        proxy("a cat", num_inference_steps=1, height=16, width=16, output_type="pt",
+              generator=torch.Generator().manual_seed(0))
+    assert fault.fired == 1
+    escalation, undo = proxy.autofit.history
+    assert (escalation.stage, undo.action) == ("encode", "undo_fp8")
+    (rolled,) = [e for e in logs if e["event"] == "autofit.rolled_back"]
+    assert undo.attempt == rolled["attempt"] == 1
+    assert "fp8" not in proxy.autofit.plan

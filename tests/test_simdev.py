@@ -150,6 +150,24 @@ def test_compute_matches_the_cpu(sim):
     assert torch.arange(5, device=sim).cpu().tolist() == [0, 1, 2, 3, 4]  # an out= kernel that grows its output
 
 
+def test_group_norm_takes_channels_last_input_as_a_gpu_does(sim):
+    """A GPU's group norm takes channels-last input (UNets run so); torch's device-generic
+    kernel, which an unknown device would get, views the input flat and refuses it. The sim
+    device runs the CPU's kernel instead, and its gradient too."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 8, 8).contiguous(memory_format=torch.channels_last)
+    norm = torch.nn.GroupNorm(8, 32)
+    expected = norm(x)
+    xs = x.to(sim).requires_grad_()
+    assert xs.is_contiguous(memory_format=torch.channels_last)
+    got = norm.to(sim)(xs)
+    torch.testing.assert_close(got.cpu(), expected)
+    got.sum().backward()
+    xc = x.clone().requires_grad_()
+    norm.cpu()(xc).sum().backward()
+    torch.testing.assert_close(xs.grad.cpu(), xc.grad)
+
+
 def test_attention_does_not_materialise_the_score_matrix(sim):
     q = torch.randn(1, 1, 1024, 32, device=sim)
     simdev.reset_peak_memory_stats()

@@ -189,10 +189,8 @@ class Preflight:
         ctx = self._survey.context(wl, broken=broken, machine=machine)
         if chosen is not None and _stale(chosen, ctx, measured):
             chosen = None
-        if chosen is None:
-            known = {s: placement.broken.get(s, set()) | broken.get(s, set())
-                     for s in {*placement.broken, *broken}}
-            best = planner_choose(self._survey.context(wl, broken=known, machine=machine), measured=measured)
+        if chosen is None:  # ctx knows the rungs broken here (placement) and in the record (broken)
+            best = planner_choose(ctx, measured=measured)
             if best is None:
                 emit("preflight", level="warning", stage="load", action="none", attempt=0, source="planner",
                      reason="no plan predicted to fit; starting from the current plan and relying on recovery",
