@@ -21,9 +21,9 @@ FRAGMENTED = ("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total
               "unallocated. If reserved but unallocated memory is large try setting "
               "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
 CAPPED = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.80 GiB of which "
-          "120.00 GiB is free. Including non-PyTorch memory, this process has 19.00 GiB memory in use. Of the "
-          "allocated memory 18.20 GiB is allocated by PyTorch, with 20.00 GiB allowed; and 300.00 MiB is "
-          "reserved by PyTorch but unallocated.")
+          "120.00 GiB is free. Including non-PyTorch memory, this process has 19.00 GiB memory in use. 20.00 GiB "
+          "allowed; Of the allocated memory 18.20 GiB is allocated by PyTorch, and 300.00 MiB is reserved by "
+          "PyTorch but unallocated.")  # CUDA's text under set_per_process_memory_fraction (torch 2.1+)
 
 
 def test_the_figures_of_torchs_message_are_read():

@@ -297,8 +297,9 @@ def test_shortfall_reads_the_figures_of_the_failed_allocation():
     assert shortfall(OOM_MESSAGES["cuda"][1]) == int(1.5 * GIB)  # 2.00 GiB asked, 512 MiB free
     assert shortfall("cuDNN error: CUDNN_STATUS_ALLOC_FAILED") == 0
     capped = ("CUDA out of memory. Tried to allocate 100.00 MiB. GPU 0 has a total capacity of 80.00 GiB of which "
-              "60.00 GiB is free. Including non-PyTorch memory, this process has 9.95 GiB memory in use. Of the "
-              "allocated memory 9.90 GiB is allocated by PyTorch, with 10.00 GiB allowed;")
+              "60.00 GiB is free. Including non-PyTorch memory, this process has 9.95 GiB memory in use. 10.00 GiB "
+              "allowed; Of the allocated memory 9.90 GiB is allocated by PyTorch, and 0 bytes is reserved by "
+              "PyTorch but unallocated.")
     assert abs(shortfall(capped) - (100 * 2**20 - 0.05 * GIB)) < 2**20
 
 

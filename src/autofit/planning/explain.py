@@ -32,7 +32,9 @@ _PATTERNS = {
     "free": r"of which " + _SIZE + r" is free",
     "process": r"this process has " + _SIZE + r" memory in use",
     "allocated": r"of the allocated memory " + _SIZE + r" is allocated by pytorch",
-    "allowed": r"with " + _SIZE + r" allowed",
+    # set_per_process_memory_fraction's cap: CUDA writes "20.00 GiB allowed; " before "Of the
+    # allocated memory" (c10/cuda/CUDACachingAllocator.cpp); "with" is accepted for older texts.
+    "allowed": r"(?:with )?" + _SIZE + r" allowed;",
     "reserved_unallocated": _SIZE + r" is reserved by pytorch but unallocated",
 }
 # The process counts as having filled the device when its memory plus the request reaches this
