@@ -13,6 +13,7 @@ bytes: those tests place the pipeline on the simulated capped device (autofit.te
 
 import re
 import time
+from pathlib import Path
 
 import pytest
 import structlog
@@ -107,7 +108,9 @@ def test_backoffs_run_out_the_message_counts_the_retries_and_the_event_is_docume
     assert (exc.stage, exc.history) == ("denoise", history)
     text = str(exc)
     assert text.startswith(f"autofit could not fit the denoise stage ({event['reason']}). "), text
-    assert event["reason"].startswith("no rung left")  # README: "With no rung left, ... before giving up"
+    readme = " ".join((Path(__file__).parents[1] / "README.md").read_text().split())
+    (documented,) = re.findall(r'with no rung left and the backoffs spent: "([^"]+)"', readme)
+    assert event["reason"] == documented  # README, on AutoFitExhausted (mutants: x_climb__mutmut_52, _53)
     assert f"Tried: 3 retries of the plan in force; the plan in force was {'+'.join(plan)}." in text, text
     assert f"Last error: {_head(message)}." in text, text
     assert "allow lossy rungs" in text, text

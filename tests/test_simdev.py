@@ -168,6 +168,21 @@ def test_group_norm_takes_channels_last_input_as_a_gpu_does(sim):
     torch.testing.assert_close(xs.grad.cpu(), xc.grad)
 
 
+def test_layer_norm_allocates_its_output_as_a_fused_kernel_does(sim):
+    """torch's device-generic layer norm builds its result in several ops (a peak of twice the
+    output); a GPU's fused kernel, and the CPU's run by the sim device, allocate the output and
+    the per-row statistics only."""
+    norm = torch.nn.LayerNorm(1024).to(sim)
+    x = torch.randn(1, 1024, 1024, device=sim)
+    base = simdev.memory_allocated()
+    simdev.reset_peak_memory_stats()
+    with torch.no_grad():
+        y = norm(x)
+    rows = x.shape[0] * x.shape[1]
+    assert simdev.max_memory_allocated() - base <= y.numel() * y.element_size() + 2 * rows * 4 + 64 * 1024
+    torch.testing.assert_close(y.cpu(), norm.cpu()(x.cpu()))
+
+
 def test_attention_does_not_materialise_the_score_matrix(sim):
     q = torch.randn(1, 1, 1024, 32, device=sim)
     simdev.reset_peak_memory_stats()

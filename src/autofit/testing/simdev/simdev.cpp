@@ -660,11 +660,15 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   // run it, and its backward, on the CPU like any other op.
   m.impl("convolution", torch::CppFunction::makeFromBoxedFunction<&fallback>());
   m.impl("convolution_backward", torch::CppFunction::makeFromBoxedFunction<&fallback>());
-  // group norm has a device-generic (CompositeExplicitAutograd) kernel, which an unknown device
-  // would get instead of the fallback: it views its input flat and fails on channels-last
-  // tensors that a GPU's kernel takes. Run the CPU kernel, as a GPU runs its own.
+  // Group and layer norm have device-generic (CompositeExplicitAutograd) kernels, which an
+  // unknown device would get instead of the fallback: group norm's views its input flat and
+  // fails on channels-last tensors that a GPU's kernel takes; layer norm's builds its result in
+  // several ops and peaks at twice the output where a GPU's fused kernel allocates the output.
+  // Run the CPU kernels, as a GPU runs its own.
   m.impl("native_group_norm", torch::CppFunction::makeFromBoxedFunction<&fallback>());
   m.impl("native_group_norm_backward", torch::CppFunction::makeFromBoxedFunction<&fallback>());
+  m.impl("native_layer_norm", torch::CppFunction::makeFromBoxedFunction<&fallback>());
+  m.impl("native_layer_norm_backward", torch::CppFunction::makeFromBoxedFunction<&fallback>());
 }
 
 TORCH_LIBRARY_IMPL(_, PrivateUse1, m) { m.fallback(torch::CppFunction::makeFromBoxedFunction<&fallback>()); }
