@@ -332,6 +332,8 @@ def test_a_stored_plan_whose_rung_broke_its_components_is_not_taken_again(tmp_pa
     (refused,) = [e for e in logs if e["event"] == "autofit.cache_plan_refused"]
     assert "fp8 broke unet" in refused["reason"]
     assert "fp8" not in proxy.autofit.plan
+    # The plan in force came from the planner (docs/logging.md: source planner or cache).
+    assert [e["source"] for e in logs if e["event"] == "autofit.preflight"] == ["planner"]
 
 
 def test_when_no_plan_is_predicted_to_fit_a_warning_says_so_and_the_call_starts_from_the_plan_in_force():

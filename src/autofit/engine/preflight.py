@@ -188,7 +188,7 @@ class Preflight:
             source = "cache"
         ctx = self._survey.context(wl, broken=broken, machine=machine)
         if chosen is not None and _stale(chosen, ctx, measured):
-            chosen = None
+            chosen, source = None, "planner"  # the record's activations still count
         if chosen is None:  # ctx knows the rungs broken here (placement) and in the record (broken)
             best = planner_choose(ctx, measured=measured)
             if best is None:
