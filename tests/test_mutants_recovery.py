@@ -447,7 +447,8 @@ def test_a_probe_that_runs_out_logs_the_plan_it_goes_back_to_and_the_doubled_wai
     (INFO) with the stage, the plan it came from (back in force), the cause and the wait, which
     doubles (paced: first_wait 1); the history records it as probe_failed, and the next probe comes
     after the doubled wait (the lost time counted is the failed call's).
-    mutants: engine.recovery.xǁRecoveryǁ_take__mutmut_1..32 (_7: the lost time)"""
+    mutants: engine.recovery.xǁRecoveryǁ_take__mutmut_1..32 (_7: the lost time; _13, _14: the
+    record's component and scope)"""
     proxy = wrap(tiny_sdxl(), cache=False, probes=paced(first_wait=1, max_wait=4))
     run(proxy, "sdxl", num_inference_steps=1)
     planned = proxy.autofit.plan
@@ -464,6 +465,9 @@ def test_a_probe_that_runs_out_logs_the_plan_it_goes_back_to_and_the_doubled_wai
     assert (event["stage"], event["plan"], event["cause"], event["wait"]) == ("denoise", ",".join(escalated), "plan", 2)
     record = proxy.autofit.history[-1]
     assert (record.action, record.stage, record.plan) == ("probe_failed", "denoise", escalated)
+    # The component the OOM came from (the fault is injected in the UNet) and the scope (the
+    # stage retried in place), as the event says them (docs/logging.md).
+    assert (record.component, record.scope) == (event["component"], event["scope"]) == ("unet", "stage")
     # The failed probe's lost time is its call's, within the run time (probe_share 1.0): after the
     # doubled wait of quiet calls, the next call probes again.
     seen = len(proxy.autofit.history)
@@ -640,7 +644,7 @@ def test_a_retry_of_the_plan_in_force_is_recorded_for_the_component_and_scope_th
     process's): the plan in force is retried once. Its history record and ``retry_same_plan``
     event name the component the OOM came from (where the fault was injected, the UNet) and the
     scope (the stage retried in place), the fields docs/logging.md lists for the event.
-    mutants: engine.recovery.xǁRecoveryǁ_take__mutmut_13, _14"""
+    mutants: engine.recovery.xǁRecoveryǁ_take (the retry branch's record)"""
     proxy = autofit(tiny_sdxl(), cache=False)
     with structlog.testing.capture_logs() as logs, inject_oom(proxy, stage="denoise", kind="cuda_spike") as fault:
         run(proxy, "sdxl", **FAST)
