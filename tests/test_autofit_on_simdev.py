@@ -280,3 +280,18 @@ def test_a_device_named_without_an_index_is_the_device_the_weights_report(sim, r
     image = _call(proxy)
     assert seen == ["cpu"]
     torch.testing.assert_close(image.cpu(), reference[0], rtol=0, atol=1e-5)
+
+
+def test_a_second_workload_is_planned_for_the_whole_device_not_what_the_first_left_free(sim):
+    """The weights of the first call stay on the device; the budget the second workload is
+    planned for is still the whole cap (what this process holds is its own to use, as on CUDA:
+    free plus reserved), not the cap less those weights (0.021 GiB before the fix)."""
+    simdev.set_cap(32 * MiB)
+    proxy = autofit(tiny_sdxl(), device=sim, cache=False)
+    with structlog.testing.capture_logs() as logs:
+        for n in (1, 2):
+            proxy("a cat", num_images_per_prompt=n, generator=torch.Generator().manual_seed(0), **CALL)
+    first, second = [e for e in logs if e["event"] == "autofit.preflight"]
+    assert first["action"] == "device"  # the 10.5 MiB of weights were on the device at the second
+    assert [first["budget_gib"], second["budget_gib"]] == [round(32 * MiB / 2**30, 3)] * 2
+    simdev.set_cap(None)

@@ -181,9 +181,12 @@ def read_machine(
         configured = min(host_total, max_vram) if max_vram is not None else host_total
         return MachineReading("cpu", "cpu", host_total, host_avail, None, budget, host_total, host_avail, configured,
                         pinned_gbps=20.0, pageable_gbps=20.0, source="psutil", **pinned)
-    # Other accelerators: what torch exposes (autofit.facts.devices).
-    got = memory_of(device).free_and_total()
+    # Other accelerators: what torch exposes (autofit.facts.devices). As on CUDA, what this
+    # process's allocator holds is its own to use: free alone would shrink the budget by the
+    # weights already placed, and a second workload would be planned for less than there is.
+    memory = memory_of(device)
+    got = memory.free_and_total()
     free, total = got if got is not None else (0, 0)
-    budget = min(free, max_vram) if max_vram is not None else free
     configured = min(total, max_vram) if max_vram is not None else total
+    budget = min(configured, free + (memory.reserved() or 0)) if got is not None else 0
     return MachineReading(device.type, device.type, total, free, None, budget, host_total, host_avail, configured, **pinned)
