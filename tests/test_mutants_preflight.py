@@ -367,30 +367,42 @@ def test_when_no_plan_is_predicted_to_fit_a_warning_says_so_and_the_call_starts_
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_a_workload_seen_again_is_planned_from_what_this_process_measured():
-    """On a 26 MiB simulated device the estimate-based plan for one image runs out in the
-    denoise (recovered). Two images, then one again: preflight plans the single image anew (another
-    workload came between), from the activations measured at its first call, and it runs with
-    no OOM this time (the estimate alone would pick the plan that ran out). Images as the raw
-    pipeline's.
-    mutants: engine.preflight.xǁPreflightǁ_pick (planner_choose without ``measured``)"""
+def test_a_workload_seen_again_starts_on_the_plan_it_completed_on_and_a_smaller_device_is_planned_from_it():
+    """No plan cache, a 32 MiB simulated device: one image runs on the device, two images need
+    an escalation. One image again: it starts on the plan it completed on in this process
+    (``source=process``), not on the planner's pick (whose working reserve would take a slower
+    plan): no OOM, the plan of its first call. Then the device shrinks to 26 MiB (another process
+    took memory): that plan no longer fits what was measured, and the planner picks from the
+    activations measured here, with no OOM (from its estimates alone it picks a plan that runs
+    out). Images as the raw pipeline's.
+    mutants: engine.preflight.xǁPreflightǁ_pick (the plan of this process; planner_choose without
+    ``measured``), xǁPreflightǁchoose"""
+    import structlog
+
     from autofit import autofit
     from autofit.testing import simdev, tiny_sdxl
 
     device = simdev.require()
     call = dict(height=128, width=128, num_inference_steps=1, output_type="pt")
     reference = tiny_sdxl()("a cat", generator=torch.Generator().manual_seed(0), **call).images
-    simdev.set_cap(26 << 20)
     try:
+        simdev.set_cap(32 << 20)
         proxy = autofit(tiny_sdxl(), device=device, cache=False)
         run = lambda n: proxy("a cat", num_images_per_prompt=n, generator=torch.Generator().manual_seed(0), **call)  # noqa: E731
-        run(1)
-        first = list(proxy.autofit.history)
-        assert [r.stage for r in first if r.oom_kind == "device"][:1] == ["denoise"]  # the estimate's plan ran out
-        run(2)
-        before = len(proxy.autofit.history)
-        images = run(1).images
-        assert len(proxy.autofit.history) == before
+        with structlog.testing.capture_logs() as logs:
+            run(1)
+            first_plan = proxy.autofit.plan
+            run(2)
+            assert proxy.autofit.history  # two images ran out on the plan of one
+            before = len(proxy.autofit.history)
+            run(1)
+            assert proxy.autofit.plan == first_plan and len(proxy.autofit.history) == before
+            run(2)
+            simdev.set_cap(26 << 20)
+            images = run(1).images
+        assert len(proxy.autofit.history) == before  # no OOM at 26 MiB either
     finally:
         simdev.set_cap(None)
+    sources = [e["source"] for e in logs if e["event"] == "autofit.preflight"]
+    assert sources == ["planner", "planner", "process", "process", "planner"]
     torch.testing.assert_close(images.cpu(), reference, rtol=0, atol=1e-5)

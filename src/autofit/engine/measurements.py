@@ -70,6 +70,7 @@ class Measurements:
     def __init__(self, device: torch.device, cache: PlanCache | None):
         self._device, self._cache = device, cache
         self._measured: dict[str, dict[str, int]] = {}  # cache key -> stage -> activation bytes
+        self._worked: dict[str, Plan] = {}  # cache key -> the plan that steers (as the cache stores it)
         self._predicted: dict[str, int] = {}
         self._predicted_plan: Plan | None = None
         self._dirty = False
@@ -91,6 +92,11 @@ class Measurements:
         """Activation bytes per stage learned for ``key`` (None: none)."""
         found = self._measured.get(key) if key is not None else None
         return dict(found) if found is not None else None
+
+    def worked(self, key: str | None) -> Plan | None:
+        """The plan a call of ``key``'s workload completed on in this process, as the plan cache
+        would store it (raised only by explained escalations); None: none yet."""
+        return self._worked.get(key) if key is not None else None
 
     def predicted_peak(self, stage: str, plan: Plan) -> int | None:
         """The predicted peak of ``stage`` when the prediction was for ``plan``."""
@@ -176,6 +182,8 @@ class Measurements:
         activations = {**before, **learned_activations(peaks, plans, plan, shape, footprint)}
         if activations and key is not None:
             self._measured[key] = activations
+        if key is not None:
+            self._worked[key] = steer
         # Predicted beside measured, for the stages that ran under the plan in force now.
         now = {k: v for k, v in peaks.items() if plans.get(k, plan) == plan}
         if now:

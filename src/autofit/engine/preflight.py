@@ -144,11 +144,13 @@ class Preflight:
         self._enabled = False
 
     def choose(self, args: Sequence[Any], kwargs: dict[str, Any], *, last: Choice | None, placement: Placement,
-               measured: Callable[[str], dict[str, int] | None], fallback: Plan) -> Choice | None:
+               measured: Callable[[str], dict[str, int] | None], worked: Callable[[str], Plan | None],
+               fallback: Plan) -> Choice | None:
         """The plan to start a call from. None for the workload of the last call: keep the plan that
         works (no probe per call). A choice whose ``plan`` is None keeps the plan in force too (an
-        explicit or adopted plan). ``measured``: activations learned per key; ``fallback``: the plan
-        to start from when no plan is predicted to fit."""
+        explicit or adopted plan). ``measured``: activations learned per key; ``worked``: the plan a
+        call of that key completed on in this process; ``fallback``: the plan to start from when
+        no plan is predicted to fit."""
         wl = workload(self._pipe, args, kwargs)
         signature = (wl.height, wl.width, wl.frames, wl.batch, wl.cfg)
         if last is not None and signature == last.signature:
@@ -174,11 +176,13 @@ class Preflight:
                         device_total=hw.total_bytes)
         if not self._enabled:
             return choice  # an explicit or adopted plan is kept; the key still serves the cache
-        return self._pick(choice, record, hw, placement, measured(key), fallback)
+        return self._pick(choice, record, hw, placement, measured(key), worked(key), fallback)
 
     def _pick(self, choice: Choice, record: dict | None, hw: MachineReading, placement: Placement,
-              measured: dict[str, int] | None, fallback: Plan) -> Choice:
-        """``choice`` with its plan: the cached one if it still fits, else the planner's pick."""
+              measured: dict[str, int] | None, here: Plan | None, fallback: Plan) -> Choice:
+        """``choice`` with its plan: the cached one if it still fits, else the one that worked in
+        this process (the workload came back after another: no plan cache, or none written), else
+        the planner's pick."""
         key, wl, machine, broken = choice.key, choice.workload, choice.machine, choice.broken
         assert key is not None and wl is not None and machine is not None
         source, stored = "planner", None
@@ -186,6 +190,8 @@ class Preflight:
         if chosen is not None:
             measured = stored = stored_activations(record, wl, hw.total_bytes, key)
             source = "cache"
+        elif here is not None:
+            chosen, source = here, "process"  # checked like a cached plan, against what was measured here
         ctx = self._survey.context(wl, broken=broken, machine=machine)
         if chosen is not None and _stale(chosen, ctx, measured):
             chosen, source = None, "planner"  # the record's activations still count

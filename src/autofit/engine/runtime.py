@@ -224,7 +224,7 @@ class Runtime:
             self._choice = None  # plan again now, for the memory there is
         fresh = self._choice is None
         choice = self._preflight.choose(args, kwargs, last=self._choice, placement=placement,
-                                        measured=self._measurements.measured,
+                                        measured=self._measurements.measured, worked=self._measurements.worked,
                                         fallback=course.start if fresh else placement.plan)
         if choice is not None:
             # Taken before the switch: a plan that fails to place is not chosen again for this workload.
