@@ -169,9 +169,28 @@ def _table_row(module: str, s: dict[str, object]) -> str:
             f"{s['equivalent']} | {s['score']} % |")
 
 
+def _sync_unmutated(work: Path, module_path: str) -> None:
+    """mutmut copies a source file into ``mutants/`` once and rewrites only the mutated module
+    after that: on a rerun in the same folder the other modules (and the tests and docs) would
+    be those of the first run. Bring every file but the mutated module up to date."""
+    mutants = work / "mutants"
+    if not mutants.is_dir():
+        return  # the first run copies everything
+    for name in ("src", "tests", "docs"):
+        for path in (work / name).rglob("*"):
+            rel = path.relative_to(work)
+            if not path.is_file() or rel.as_posix() == module_path or "__pycache__" in rel.parts:
+                continue
+            target = mutants / rel
+            if not target.is_file() or target.read_bytes() != path.read_bytes():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+
+
 def _configure(work: Path, module_path: str, tests: list[str]) -> None:
     """Point mutmut in ``work`` at ``tests``, and let the survivors so far run again against them."""
     (work / "pyproject.toml").write_text(_scoped_pyproject((REPO / "pyproject.toml").read_text(), module_path, tests))
+    _sync_unmutated(work, module_path)
     _retest_survivors(work)
 
 
