@@ -406,3 +406,87 @@ def test_a_workload_seen_again_starts_on_the_plan_it_completed_on_and_a_smaller_
     sources = [e["source"] for e in logs if e["event"] == "autofit.preflight"]
     assert sources == ["planner", "planner", "process", "process", "planner"]
     torch.testing.assert_close(images.cpu(), reference, rtol=0, atol=1e-5)
+
+
+def _tiling(plan) -> list[str]:
+    return [name for name in plan if name.startswith("vae_tiling")]
+
+
+def test_tiling_is_kept_once_the_decode_activation_is_known(tmp_path):
+    """The record of an earlier run says the decode needs 60 MiB of activations, so its plan (the
+    device) no longer fits 64 MiB and is refused; the planner tiles the VAE, and with the decode
+    measured the tiling is kept (no ``tiling_deferred``): the decode would otherwise run out first.
+    mutants: engine.preflight.xǁPreflightǁ_pick (the deferral without ``measured``)"""
+    import json
+
+    import structlog
+
+    from autofit import autofit
+    from autofit.testing import tiny_sdxl
+
+    call = dict(num_inference_steps=1, height=256, width=256, output_type="pt")
+    autofit(tiny_sdxl(), max_vram="64MiB", cache=tmp_path)("a cat", generator=torch.Generator().manual_seed(0), **call)
+    (path,) = (tmp_path / "plans").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["plan"] == []  # the first run decoded untiled (its tiling was deferred)
+    path.write_text(json.dumps({**record, "activations": {"decode": 60 << 20}}))
+    proxy = autofit(tiny_sdxl(), max_vram="64MiB", cache=tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        proxy("a cat", generator=torch.Generator().manual_seed(0), **call)
+    assert [e["action"] for e in logs if e["event"] == "autofit.cache_plan_refused"] == ["device"]
+    assert not [e for e in logs if e["event"] == "autofit.tiling_deferred"]
+    assert _tiling(proxy.autofit.plan)
+
+
+def test_offloading_enabled_through_the_proxy_is_kept_for_every_later_workload():
+    """The user enables model offload through the proxy after a first call: that placement is
+    adopted, and preflight leaves it alone for a new workload (two images), where it would
+    otherwise put everything on the device (the uncapped simulated device has room for it: the
+    first call's plan). The UNet keeps accelerate's offload hook.
+    mutants: engine.preflight.xǁPreflightǁturn_off__mutmut_2"""
+    from autofit import autofit
+    from autofit.testing import simdev, tiny_sdxl
+
+    device = simdev.require()
+    call = dict(num_inference_steps=1, height=16, width=16, output_type="pt")
+    proxy = autofit(tiny_sdxl(), device=device, cache=False)
+    proxy("a cat", generator=torch.Generator().manual_seed(0), **call)
+    assert proxy.autofit.plan == ()
+    proxy.enable_model_cpu_offload(device=device)
+    proxy("a cat", num_images_per_prompt=2, generator=torch.Generator().manual_seed(0), **call)
+    assert proxy.autofit.plan == ("model_offload",)
+    assert hasattr(proxy.unet, "_hf_hook")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_storage_rung_applied_with_no_way_back_stays_in_every_later_plan():
+    """fp8 applied with no copy kept (1 MiB of host RAM allowed: nothing to keep the originals
+    in) cannot be undone. On a 8 MiB simulated device the planner picks fp8; the device then
+    grows (uncapped), where a fresh proxy's planner puts everything on the device in the
+    original dtype: the next workload's plan still says fp8, as the weights are, rather than
+    pretend they were restored.
+    mutants: engine.preflight.xǁPreflightǁ_pick (the locked storage rung)"""
+    import structlog
+
+    from autofit import autofit
+    from autofit.testing import simdev, tiny_sdxl
+
+    device = simdev.require()
+    call = dict(num_inference_steps=1, height=16, width=16, output_type="pt")
+    options = dict(device=device, cache=False, policy="speed", max_ram="1MiB")
+    try:
+        simdev.set_cap(8 << 20)
+        proxy = autofit(tiny_sdxl(), **options)
+        proxy("a cat", generator=torch.Generator().manual_seed(0), **call)
+        assert proxy.autofit.plan == ("fp8",)
+        simdev.set_cap(None)
+        fresh = autofit(tiny_sdxl(), **options)
+        fresh("a cat", num_images_per_prompt=2, generator=torch.Generator().manual_seed(0), **call)
+        assert fresh.autofit.plan == ()  # what the planner picks for this workload, uncapped
+        with structlog.testing.capture_logs() as logs:
+            proxy("a cat", num_images_per_prompt=2, generator=torch.Generator().manual_seed(0), **call)
+    finally:
+        simdev.set_cap(None)
+    assert [e["action"] for e in logs if e["event"] == "autofit.preflight"] == ["fp8"]
+    assert proxy.autofit.plan == ("fp8",)
+    assert any(p.dtype == torch.float8_e4m3fn for p in proxy.unet.parameters())  # as the weights are
