@@ -364,6 +364,21 @@ def test_when_no_plan_is_predicted_to_fit_a_warning_says_so_and_the_call_starts_
                       "source": "planner", "reason": documented, "budget_gib": round(1.6 * 2**20 / 2**30, 3)}
     assert chosen["log_level"] == "info" and chosen["action"] == "device" and proxy.autofit.plan == ()
     torch.testing.assert_close(images, reference)
+    # The INFO line of the plan in force: its fields (docs/logging.md; no placeholder attempt),
+    # to 3 decimals, the prediction the planner makes for that plan and this call.
+    from autofit.plan import Plan
+    from autofit.planning.planner import predict
+
+    from helpers import rung_context
+
+    expected = predict(Plan(), rung_context(proxy))
+    figures = {"predicted_seconds": expected.seconds, "predicted_vram_gib": expected.vram / 2**30,
+               **{f"predicted_{k}_gib": v / 2**30 for k, v in expected.peaks.items()},
+               "budget_gib": 1.6 * 2**20 / 2**30}
+    assert set(chosen) == {"event", "log_level", "stage", "action", "source", *figures}
+    for name, value in figures.items():
+        assert chosen[name] == round(value, 3), name
+    assert chosen["budget_gib"] != round(chosen["budget_gib"], 2)  # a figure a coarser rounding would change
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -398,13 +413,20 @@ def test_a_workload_seen_again_starts_on_the_plan_it_completed_on_and_a_smaller_
             run(1)
             assert proxy.autofit.plan == first_plan and len(proxy.autofit.history) == before
             run(2)
+            two_images = proxy.autofit.plan
             simdev.set_cap(26 << 20)
             images = run(1).images
         assert len(proxy.autofit.history) == before  # no OOM at 26 MiB either
     finally:
         simdev.set_cap(None)
-    sources = [e["source"] for e in logs if e["event"] == "autofit.preflight"]
-    assert sources == ["planner", "planner", "process", "process", "planner"]
+    preflights = [e for e in logs if e["event"] == "autofit.preflight"]
+    assert [e["source"] for e in preflights] == ["planner", "planner", "process", "process", "planner"]
+    assert len(two_images) > 1 and preflights[3]["action"].split(",") == list(two_images)  # logging.md: ,-joined
+    # The device measures peaks: after the first call, stage_peaks logs each stage's measured
+    # peak beside the peak preflight predicted for it (docs/logging.md).
+    peaks = next(e for e in logs if e["event"] == "autofit.stage_peaks")
+    stages = [k[len("measured_"):-len("_gib")] for k in peaks if k.startswith("measured_")]
+    assert stages and all(peaks[f"predicted_{k}_gib"] == preflights[0][f"predicted_{k}_gib"] for k in stages)
     torch.testing.assert_close(images.cpu(), reference, rtol=0, atol=1e-5)
 
 
@@ -436,6 +458,15 @@ def test_tiling_is_kept_once_the_decode_activation_is_known(tmp_path):
     assert [e["action"] for e in logs if e["event"] == "autofit.cache_plan_refused"] == ["device"]
     assert not [e for e in logs if e["event"] == "autofit.tiling_deferred"]
     assert _tiling(proxy.autofit.plan)
+    # The logged prediction is made from the stored activation, not the estimate: the decode
+    # peak under the plan in force is at least the 60 MiB activation cut by the tiling's factor.
+    from autofit.plan import Plan
+    from autofit.planning.context import Workload
+    from autofit.planning.cost import activation_factor
+
+    factor = activation_factor(Plan.from_names(proxy.autofit.plan), "decode", Workload(height=256, width=256, steps=1))
+    (chosen,) = [e for e in logs if e["event"] == "autofit.preflight"]
+    assert chosen["predicted_decode_gib"] >= round((60 << 20) * factor / 2**30, 3)
 
 
 def test_offloading_enabled_through_the_proxy_is_kept_for_every_later_workload():
