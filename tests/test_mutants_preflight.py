@@ -260,7 +260,7 @@ def test_without_measurements_only_a_device_memory_misfit_is_set_aside():
 def test_a_stored_plan_naming_an_unknown_rung_is_reported_under_its_key(tmp_path):
     """The ``cache_record_ignored`` warning names the record it ignores: its key, which is the
     record's file name in the cache (docs/logging.md lists ``key``).
-    mutants: engine.preflight.xǁPreflightǁ_pick__mutmut_12"""
+    mutants: engine.preflight.xǁPreflightǁ_pick__mutmut_12, x__stored_plan__mutmut_*"""
     import json
 
     import structlog
@@ -272,11 +272,16 @@ def test_a_stored_plan_naming_an_unknown_rung_is_reported_under_its_key(tmp_path
     run_once = lambda proxy: proxy("a cat", generator=torch.Generator().manual_seed(0), **small)  # noqa: E731
     run_once(autofit(tiny_sdxl(), cache=tmp_path))
     (path,) = (tmp_path / "plans").glob("*.json")
-    path.write_text(json.dumps({**json.loads(path.read_text()), "plan": ["teleport_weights"]}))
+    path.write_text(json.dumps({**json.loads(path.read_text()), "plan": ["teleport_weights", "vae_tiling"]}))
+    stored = json.loads(path.read_text())["plan"]  # as the record holds it (the run below rewrites it)
     with structlog.testing.capture_logs() as logs:
         run_once(autofit(tiny_sdxl(), cache=tmp_path))
     (ignored,) = [e for e in logs if e["event"] == "autofit.cache_record_ignored"]
     assert ignored["key"] == path.stem and "teleport_weights" in ignored["reason"]
+    # docs/logging.md: a WARNING, at the load stage, the plan +-joined as the record holds it, and
+    # no placeholder action.
+    assert (ignored["log_level"], ignored["stage"]) == ("warning", "load") and "action" not in ignored
+    assert repr("+".join(stored)) in ignored["reason"]
 
 
 def test_a_second_process_starts_from_the_cache_and_drops_a_value_no_run_here_measured(tmp_path):
@@ -521,3 +526,30 @@ def test_a_storage_rung_applied_with_no_way_back_stays_in_every_later_plan():
     assert [e["action"] for e in logs if e["event"] == "autofit.preflight"] == ["fp8"]
     assert proxy.autofit.plan == ("fp8",)
     assert any(p.dtype == torch.float8_e4m3fn for p in proxy.unet.parameters())  # as the weights are
+
+
+def test_tiling_picked_from_estimates_is_deferred_and_said_so():
+    """64 MiB for a 256 px image: the planner's pick tiles the VAE from estimates alone, so the
+    decode runs untiled first: ``tiling_deferred`` (docs/logging.md: the rungs deferred and why,
+    at the decode stage, no placeholder attempt) and the plan in force has no tiling. A pick with no
+    tiling (a 16 px image) defers nothing and says nothing.
+    mutants: engine.preflight.x__untiled_until_measured__mutmut_*"""
+    import structlog
+
+    from autofit import autofit
+    from autofit.plan import TILING
+    from autofit.testing import tiny_sdxl
+
+    for size, tiles in ((256, True), (16, False)):
+        proxy = autofit(tiny_sdxl(), max_vram="64MiB", cache=False)
+        with structlog.testing.capture_logs() as logs:
+            proxy("a cat", num_inference_steps=1, height=size, width=size, output_type="pt",
+                  generator=torch.Generator().manual_seed(0))
+        deferred = [e for e in logs if e["event"] == "autofit.tiling_deferred"]
+        assert not _tiling(proxy.autofit.plan)
+        if not tiles:
+            assert deferred == []
+            continue
+        (event,) = deferred
+        assert set(event) == {"event", "log_level", "stage", "action", "reason"} and event["stage"] == "decode"
+        assert set(event["action"].split(",")) <= set(TILING) and event["reason"]
