@@ -107,6 +107,10 @@ class Measurements:
         return {k: v for k, v in self._peaks.items() if self._plans.get(k, plan) == plan}
 
     # ---- what changes them ---------------------------------------------------------------------
+    def forget_plans(self) -> None:
+        """Plan afresh (``reset``, memory came back): the plans that ran here no longer count."""
+        self._worked.clear()
+
     def learned(self) -> None:
         """Something happened that the plan cache should hear at the next success."""
         self._dirty = True

@@ -156,6 +156,7 @@ class Runtime:
         """Plan again at the next call, from the plan autofit started with."""
         with self._lock:
             self._choice = None
+            self._measurements.forget_plans()  # afresh: not the plans that ran before
 
     def context(self, workload: Workload | None = None) -> Context:
         """What the rung table, the ladder and the planner judge against now: the call's
@@ -222,6 +223,7 @@ class Runtime:
         course, placement = self._course, self._placement
         if course.escalated and self._memory_came_back():
             self._choice = None  # plan again now, for the memory there is
+            self._measurements.forget_plans()
         fresh = self._choice is None
         choice = self._preflight.choose(args, kwargs, last=self._choice, placement=placement,
                                         measured=self._measurements.measured, worked=self._measurements.worked,
