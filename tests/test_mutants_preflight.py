@@ -435,8 +435,10 @@ def test_a_workload_seen_again_starts_on_the_plan_it_completed_on_and_a_smaller_
     torch.testing.assert_close(images.cpu(), reference, rtol=0, atol=1e-5)
 
 
-def _tiling(plan) -> list[str]:
-    return [name for name in plan if name.startswith("vae_tiling")]
+def _tiling(names) -> tuple[str, ...]:
+    """The VAE tiling rungs of a plan given by its names (``proxy.autofit.plan``)."""
+    from autofit.plan import Plan
+    return tuple(Plan.from_names(names).tiling_rungs)
 
 
 def test_tiling_is_kept_once_the_decode_activation_is_known(tmp_path):

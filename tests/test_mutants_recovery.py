@@ -509,12 +509,7 @@ def test_a_roll_back_is_recorded_and_logged_with_its_documented_fields(tmp_path)
 
     error = "expected mat1 and mat2 to have the same dtype, but got: c10::Float8_e4m3fn != c10::Float"
     pipe = tiny_sdxl()
-
-    def check(mod, args):
-        if mod.weight.dtype == torch.float8_e4m3fn:
-            raise RuntimeError(error)
-
-    handle = pipe.unet.time_embedding.linear_1.register_forward_pre_hook(check)
+    handle = _fp8_breaks_the_unet(pipe, error)
     proxy = autofit(pipe, plan=("fp8", "vae_tiling"), cache=tmp_path, policy="speed")
     with structlog.testing.capture_logs() as logs:
         proxy("a cat", num_inference_steps=1, height=16, width=16, output_type="pt",
